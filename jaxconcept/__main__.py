@@ -1,0 +1,5 @@
+import sys
+
+from jaxconcept.cli import main
+
+sys.exit(main())

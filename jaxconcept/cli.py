@@ -1,0 +1,96 @@
+"""`jaxconcept` command line: data, info, train, analyze, elicit, demo.
+
+Each command is a thin shell over library functions; see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxconcept import config as C
+
+
+def _add_config_args(p):
+    p.add_argument("--preset", default=None, help=f"named preset: {', '.join(C.PRESETS)} (default 2x2)")
+    p.add_argument("--config", default=None, help="JSON config file (may name a preset)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set data.sep_col=0.3 or --set 'seeds=[0,100]'")
+
+
+def _config(args) -> C.Config:
+    return C.resolve(args.preset, args.config, args.sets)
+
+
+def cmd_data(args):
+    raise NotImplementedError("jaxconcept data")
+
+
+def cmd_info(args):
+    raise NotImplementedError("jaxconcept info")
+
+
+def cmd_train(args):
+    raise NotImplementedError("jaxconcept train")
+
+
+def cmd_analyze(args):
+    raise NotImplementedError("jaxconcept analyze")
+
+
+def cmd_elicit(args):
+    raise NotImplementedError("jaxconcept elicit")
+
+
+def cmd_demo(args):
+    raise NotImplementedError("jaxconcept demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxconcept", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="render a dataset of G (every class) to .npz, optionally a PNG grid")
+    _add_config_args(p)
+    p.add_argument("--n-per-class", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .npz")
+    p.add_argument("--show", default=None, help="output .png grid of examples per class")
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("info", help="parameter count and FLOPs per training step of the configured model")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("train", help="train a run or a sweep (lists in sweep fields) into RUN_DIR")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (resumes if it holds the same config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("analyze", help="concept-space analysis of a run: analysis.json and figures")
+    p.add_argument("run_dir")
+    p.add_argument("--threshold", type=float, default=0.8, help="accuracy that counts as learned")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("elicit", help="hidden capabilities: overprompting and latent interventions")
+    p.add_argument("run_dir")
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.set_defaults(fn=cmd_elicit)
+
+    p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except C.ConfigError as exc:
+        print(f"jaxconcept {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
