@@ -30,7 +30,19 @@ def cmd_info(args):
 
 
 def cmd_train(args):
-    raise NotImplementedError("jaxconcept train")
+    from jaxconcept import sweep
+
+    cfg = _config(args)
+    n = len(C.members(cfg))
+    swept = ", ".join(C.swept_fields(cfg)) or "nothing"
+    print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
+    try:
+        sweep.train(cfg, args.out, progress=not args.no_progress)
+    except sweep.RunError as exc:
+        print(f"jaxconcept train: {exc}", file=sys.stderr)
+        return 2
+    print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
+    return 0
 
 
 def cmd_analyze(args):

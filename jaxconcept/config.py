@@ -308,8 +308,8 @@ def validate(cfg: Config) -> None:
 
     if e.n_points < 1:
         _err("eval.n_points", e.n_points, "a positive integer")
-    if not 1 <= e.first <= t.steps:
-        _err("eval.first", e.first, f"an integer in [1, train.steps={t.steps}]")
+    if e.first < 1:
+        _err("eval.first", e.first, "a positive integer (evaluation starts at min(eval.first, train.steps))")
     if any(not isinstance(s, int) or not 0 <= s <= t.steps for s in e.steps) or list(e.steps) != sorted(set(e.steps)):
         _err("eval.steps", e.steps, f"increasing distinct integers in [0, train.steps={t.steps}]")
     if e.n_samples < 1:
@@ -406,7 +406,11 @@ def parse_value(text: str):
 
 
 def override(cfg: Config, assignments) -> Config:
-    """Apply ``["section.field=value", ...]`` (``seeds=[0,1]`` and ``name=x`` at top level)."""
+    """Apply ``["section.field=value", ...]`` (``seeds=[0,1]`` and ``name=x`` at top level).
+
+    All assignments are applied together and validated once, so their order does not matter.
+    """
+    changes: dict = {}
     for a in assignments:
         if "=" not in a:
             raise ConfigError(f"--set {a!r}: expected KEY=VALUE, e.g. data.sep_col=0.3")
@@ -414,12 +418,15 @@ def override(cfg: Config, assignments) -> Config:
         parts = key.strip().split(".")
         value = parse_value(text)
         if len(parts) == 1:
-            cfg = from_dict({parts[0]: value}, cfg)
+            changes[parts[0]] = value
         elif len(parts) == 2:
-            cfg = from_dict({parts[0]: {parts[1]: value}}, cfg)
+            sec = changes.setdefault(parts[0], {})
+            if not isinstance(sec, dict):
+                raise ConfigError(f"--set {a!r}: {parts[0]} is a section; set its fields as {parts[0]}.FIELD")
+            sec[parts[1]] = value
         else:
             raise ConfigError(f"--set {a!r}: keys are SECTION.FIELD (e.g. data.sep_col) or a top-level field")
-    return cfg
+    return from_dict(changes, cfg) if changes else cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +528,8 @@ def eval_steps(cfg: Config) -> list[int]:
         return list(cfg.eval.steps)
     import numpy as np
 
-    n, a, b = cfg.eval.n_points, cfg.eval.first, cfg.train.steps
+    n, b = cfg.eval.n_points, cfg.train.steps
+    a = min(cfg.eval.first, b)
     if n == 1:
         return [b]
     pts = np.round(np.linspace(np.sqrt(a), np.sqrt(b), n) ** 2).astype(int)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from jaxconcept import config as C
+from jaxconcept.cli import main
+
+
+def test_presets_match_spec():
+    c = C.preset("2x2")
+    assert (c.data.sep_col, c.data.sep_size, c.data.concepts, c.data.held_out) == (0.2, 0.4, ("colour", "size"), (3,))
+    assert (c.train.lr, c.train.weight_decay, c.train.grad_clip, c.train.batch_size, c.train.steps) == (
+        1e-3, 0.01, 0.01, 64, 20000)
+    c3 = C.preset("2x2x2")
+    assert c3.data.concepts == ("colour", "size", "background") and c3.data.values == (2, 2, 2)
+    assert C.preset("vec2x2").model.arch == "mlp"
+
+
+def test_eval_steps_sqrt_spaced():
+    steps = C.eval_steps(C.preset("2x2"))
+    assert steps[0] == 100 and steps[-1] == 20000 and len(steps) == 60
+    roots = [s ** 0.5 for s in steps]
+    gaps = [b - a for a, b in zip(roots, roots[1:])]
+    assert max(gaps) - min(gaps) < 0.05 * max(gaps) + 0.1
+
+
+def test_sweep_expansion_product_and_order():
+    c = C.override(C.preset("2x2"), ["data.sep_col=[0.2,0.4,0.6]", "data.sep_size=[0.3,0.4]", "seeds=[0,100]"])
+    ms = C.members(c)
+    assert len(ms) == 12
+    assert [(m.data.sep_col, m.data.sep_size, m.seeds[0]) for m in ms[:3]] == [(0.2, 0.3, 0), (0.2, 0.3, 100), (0.2, 0.4, 0)]
+    assert C.swept_fields(c) == ["data.sep_col", "data.sep_size", "seed"]
+    v = C.override(C.preset("vec2x2"), ["data.m=[[1,1],[1,3]]"])
+    assert [m.data.m for m in C.members(v)] == [(1, 1), (1, 3)]
+
+
+def test_file_roundtrip_and_preset_key(tmp_path):
+    c = C.override(C.preset("2x2x2"), ["data.sep_col=[0.2,0.4]", "train.steps=50"])
+    C.save(c, tmp_path / "c.json")
+    assert C.load(tmp_path / "c.json") == c
+    (tmp_path / "p.json").write_text(json.dumps({"preset": "vec2x2", "train": {"steps": 7}}))
+    assert C.load(tmp_path / "p.json").train.steps == 7
+    assert C.load(tmp_path / "p.json").data.kind == "vector"
+
+
+@pytest.mark.parametrize("assignment,field", [
+    ("data.sep_col=0.9", "data.sep_col"),
+    ("data.sep_col=0", "data.sep_col"),
+    ("data.sep_size=[0.2,0.5]", "data.sep_size"),
+    ("data.sep_col=\"big\"", "data.sep_col"),
+    ("data.bogus=1", "data.bogus"),
+    ("bogus.x=1", "bogus"),
+    ("train.steps=\"many\"", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("model.dropout=true", "model.dropout"),
+    ("data.held_out=[4]", "data.held_out"),
+    ("data.held_out=[0,1,2,3]", "data.held_out"),
+    ("data.values=[2]", "data.values"),
+    ("data.values=[2,1]", "data.values"),
+    ("data.concepts=[\"size\",\"colour\"]", "data.concepts"),
+    ("data.concepts=[\"smell\"]", "data.concepts"),
+    ("model.arch=\"mlp\"", "model.arch"),
+    ("model.conditioning=\"film\"", "model.conditioning"),
+    ("train.batch_size=7", "train.batch_size"),
+    ("train.p_cfg=1.5", "train.p_cfg"),
+    ("seeds=[-1]", "seeds"),
+    ("seeds=[1,1]", "seeds"),
+    ("eval.first=0", "eval.first"),
+    ("eval.steps=[5,3]", "eval.steps"),
+    ("data.masked=[\"smell\"]", "data.masked"),
+    ("nonsense", "KEY=VALUE"),
+])
+def test_invalid_configs_name_the_field(assignment, field):
+    with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")):
+        C.override(C.preset("2x2"), [assignment])
+
+
+def test_overrides_apply_together():
+    c = C.override(C.preset("tiny"), ["model.arch=\"mlp\"", "data.kind=\"vector\""])
+    assert (c.model.arch, c.data.kind) == ("mlp", "vector")
+
+
+def test_vector_validation():
+    with pytest.raises(C.ConfigError, match=r"data\.m"):
+        C.override(C.preset("vec2x2"), ["data.m=[1,2,3]"])
+    with pytest.raises(C.ConfigError, match=r"data\.held_out"):
+        C.override(C.preset("vec2x2"), ["data.held_out=[4]"])
+    with pytest.raises(C.ConfigError, match=r"data\.nuisance"):
+        C.override(C.preset("vec2x2"), ["data.nuisance=\"uniform\""])
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["train", "--preset", "tiny", "--set", "data.sep_col=2", "--out", "/tmp/never"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sep_col" in err and "Traceback" not in err
+    assert main(["info", "--preset", "nope"]) == 2
+    assert "preset" in capsys.readouterr().err
