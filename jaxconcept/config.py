@@ -73,7 +73,7 @@ class ModelConfig:
     embed_dim: int = 256
     conditioning: str = "sep_mlp"  # "sep_mlp" | "common_linear" | "common_zerolinear"
     gamma_min: float = -5.0
-    gamma_max: float = 15.0
+    gamma_max: float = 10.0  # w initialised to gamma_max - gamma_min = 15 (SPEC A2)
     data_noise: float = 0.001  # std of the reconstruction likelihood
     init_scale: float = 1.0  # multiplies every initial weight (ablation)
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
