@@ -383,6 +383,7 @@ def load(path, base: Config | None = None) -> Config:
     """Load a JSON config file (any subset of fields; the rest from ``base`` or defaults).
 
     A file may name a preset with a top-level ``"preset": NAME`` key; its fields override it.
+    Top-level keys starting with ``_`` (e.g. ``"_doc"``) are comments.
     """
     p = Path(path)
     if not p.exists():
@@ -391,8 +392,9 @@ def load(path, base: Config | None = None) -> Config:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
+    if isinstance(d, dict):  # top-level keys starting with "_" are comments
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
     if isinstance(d, dict) and "preset" in d:
-        d = dict(d)
         base = preset(d.pop("preset"))
     return from_dict(d, base)
 
