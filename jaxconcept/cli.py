@@ -54,7 +54,10 @@ def cmd_elicit(args):
 
 
 def cmd_demo(args):
-    raise NotImplementedError("jaxconcept demo")
+    from jaxconcept import demo
+
+    demo.run(args.out, progress=not args.no_progress)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)
     return ap
 

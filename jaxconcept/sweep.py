@@ -159,14 +159,14 @@ def build(cfg: C.Config, devices=None) -> Sweep:
     return Sweep(cfg=cfg, members=ms, spec=spec, net=nets.build(cfg.model, spec), mesh=make_mesh(len(ms), devices))
 
 
-def stacked_data_params(sw: Sweep):
+def stacked_data_params(sw: Sweep, members=None):
     """Per-member data-generating parameters, stacked on a leading model axis."""
-    ps = [D.params(m.data) for m in sw.members]
+    ps = [D.params(m.data) for m in (members or sw.members)]
     return jax.tree.map(lambda *a: jnp.stack(a), *ps)
 
 
-def seeds_array(sw: Sweep):
-    return jnp.asarray([m.seeds[0] for m in sw.members], jnp.int32)
+def seeds_array(sw: Sweep, members=None):
+    return jnp.asarray([m.seeds[0] for m in (members or sw.members)], jnp.int32)
 
 
 def _compile(sw: Sweep):
@@ -213,12 +213,16 @@ def _compile(sw: Sweep):
     return init, advance, evaluate
 
 
-def init(sw: Sweep):
-    """Stacked train state and per-member datasets, rendered on device, sharded over the mesh."""
+def init(sw: Sweep, members=None):
+    """Stacked train state and per-member datasets, rendered on device, sharded over the mesh.
+
+    ``members`` (default: the sweep's own) may name other member configs of the same count and
+    shapes, reusing the compiled function (e.g. to initialise one member at a time).
+    """
     init_fn, _, _ = sw.fns
     sh = sw.sharding()
-    seeds = jax.device_put(seeds_array(sw), sh)
-    dparams = jax.device_put(stacked_data_params(sw), sh)
+    seeds = jax.device_put(seeds_array(sw, members), sh)
+    dparams = jax.device_put(stacked_data_params(sw, members), sh)
     return init_fn(seeds, dparams)
 
 

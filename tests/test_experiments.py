@@ -1,0 +1,42 @@
+"""Every experiments/ config validates, and runs a few steps scaled down, so none can rot."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxconcept import config as C, rundir, sweep
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.json"))
+
+SHRINK_IMAGES = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=2",
+                 "model.norm_groups=4", "model.time_embed_dim=16", "model.embed_dim=32", "data.image_size=16"]
+SHRINK_VECTOR = ["model.hidden=[32]", "model.time_embed_dim=16", "model.embed_dim=32"]
+SHRINK = ["data.n_per_class=8", "train.steps=2", "train.steps_per_call=2", "train.batch_size=4",
+          "eval.steps=[2]", "eval.n_samples=2", "eval.sampler_steps=2", "eval.val_batches=1"]
+
+
+def shrunk(cfg: C.Config) -> C.Config:
+    """The same experiment with a tiny network and budget and at most 2 members per sweep axis."""
+    sets = list(SHRINK) + (SHRINK_IMAGES if cfg.data.kind == "images" else SHRINK_VECTOR)
+    for key in C.SWEEP_FIELDS:
+        vals = C.sweep_values(cfg, key)
+        if len(vals) > 1:
+            sets.append(f"{key}={json.dumps([list(v) if isinstance(v, tuple) else v for v in vals[:2]])}")
+    sets.append(f"seeds=[{cfg.seeds[0]}]")
+    return C.override(cfg, sets)
+
+
+def test_there_are_experiments():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"colour_sweep", "size_sweep", "grid", "cfg", "2x2x2", "hidden_capabilities"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_validates_and_runs(path, tmp_path):
+    full = C.load(path)
+    assert len(C.members(full)) >= 1 and C.eval_steps(full)
+    cfg = shrunk(full)
+    sw, state = sweep.train(cfg, tmp_path / "run", progress=False)
+    s = rundir.load_samples(tmp_path / "run", 2)["samples"]
+    assert s.shape[:3] == (sw.size, sw.spec.n_classes, 2) and np.isfinite(s).all()

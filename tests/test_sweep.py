@@ -1,0 +1,159 @@
+"""The sweep engine: stacking, sharding, resume, divergence, run-dir checks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxconcept import config as C, rundir, sweep
+
+VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
+       "data.n_per_class=16"]
+
+
+def _leaves_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def _run_steps(cfg, n, devices=None):
+    sw = sweep.build(cfg, devices)
+    state, data = sweep.init(sw)
+    done = 0
+    while done < n:
+        k = min(cfg.train.steps_per_call, n - done)
+        state, _ = sweep.advance(sw, state, data, k)
+        done += k
+    return sw, state, data
+
+
+def test_sweep_of_three_equals_three_single_runs():
+    base = C.override(C.preset("vec_tiny"), VEC)
+    cfg = C.override(base, ["data.m=[[1,1],[1,2],[2,1]]", "seeds=[3]"])
+    sw, state, data = _run_steps(cfg, 8)
+    assert sw.size == 3
+    for i, m in enumerate(C.members(cfg)):
+        _, single, single_data = _run_steps(m, 8)
+        _leaves_close(jax.tree.map(lambda a: a[i], data), jax.tree.map(lambda a: a[0], single_data), rtol=0, atol=0)
+        _leaves_close(jax.tree.map(lambda a: a[i], state["params"]), jax.tree.map(lambda a: a[0], single["params"]),
+                      rtol=1e-5, atol=1e-6)
+
+
+def test_members_differ_in_data_and_seed():
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["data.m=[[1,1],[1,3]]", "seeds=[0,1]"])
+    sw = sweep.build(cfg)
+    state, data = sweep.init(sw)
+    x = np.asarray(data["x_train"])
+    assert x.shape[0] == 4
+    assert not np.allclose(x[0], x[2])  # different m
+    leaves = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
+    assert all(np.array_equal(p[0], p[2]) for p in leaves)  # init depends on the seed only
+    assert any(not np.array_equal(p[0], p[1]) for p in leaves)
+
+
+def test_image_sweep_runs_and_evaluates(tmp_path):
+    cfg = C.override(C.preset("tiny"), ["data.sep_col=[0.2,0.6]", "train.steps=6", "train.steps_per_call=3",
+                                        "eval.steps=[3,6]", "data.n_per_class=8"])
+    sw, state = sweep.train(cfg, tmp_path / "run", progress=False)
+    spec = sw.spec
+    s = rundir.load_samples(tmp_path / "run", 6)
+    assert s["samples"].shape == (2, spec.n_classes, cfg.eval.n_samples, *spec.x_shape)
+    assert np.isfinite(s["samples"]).all()
+    assert s["prompts"].shape == (2, spec.n_classes, spec.cond_dim)
+    metrics = rundir.load_metrics(tmp_path / "run")
+    assert [r["step"] for r in metrics] == [3, 6] and all(len(r["val_loss"]) == 2 for r in metrics)
+    members = json.loads((tmp_path / "run" / "members.json").read_text())
+    assert [m["sep_col"] for m in members] == [0.2, 0.6]
+    assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
+    params = sweep.load_state_params(tmp_path / "run", 6)
+    _leaves_close(params, state["params"], rtol=0, atol=0)
+
+
+def test_one_and_eight_devices_agree():
+    assert len(jax.devices()) == 8, "tests/conftest.py forces 8 CPU devices"
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4,5,6,7]"])
+    sw1, s1, _ = _run_steps(cfg, 8, devices=jax.devices()[:1])
+    sw8, s8, _ = _run_steps(cfg, 8)
+    assert sw1.mesh.size == 1 and sw8.mesh.size == 8
+    assert len(s8["params"]["gamma"]["b"].sharding.device_set) == 8
+    _leaves_close(s1["params"], s8["params"], rtol=1e-6, atol=1e-7)
+
+
+def test_map_strategy_matches_vmap():
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
+    _, a, _ = _run_steps(cfg, 4)
+    _, b, _ = _run_steps(C.override(cfg, ["train.strategy=\"map\""]), 4)
+    _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_diverging_member_is_frozen_others_carry_on():
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
+    sw = sweep.build(cfg)
+    state, data = sweep.init(sw)
+    hp = state["opt"][1].hyperparams
+    hp["learning_rate"] = hp["learning_rate"].at[1].set(jnp.nan)
+    before = jax.tree.map(np.asarray, state["params"])
+    state, loss = sweep.advance(sw, state, data, 4)
+    alive = np.asarray(state["alive"])
+    assert alive.tolist() == [True, False, True]
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+        assert np.isfinite(np.asarray(b)).all()
+        np.testing.assert_array_equal(a[1], np.asarray(b)[1])  # frozen at its last good parameters
+    assert any(not np.array_equal(a[0], np.asarray(b)[0]) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])))
+
+
+def test_changed_config_is_refused(tmp_path):
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["train.steps=4", "eval.steps=[4]"])
+    sweep.train(cfg, tmp_path, progress=False)
+    with pytest.raises(sweep.RunError, match=r"train\.lr"):
+        sweep.train(C.override(cfg, ["train.lr=0.01"]), tmp_path, progress=False)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    sets = ["--set", "train.steps=60", "--set", "train.steps_per_call=5", "--set", "train.checkpoint_every=10",
+            "--set", "eval.steps=[20,40,60]", "--set", "data.n_per_class=32", "--set", "model.hidden=[256]"]
+    cmd = [sys.executable, "-m", "jaxconcept", "train", "--preset", "vec_tiny", "--no-progress", *sets]
+    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cmd + ["--out", str(full)], check=True, env=env, capture_output=True)
+    # kill the second run as soon as it has written its first checkpoint, then resume it
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((killed / "checkpoints").glob("[0-9]*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = rundir.steps_with(killed)
+    assert steps_at_kill != [20, 40, 60], "the run finished before it was killed; nothing was resumed"
+    subprocess.run(cmd + ["--out", str(killed)], check=True, env=env, capture_output=True)
+    assert rundir.steps_with(killed) == rundir.steps_with(full) == [20, 40, 60]
+    for step in (20, 40, 60):
+        np.testing.assert_array_equal(rundir.load_samples(full, step)["samples"], rundir.load_samples(killed, step)["samples"])
+    a, b = np.load(full / "params" / "step_0000060.npz"), np.load(killed / "params" / "step_0000060.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+    cfg = C.override(C.preset("vec_tiny"), VEC)
+    sweep.train(cfg, tmp_path, progress=False, stop_after=8)
+    ckpts = tmp_path / "checkpoints"
+    # write a step-12 checkpoint, then corrupt its files
+    sweep.train(cfg, tmp_path, progress=False)
+    latest = ckpts / "12"
+    assert latest.exists()
+    for f in latest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    from jaxconcept import checkpoint
+    sw = sweep.build(cfg)
+    state, _ = sweep.init(sw)
+    with pytest.warns(UserWarning, match="step 12"):
+        step, _ = checkpoint.restore_latest(checkpoint.manager(ckpts, 3), state)
+    assert step == 8
