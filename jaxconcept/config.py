@@ -248,8 +248,15 @@ def validate(cfg: Config) -> None:
                  f"class indices in [0, {n_classes - 1}] ({n_classes} classes from the concept grid)")
     if len(set(d.held_out)) >= n_classes:
         _err("data.held_out", d.held_out, "at least one class left for training")
-    if d.kind == "vector" and d.train_classes and set(d.train_classes) & set(d.held_out):
-        _err("data.held_out", d.held_out, "classes not also listed in data.train_classes")
+    if d.kind == "vector":
+        if len(set(d.train_classes)) != len(d.train_classes):
+            _err("data.train_classes", d.train_classes, "distinct class indices")
+        if d.train_classes and set(d.train_classes) & set(d.held_out):
+            _err("data.held_out", d.held_out, "classes not also listed in data.train_classes")
+        from jaxconcept.data.vector import default_train_classes
+        train = set(d.train_classes or default_train_classes(d.dim, d.perdim)) - set(d.held_out)
+        if not train:
+            _err("data.held_out", d.held_out, "a choice that leaves at least one training class")
     for c in d.masked:
         if c not in concept_names:
             _err("data.masked", d.masked, "concepts from " + ", ".join(concept_names))
