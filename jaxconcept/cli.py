@@ -33,6 +33,10 @@ def cmd_train(args):
     from jaxconcept import sweep
 
     cfg = _config(args)
+    if args.distributed:  # multi-host (TPU pod, several GPU hosts): every host runs this command
+        import jax
+
+        jax.distributed.initialize()
     n = len(C.members(cfg))
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
     print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run directory (resumes if it holds the same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host; run on every host)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("analyze", help="concept-space analysis of a run: analysis.json and figures")
