@@ -50,7 +50,25 @@ def cmd_train(args):
 
 
 def cmd_analyze(args):
-    raise NotImplementedError("jaxconcept analyze")
+    from jaxconcept import dynamics, plots, probe, rundir
+
+    try:
+        analysis = dynamics.analyze_run(args.run_dir, args.threshold)
+    except (rundir.RunDirError, probe.ProbeError) as exc:
+        print(f"jaxconcept analyze: {exc}", file=sys.stderr)
+        return 2
+    figs = plots.all_figures(analysis, args.run_dir)
+    print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints, "
+          f"threshold {args.threshold}")
+    for m in analysis["members"]:
+        for c in analysis["held_out"]:
+            name = analysis["class_names"][c]
+            lt = ", ".join(f"{k} {'-' if v is None else round(v)}" for k, v in m["learning_time"][name].items())
+            t = m["turn"][name]
+            turn = f"turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn"
+            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; {turn}")
+    print(f"jaxconcept analyze: wrote {args.run_dir}/analysis.json and " + ", ".join(str(f) for f in figs))
+    return 0
 
 
 def cmd_elicit(args):

@@ -1,0 +1,323 @@
+"""Learning dynamics in concept space (SPEC A3): trajectories, accuracies, learning times, turns.
+
+Pure functions over arrays, then ``analyze_run`` which applies them to every member and
+checkpoint of a run directory and writes RUN_DIR/analysis.json.
+
+Definitions used throughout:
+
+* Coordinates of a sample: ``probe.coordinates`` (per concept in [0, 1]; P(second value) for a
+  two-valued image concept). A class's *trajectory* is the mean over its samples, per checkpoint.
+* Accuracy of a class at a checkpoint, per concept: the fraction of its samples showing the
+  prompted value of that concept (``probe.correct``); *joint*: showing every prompted value.
+* Learning time T (``learning_time``): the first step at which an accuracy curve reaches the
+  threshold (0.8), linearly interpolated between the two checkpoints around the crossing; the
+  first checkpoint's step when it is already above; ``None`` = not learned within the run.
+* Sudden turn (``sudden_turn``), for a held-out class's trajectory p_0 .. p_{T-1}:
+    1. The nearest training class c* is the training-class corner the trajectory comes closest to.
+    2. The approach index a is the first checkpoint whose distance to c* is within ``tol`` of
+       the minimum distance (``tol`` absorbs sampling noise, so a noisy plateau at the corner
+       counts from its first checkpoint).
+    3. For each checkpoint i >= a, the incoming direction is the chord p_i - p_j from the latest
+       earlier checkpoint j at least ``min_chord`` away, the outgoing direction the chord
+       p_k - p_i to the earliest later checkpoint k at least ``min_chord`` away (chords shorter
+       than the noise of a mean over samples carry no direction, so short moves are bridged).
+       The turn angle at i is the angle between the two chords (0 = straight on, 180 = back).
+    4. The turn is the checkpoint of largest angle — or, when the trajectory rests there (the
+       following checkpoints stay within ``min_chord / 2`` of the mean of the rest so far; a single stray
+       checkpoint does not end a rest), the last checkpoint of that rest: a trajectory resting at
+       a corner has nearly the same chords at each of its checkpoints, and the turn is when it
+       *leaves*.
+    5. ``turned`` = the angle is at least ``min_angle``. Without any checkpoint with both chords
+       (the trajectory never moves ``min_chord`` after its approach) there is no turn (None).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from jaxconcept import config as C
+from jaxconcept import data as D
+from jaxconcept import probe as P
+from jaxconcept import rundir
+
+SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
+
+
+# --------------------------------------------------------------------------------------------
+# Per checkpoint
+# --------------------------------------------------------------------------------------------
+def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
+    """Concept-space coordinates of every sample and each class's mean.
+
+    Args:
+      samples: [n_classes, n_samples, *x_shape] one member's samples at one checkpoint.
+    Returns:
+      (per-sample [n_classes, n_samples, n_concepts], trajectory point [n_classes, n_concepts]).
+    """
+    samples = np.asarray(samples, np.float32)
+    n_cls, n_s = samples.shape[:2]
+    z = P.coordinates(probe, samples.reshape(n_cls * n_s, *samples.shape[2:])).reshape(n_cls, n_s, -1)
+    return z, z.mean(axis=1)
+
+
+def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, np.ndarray]:
+    """Per-concept and joint accuracy of each class's samples against its own prompt.
+
+    Args:
+      samples: [n_classes, n_samples, *x_shape]; class_values: [n_classes, n_concepts] value indices.
+    Returns:
+      (per-concept [n_classes, n_concepts], joint [n_classes]) fractions in [0, 1].
+    """
+    samples = np.asarray(samples, np.float32)
+    n_cls, n_s = samples.shape[:2]
+    target = np.repeat(np.asarray(class_values), n_s, axis=0)  # [n_cls * n_s, n_concepts]
+    ok = P.correct(probe, samples.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
+    return ok.mean(axis=1), ok.all(axis=-1).mean(axis=1)
+
+
+def corners(values, class_values) -> np.ndarray:
+    """Concept-space position of each class: value index / (n_values - 1), [n_classes, n_concepts]."""
+    return np.asarray(class_values, np.float64) / (np.asarray(values, np.float64) - 1.0)[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Learning times and turns
+# --------------------------------------------------------------------------------------------
+def learning_time(steps, acc, threshold: float = 0.8):
+    """First step at which ``acc`` reaches ``threshold``, linearly interpolated (see module doc).
+
+    Args:
+      steps: [T] increasing checkpoint steps; acc: [T] accuracies (NaN counts as not reached).
+    Returns:
+      float step, or None when the curve never reaches the threshold.
+    """
+    steps, acc = np.asarray(steps, np.float64), np.asarray(acc, np.float64)
+    hit = np.nonzero(np.nan_to_num(acc, nan=-np.inf) >= threshold)[0]
+    if not len(hit):
+        return None
+    i = int(hit[0])
+    if i == 0 or not np.isfinite(acc[i - 1]):
+        return float(steps[i])
+    frac = (threshold - acc[i - 1]) / (acc[i] - acc[i - 1])  # acc[i-1] < threshold <= acc[i]
+    return float(steps[i - 1] + frac * (steps[i] - steps[i - 1]))
+
+
+def _angle(u, v) -> float:
+    c = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+def turn_angles(traj, start: int = 0, min_chord: float = 0.15) -> np.ndarray:
+    """Chord-based turn angle (degrees) at each checkpoint >= ``start``; NaN where undefined.
+
+    Args:
+      traj: [T, n_concepts] trajectory. start: first checkpoint considered.
+      min_chord: the shortest chord that counts as a direction.
+    Returns:
+      [T] angles in [0, 180], NaN before ``start`` and where either chord does not exist.
+    """
+    traj = np.asarray(traj, np.float64)
+    n = len(traj)
+    out = np.full(n, np.nan)
+    for i in range(start, n):
+        dist = np.linalg.norm(traj - traj[i], axis=-1)  # [T]
+        before = [j for j in range(i) if dist[j] >= min_chord]
+        after = [k for k in range(i + 1, n) if dist[k] >= min_chord]
+        if before and after:
+            out[i] = _angle(traj[i] - traj[before[-1]], traj[after[0]] - traj[i])
+    return out
+
+
+def sudden_turn(steps, traj, train_corners, *, min_chord: float = 0.15, tol: float = 0.05,
+                min_angle: float = 30.0) -> dict:
+    """Detect the sudden turn of a held-out class's trajectory (criterion: module docstring).
+
+    Args:
+      steps: [T] checkpoint steps; traj: [T, n_concepts] the class's mean coordinates.
+      train_corners: [K, n_concepts] concept-space positions of the training classes.
+      min_chord, tol, min_angle: see the module docstring (concept-space units, degrees).
+    Returns:
+      dict: step (int or None), index, angle (degrees or None), turned (bool), nearest (index
+      into train_corners), approach_step, min_distance (closest approach to that corner).
+    """
+    steps, traj = np.asarray(steps), np.asarray(traj, np.float64)
+    d_all = np.linalg.norm(traj[:, None, :] - np.asarray(train_corners, np.float64)[None], axis=-1)  # [T, K]
+    nearest = int(d_all.min(axis=0).argmin())
+    d = d_all[:, nearest]
+    approach = int(np.nonzero(d <= d.min() + tol)[0][0])
+    out = {"step": None, "index": None, "angle": None, "turned": False, "nearest": nearest,
+           "approach_step": int(steps[approach]), "min_distance": float(d.min())}
+    ang = turn_angles(traj, approach, min_chord)
+    if np.all(np.isnan(ang)):
+        return out
+    i = best = int(np.nanargmax(ang))
+    rest = [best]  # the trajectory may rest at the turn: follow it while it stays near
+    while True:
+        near = [j for j in (i + 1, i + 2) if j < len(traj) and np.linalg.norm(traj[j] - traj[rest].mean(axis=0)) <= min_chord / 2]
+        if not near:
+            break
+        i = near[0]  # one stray checkpoint (i + 1 away, i + 2 back) does not end a rest
+        rest.append(i)
+    return {**out, "step": int(steps[i]), "index": i, "angle": float(ang[i]), "turned": bool(ang[i] >= min_angle)}
+
+
+# --------------------------------------------------------------------------------------------
+# Across a sweep
+# --------------------------------------------------------------------------------------------
+def separation(member: dict, concept: str):
+    """The knob that sets a concept's signal: sep_col / sep_size for images, m_i for vector dim i."""
+    if concept in SEPARATION_FIELD:
+        return member.get(SEPARATION_FIELD[concept])
+    if concept.startswith("dim") and member.get("m") is not None:
+        return float(member["m"][int(concept[3:])])
+    return None
+
+
+def summarize_times(members: list[dict], cls: str, concept: str) -> list[dict]:
+    """Learning time of ``concept`` (or "joint") for class ``cls`` vs signal and separation.
+
+    Members that differ only in their seed form one group.
+
+    Args:
+      members: analysis member records (with "learning_time", "signal", sweep values).
+    Returns:
+      one dict per group, ordered by signal: signal (mean over seeds), separation, mean and std
+      of the learning time over the seeds that learned it, n, n_learned, times (None = not learned).
+    """
+    groups: dict = {}
+    for m in members:
+        key = json.dumps([m.get("sep_col"), m.get("sep_size"), m.get("m"), m.get("s")])
+        groups.setdefault(key, []).append(m)
+    out = []
+    sig_name = concept if concept != "joint" else None
+    for ms in groups.values():
+        times = [m["learning_time"][cls][concept] for m in ms]
+        got = np.array([t for t in times if t is not None], np.float64)
+        sig = [m["signal"].get(sig_name) for m in ms] if sig_name else []
+        sig = [s for s in sig if s is not None]
+        out.append({
+            "signal": float(np.mean(sig)) if sig else None,
+            "separation": separation(ms[0], concept) if sig_name else None,
+            "sep_col": ms[0].get("sep_col"), "sep_size": ms[0].get("sep_size"), "m": ms[0].get("m"),
+            "s": ms[0].get("s"),
+            "mean": float(got.mean()) if len(got) else None, "std": float(got.std()) if len(got) else None,
+            "n": len(times), "n_learned": int(len(got)), "times": times,
+        })
+    return sorted(out, key=lambda g: (g["signal"] is None, g["signal"] or 0.0, json.dumps(g["m"])))
+
+
+def colour_axis(members: list[dict]) -> tuple[str, list]:
+    """The member value that colours plots: the first swept separation, else the seed."""
+    for name in ("sep_col", "sep_size", "m", "s"):
+        vals = [json.dumps(m.get(name)) for m in members]
+        if len(set(vals)) > 1:
+            if name in ("m", "s"):  # a vector: colour by the component that varies most
+                arr = np.array([m[name] for m in members], np.float64)
+                j = int(np.argmax(arr.std(axis=0)))
+                return f"{name}[{j}]", [float(a) for a in arr[:, j]]
+            return name, [float(m[name]) for m in members]
+    return "seed", [float(m.get("seed", i)) for i, m in enumerate(members)]
+
+
+# --------------------------------------------------------------------------------------------
+# A run directory
+# --------------------------------------------------------------------------------------------
+def _round(a, nd=4):
+    return np.round(np.asarray(a, np.float64), nd).tolist()
+
+
+def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, turn_kw: dict | None = None,
+                write: bool = True) -> dict:
+    """Concept-space analysis of every member and checkpoint of a run; writes analysis.json.
+
+    Args:
+      run_dir: a run directory (rundir.py layout) with at least one samples/step_*.npz.
+      threshold: accuracy that counts as learned.
+      probe_kw: keyword arguments for ``probe.probe_for`` (e.g. k, max_steps).
+      turn_kw: keyword arguments for ``sudden_turn``.
+      write: write RUN_DIR/analysis.json.
+    Returns:
+      The analysis dict: run-level description ("steps", "concepts", "class_names", ...), "probes"
+      (test accuracy of each probe), "members" (per member: config values, signals, probe,
+      "learning_time" {class: {concept|"joint": step|None}}, "turn" {held-out class: ...},
+      "accuracy" {class: {concept|"joint": [T]}}, "coords" {class: [T][n_concepts]}),
+      and "summary" (learning time vs signal/separation per class and concept).
+    Raises:
+      rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
+    """
+    run_dir = Path(run_dir)
+    cfg = rundir.load_config(run_dir)
+    steps = rundir.steps_with(run_dir, "samples")
+    if not steps:
+        raise rundir.RunDirError(f"{run_dir} has no samples (samples/step_*.npz): train it first, "
+                                 "or wait for the first evaluation point")
+    member_cfgs = C.members(cfg)
+    mpath = run_dir / "members.json"
+    members = rundir.load_members(run_dir) if mpath.exists() else [
+        {"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
+         "m": list(m.data.m), "s": list(m.data.s), "signal": {}} for i, m in enumerate(member_cfgs)]
+    if len(members) != len(member_cfgs):
+        raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}")
+    spec = D.spec(cfg.data)
+    table = P.class_value_table(spec)
+    names = spec.class_names
+    train_corners = corners(spec.values, table)[list(spec.train_classes)]
+
+    probes: dict = {}
+    member_probe = []
+    for mc in member_cfgs:
+        key = P.cache_key(mc.data)
+        if key not in probes:
+            probes[key] = P.probe_for(mc.data, **(probe_kw or {}))
+        member_probe.append(key)
+
+    n_m, n_t = len(members), len(steps)
+    coords = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
+    acc = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
+    joint = np.zeros((n_m, n_t, spec.n_classes))
+    for t, step in enumerate(steps):
+        samples = rundir.load_samples(run_dir, step)["samples"]  # [M, n_classes, n_samples, *x_shape]
+        if samples.shape[0] != n_m or samples.shape[1] != spec.n_classes:
+            raise rundir.RunDirError(f"{run_dir}: samples at step {step} have shape {samples.shape}, expected "
+                                     f"[{n_m}, {spec.n_classes}, n_samples, ...]")
+        for i in range(n_m):
+            pr = probes[member_probe[i]]
+            coords[i, t] = class_coordinates(pr, samples[i])[1]
+            acc[i, t], joint[i, t] = class_accuracy(pr, samples[i], table)
+
+    records = []
+    for i, m in enumerate(members):
+        lt, turns, accd, crd = {}, {}, {}, {}
+        for c, name in enumerate(names):
+            curves = {con: acc[i, :, c, j] for j, con in enumerate(spec.concepts)}
+            curves["joint"] = joint[i, :, c]
+            lt[name] = {k: learning_time(steps, v, threshold) for k, v in curves.items()}
+            accd[name] = {k: _round(v) for k, v in curves.items()}
+            crd[name] = _round(coords[i, :, c])
+            if c in spec.held_out:
+                tr = sudden_turn(steps, coords[i, :, c], train_corners, **(turn_kw or {}))
+                tr["nearest"] = names[spec.train_classes[tr["nearest"]]]
+                turns[name] = tr
+        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
+                        "signal": m.get("signal", {}), "probe": member_probe[i], "learning_time": lt,
+                        "turn": turns, "accuracy": accd, "coords": crd})
+
+    summary = {name: {con: summarize_times(records, name, con) for con in (*spec.concepts, "joint")}
+               for name in names}
+    axis, axis_values = colour_axis(records)
+    out = {
+        "run_dir": str(run_dir), "name": cfg.name, "kind": spec.kind, "threshold": threshold, "steps": steps,
+        "concepts": list(spec.concepts), "values": list(spec.values),
+        "value_names": [list(v) for v in spec.value_names], "class_names": list(names),
+        "train_classes": list(spec.train_classes), "held_out": list(spec.held_out),
+        "corners": _round(corners(spec.values, table)), "colour_by": {"field": axis, "values": axis_values},
+        "probes": {k: {"kind": p.kind, "min_accuracy": float(np.min(p.accuracy)), "accuracy": _round(p.accuracy)}
+                   for k, p in probes.items()},
+        "members": records, "summary": summary,
+    }
+    if write:
+        (run_dir / "analysis.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out

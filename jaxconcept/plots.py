@@ -1,0 +1,257 @@
+"""Figures of a concept-space analysis (PNG, and an animated GIF), for image and vector runs.
+
+Every function takes the dict written by ``dynamics.analyze_run`` (and the run directory where
+samples are needed) and writes one file:
+
+    trajectories.png      the classes' paths through concept space for every member: training
+                          classes dashed, held-out solid, coloured by the swept separation, turns
+                          starred; corner thumbnails of each class's final samples (images) or a
+                          scatter of one member's final samples (vectors)
+    accuracy.png          joint accuracy per class vs step, one panel per class
+    learning_times.png    the held-out class's learning time per concept vs its concept signal
+                          (mean and spread over seeds; open triangles: some seeds never learned)
+    trajectories.gif      the trajectories growing over training beside the samples at each step
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import animation as mpl_animation  # noqa: E402
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage  # noqa: E402
+
+from jaxconcept import config as C  # noqa: E402
+from jaxconcept import probe as P  # noqa: E402
+from jaxconcept import rundir  # noqa: E402
+
+CLASS_COLOURS = plt.get_cmap("tab10")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _xy(points) -> np.ndarray:
+    """Concept coordinates [..., n_concepts] -> the two plotted axes [..., 2] (first two concepts;
+    a single concept is plotted against zero)."""
+    points = np.asarray(points, np.float64)
+    if points.shape[-1] >= 2:
+        return points[..., :2]
+    return np.concatenate([points, np.zeros_like(points)], axis=-1)
+
+
+def _colour_map(analysis):
+    vals = np.asarray(analysis["colour_by"]["values"], np.float64)
+    norm = matplotlib.colors.Normalize(vals.min(), vals.max() if vals.max() > vals.min() else vals.min() + 1)
+    cmap = plt.get_cmap("viridis")
+    return [cmap(norm(v)) for v in vals], matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+
+
+def _concept_axes(ax, analysis):
+    cs, vn = analysis["concepts"], analysis["value_names"]
+    ax.set_xlabel(f"{cs[0]}: {vn[0][0]} -> {vn[0][-1]}")
+    ax.set_ylabel(f"{cs[1]}: {vn[1][0]} -> {vn[1][-1]}" if len(cs) > 1 else "")
+    ax.set_xlim(-0.45, 1.45)
+    ax.set_ylim(-0.45, 1.45)
+    ax.set_aspect("equal")
+    ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="0.85", lw=0.8, zorder=0)
+
+
+def _member_samples(analysis, run_dir, step, member: int, n: int):
+    """One member's first n samples per class at ``step``: [n_classes, n, *x_shape]."""
+    return rundir.load_samples(run_dir, step)["samples"][member, :, :n]
+
+
+def _vector_coords(run_dir, member: int, samples):
+    """Concept coordinates of vector samples [n_classes, n, D] with the member's exact probe."""
+    mc = C.members(rundir.load_config(run_dir))[member]
+    probe = P.probe_for(mc.data)
+    n_cls, n = samples.shape[:2]
+    return P.coordinates(probe, samples.reshape(n_cls * n, -1)).reshape(n_cls, n, -1)
+
+
+def _grid_image(imgs, ncol: int = 2) -> np.ndarray:
+    """[n, H, W, 3] -> one [rows*H, ncol*W, 3] mosaic with 1-pixel white gutters."""
+    n, h, w, _ = imgs.shape
+    rows = -(-n // ncol)
+    out = np.ones((rows * (h + 1) - 1, ncol * (w + 1) - 1, 3), np.float32)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        out[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = imgs[k]
+    return np.clip(out, 0, 1)
+
+
+def _draw_trajectories(ax, analysis, colours, upto: int | None = None):
+    held = set(analysis["held_out"])
+    names = analysis["class_names"]
+    for i, m in enumerate(analysis["members"]):
+        for c, name in enumerate(names):
+            xy = _xy(m["coords"][name])[: upto]
+            ax.plot(xy[:, 0], xy[:, 1], ls="-" if c in held else "--", lw=1.6 if c in held else 0.9,
+                    color=colours[i], alpha=0.9 if c in held else 0.5)
+            ax.plot(xy[-1, 0], xy[-1, 1], "o", ms=3, color=colours[i])
+        for name, t in m["turn"].items():
+            if t["index"] is not None and (upto is None or t["index"] < upto) and t["turned"]:
+                p = _xy(m["coords"][name][t["index"]])
+                ax.plot(p[0], p[1], "*", ms=11, mfc=colours[i], mec="k", mew=0.7, zorder=5)
+
+
+def _label_corners(ax, analysis):
+    corners = _xy(analysis["corners"])
+    held = set(analysis["held_out"])
+    for c, name in enumerate(analysis["class_names"]):
+        x, y = corners[c]
+        ax.annotate(name + (" (held out)" if c in held else ""), (x, y), xytext=(0, -10 if y < 0.5 else 10),
+                    textcoords="offset points", ha="center", fontsize=7, color="C3" if c in held else "0.3")
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
+    """Concept-space trajectories of every member (see module docstring). Returns ``path``."""
+    colours, sm = _colour_map(analysis)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    _concept_axes(ax, analysis)
+    last = analysis["steps"][-1]
+    if analysis["kind"] == "images":  # thumbnails of each class's final samples, outside its corner
+        samples = _member_samples(analysis, run_dir, last, member, 4)
+        for c, (x, y) in enumerate(_xy(analysis["corners"])):
+            im = OffsetImage(_grid_image(samples[c]), zoom=1.2 * 32 / samples.shape[2])
+            ax.add_artist(AnnotationBbox(im, (x, y), xybox=(x + (0.27 if x > 0.5 else -0.27),
+                                                             y + (0.27 if y > 0.5 else -0.27)),
+                                         frameon=True, pad=0.1, arrowprops=dict(arrowstyle="-", color="0.6")))
+    else:  # a scatter of one member's final samples
+        z = _xy(_vector_coords(run_dir, member, _member_samples(analysis, run_dir, last, member, 256)))
+        for c in range(z.shape[0]):
+            ax.scatter(z[c, :, 0], z[c, :, 1], s=4, alpha=0.35, color=CLASS_COLOURS(c), lw=0, zorder=1)
+    _draw_trajectories(ax, analysis, colours)
+    _label_corners(ax, analysis)
+    fig.colorbar(sm, ax=ax, label=analysis["colour_by"]["field"], shrink=0.8)
+    ax.set_title(f"{analysis.get('name') or 'run'}: concept space (held out solid, training dashed, * turn)",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def accuracy(analysis: dict, path) -> Path:
+    """Joint accuracy of each class vs step, one panel per class, a line per member."""
+    colours, sm = _colour_map(analysis)
+    names = analysis["class_names"]
+    ncol = min(4, len(names))
+    nrow = -(-len(names) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False, sharey=True)
+    steps = np.asarray(analysis["steps"])
+    for c, name in enumerate(names):
+        ax = axes.flat[c]
+        for i, m in enumerate(analysis["members"]):
+            ax.plot(steps, m["accuracy"][name]["joint"], color=colours[i], lw=1.2)
+        ax.axhline(analysis["threshold"], color="0.5", ls=":", lw=1)
+        if steps[0] > 0 and len(steps) > 1:
+            ax.set_xscale("log")
+        ax.set_title(name + (" (held out)" if c in analysis["held_out"] else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.03, 1.03)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("accuracy (all concepts)")
+    fig.colorbar(sm, ax=axes, label=analysis["colour_by"]["field"], shrink=0.8)
+    return _save(fig, path)
+
+
+def learning_times(analysis: dict, path) -> Path:
+    """Learning time per concept vs concept signal: held-out classes (coloured) and the mean over
+    training classes (grey); mean +- std over seeds, seeds as dots, open triangles at the top for
+    groups where some seed never learned."""
+    concepts = analysis["concepts"]
+    fig, axes = plt.subplots(1, len(concepts), figsize=(4.0 * len(concepts), 3.4), squeeze=False)
+    top = analysis["steps"][-1]
+    names = analysis["class_names"]
+    for j, con in enumerate(concepts):
+        ax = axes[0, j]
+        use_signal = all(r["signal"] is not None for r in analysis["summary"][names[0]][con])
+        for k, c in enumerate(analysis["held_out"] + [None]):
+            cls = [names[c]] if c is not None else [names[t] for t in analysis["train_classes"]]
+            rows = [analysis["summary"][n][con] for n in cls]
+            x = np.array([r["signal"] if use_signal else (r["separation"] or 0.0) for r in rows[0]], np.float64)
+            times = np.array([[np.nan if t is None else t for t in r["times"]] for r in rows[0]], np.float64)
+            if c is None:  # training classes: average over classes first
+                times = np.nanmean(np.stack([[[np.nan if t is None else t for t in r["times"]] for r in rs]
+                                             for rs in rows]), axis=0) if len(rows) else times
+            colour = "0.55" if c is None else CLASS_COLOURS(3 + k)
+            label = "training classes (mean)" if c is None else names[c]
+            with np.errstate(all="ignore"):
+                mean, std = np.nanmean(times, axis=1), np.nanstd(times, axis=1)
+            ok = np.isfinite(mean)
+            ax.errorbar(x[ok], mean[ok], yerr=std[ok], fmt="o-", ms=4, color=colour, capsize=2, label=label)
+            for g in range(len(x)):
+                ax.plot(np.full(times.shape[1], x[g]), times[g], ".", ms=3, color=colour, alpha=0.5)
+            miss = np.isnan(times).any(axis=1)
+            if miss.any():
+                ax.plot(x[miss], np.full(miss.sum(), top), "^", mfc="none", color=colour, ms=7)
+        ax.set_xlabel(f"concept signal ({con})" if use_signal else f"separation ({con})")
+        ax.set_ylabel(f"learning time of {con} (step)")
+        ax.axhline(top, color="0.8", lw=0.8, ls=":")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"learning time (accuracy >= {analysis['threshold']}) vs concept signal", fontsize=10)
+    return _save(fig, path)
+
+
+def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40, fps: int = 4) -> Path:
+    """Animated GIF: trajectories up to each checkpoint beside that checkpoint's samples."""
+    steps = analysis["steps"]
+    frames = sorted(set(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int).tolist()))
+    colours, _ = _colour_map(analysis)
+    names = analysis["class_names"]
+    images = analysis["kind"] == "images"
+    shown = [_member_samples(analysis, run_dir, steps[t], member, 6 if images else 256) for t in frames]
+    if not images:
+        shown = [_xy(_vector_coords(run_dir, member, s)) for s in shown]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.6, 4.6))
+
+    def draw(f):
+        ax.clear()
+        ax2.clear()
+        _concept_axes(ax, analysis)
+        _draw_trajectories(ax, analysis, colours, upto=frames[f] + 1)
+        _label_corners(ax, analysis)
+        ax.set_title(f"step {steps[frames[f]]}", fontsize=10)
+        s = shown[f]
+        if images:
+            ax2.imshow(_grid_image(s.reshape(-1, *s.shape[2:]), ncol=s.shape[1]))
+            ax2.set_yticks((np.arange(len(names)) + 0.5) * (s.shape[2] + 1))
+            ax2.set_yticklabels(names, fontsize=8)
+            ax2.set_xticks([])
+        else:
+            _concept_axes(ax2, analysis)
+            for c in range(s.shape[0]):
+                ax2.scatter(s[c, :, 0], s[c, :, 1], s=5, alpha=0.5, color=CLASS_COLOURS(c), lw=0, label=names[c])
+            ax2.legend(fontsize=7, loc="center")
+        ax2.set_title(f"member {member}: samples per class", fontsize=10)
+
+    draw(0)
+    fig.tight_layout()
+    anim = mpl_animation.FuncAnimation(fig, draw, frames=len(frames))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    anim.save(path, writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
+    plt.close(fig)
+    return path
+
+
+def all_figures(analysis: dict, run_dir, out_dir=None) -> list[Path]:
+    """Every figure of a run into ``out_dir`` (default RUN_DIR/figures). Returns their paths."""
+    out = Path(out_dir) if out_dir else Path(run_dir) / "figures"
+    return [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
+            learning_times(analysis, out / "learning_times.png"),
+            animate(analysis, run_dir, out / "trajectories.gif")]
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

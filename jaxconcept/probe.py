@@ -1,0 +1,351 @@
+"""The concept probe: the measuring instrument that maps a generated sample to concept space.
+
+Two kinds, one interface (``probe_for(data_cfg) -> Probe``, ``predict``, ``coordinates``,
+``correct``):
+
+* images (SPEC A3): a small convolutional classifier (``ProbeNet``: three conv stages of width 32
+  with average pooling, a globally pooled feature and one softmax head per concept), trained with
+  optax on fresh images of G drawn every step from *all* classes, held-out ones included — it
+  measures the generator, it is not the model under study. Training runs in rounds until the
+  probe reaches ``bar`` (99 %) accuracy on every concept of every class of a fresh test set, or
+  gives up after ``max_steps`` and raises ``ProbeError``: an analysis with an unreliable
+  instrument must not run. Trained probes are cached per data config.
+* vector (SPEC A6): exact, nothing to train. Along each concept axis a sample takes the value
+  whose grid coordinate is nearest, provided it lies within ``k`` standard deviations of it
+  (k = 3 as in the reference); outside every value's band it has no value. A sample is correct
+  for a prompt when each concept coordinate lies within k·s of the prompted class mean.
+
+Concept-space coordinates are in [0, 1] per concept: for images the probability-weighted value
+index divided by (n_values - 1) — for two values, P(second value), e.g. P(blue), P(small); for
+vectors the position along the concept axis, rescaled so the first value sits at 0, the last at 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxconcept import data as D
+
+PROBE_VERSION = 1  # bump when ProbeNet or its training changes: old cache entries are ignored
+_NEG = -1e9  # logit of padding values (concepts with fewer values than the widest one)
+
+# DataConfig fields that change what G's images look like; the rest (split sizes, held-out
+# classes, conditioning) do not change the probe, so members differing only there share one.
+_IMAGE_FIELDS = ("kind", "concepts", "values", "sep_col", "sep_size", "image_size", "blur_sigma", "pixel_noise")
+_VECTOR_FIELDS = ("kind", "dim", "perdim", "m", "s", "normalize", "dim_nuisance", "nuisance")
+
+
+class ProbeError(RuntimeError):
+    """The probe cannot be trusted (it missed the accuracy bar): the analysis refuses to run."""
+
+
+# --------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """A trained (images) or exact (vector) concept probe for one data config."""
+
+    kind: str  # "images" | "vector"
+    concepts: tuple  # concept names
+    values: tuple  # values per concept
+    net_params: Any = None  # images: ProbeNet parameters
+    widths: tuple = (32, 32, 32)  # images: ProbeNet widths
+    value_pos: Any = None  # vector: [n_concepts, max_values] grid coordinate of each value
+    std: Any = None  # vector: [n_concepts] per-axis standard deviation
+    k: float = 3.0  # vector: a value's band is +- k std
+    accuracy: Any = None  # [n_classes, n_concepts] accuracy on a fresh test set when accepted
+    key: str = ""  # the cache key (data-config hash)
+
+    @property
+    def n_values(self) -> int:
+        return max(self.values)
+
+
+class ProbeNet(nn.Module):
+    """Conv classifier: stages of ``depth`` x (conv3x3, GELU) with a 2x2 average pool between
+    stages, a global mean pool, a hidden layer, then one head per concept.
+
+    Returns logits [B, n_concepts, max(values)]; values a concept lacks get a large negative logit.
+    """
+
+    values: tuple
+    widths: tuple = (32, 32, 32)
+    depth: int = 1  # convs per stage; 1 keeps CPU training to seconds and is enough for G
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, x):  # x: [B, H, W, C] in about [0, 1]
+        h = 2.0 * x - 1.0
+        for i, w in enumerate(self.widths):
+            for j in range(self.depth):
+                h = nn.gelu(nn.Conv(w, (3, 3), name=f"stage_{i}_conv_{j}")(h))
+            if i < len(self.widths) - 1:
+                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        h = jnp.mean(h, axis=(1, 2))  # [B, w]: pooled, so object position does not matter
+        h = nn.gelu(nn.Dense(self.hidden, name="hidden")(h))  # [B, hidden]
+        nv = max(self.values)
+        logits = []
+        for i, v in enumerate(self.values):
+            li = nn.Dense(v, name=f"head_{i}")(h)  # [B, v]
+            logits.append(jnp.pad(li, ((0, 0), (0, nv - v)), constant_values=_NEG))
+        return jnp.stack(logits, axis=1)  # [B, n_concepts, nv]
+
+
+def class_value_table(spec: D.DataSpec) -> np.ndarray:
+    """Per-concept value index of every class: [n_classes, n_concepts] int32."""
+    return np.array([spec.class_values(c) for c in range(spec.n_classes)], np.int32).reshape(
+        spec.n_classes, len(spec.concepts))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: init, train, predict (images)
+# --------------------------------------------------------------------------------------------
+def init(net: ProbeNet, x_shape: tuple, key) -> dict:
+    """ProbeNet parameters for inputs of shape ``x_shape`` (one example, no batch axis)."""
+    return net.init(key, jnp.zeros((1, *x_shape), jnp.float32))["params"]
+
+
+def loss_fn(net: ProbeNet, params, x, y):
+    """Mean over concepts and batch of the softmax cross-entropy; y: [B, n_concepts] value indices."""
+    logits = net.apply({"params": params}, x)  # [B, n_concepts, nv]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def make_train_step(net: ProbeNet, sample_fn: Callable, class_values, n_classes: int, *,
+                    batch_size: int, tx: optax.GradientTransformation):
+    """A jitted probe update on a fresh batch of G.
+
+    Called from a Python loop rather than scanned: XLA:CPU runs convolutions inside ``lax.scan``
+    some 30x slower than the same step jitted on its own (measured on jax 0.10).
+
+    Args:
+      sample_fn: ``(key, labels [B]) -> x [B, *x_shape]``, G's images of the given classes.
+      class_values: [n_classes, n_concepts] value index of each class.
+    Returns:
+      ``step(params, opt_state, key) -> (params, opt_state, loss)``.
+    """
+    table = jnp.asarray(class_values)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt, key):
+        k_lab, k_x = jax.random.split(key)
+        labels = jax.random.randint(k_lab, (batch_size,), 0, n_classes)  # all classes, held-out too
+        x = sample_fn(k_x, labels)  # [B, *x_shape]
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(net, p, x, table[labels]))(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    return step
+
+
+def _net_probs(net: ProbeNet, params, x, batch: int = 512) -> np.ndarray:
+    fn = jax.jit(lambda p, xb: jax.nn.softmax(net.apply({"params": p}, xb), axis=-1))
+    out = [np.asarray(fn(params, jnp.asarray(x[i:i + batch], jnp.float32))) for i in range(0, len(x), batch)]
+    return np.concatenate(out, axis=0)
+
+
+def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """[N, n_concepts] bool and [N] labels -> [n_classes, n_concepts] mean correctness."""
+    return np.stack([correct[labels == c].mean(axis=0) for c in range(n_classes)])
+
+
+def fit(net: ProbeNet, sample_fn: Callable, class_values, key, test_x, test_y, *, bar: float = 0.99,
+        max_steps: int = 3000, chunk: int = 50, batch_size: int = 64, lr: float = 2e-3):
+    """Train a ProbeNet until every concept of every class reaches ``bar`` on the test set.
+
+    Args:
+      net: the probe network; sample_fn: ``(key, labels) -> x`` (G, jittable).
+      class_values: [n_classes, n_concepts] value index per class.
+      key: PRNG key. test_x: [N, *x_shape]; test_y: [N] class labels (all classes).
+      bar: accuracy to reach; max_steps: give up after this many steps (rounded up to ``chunk``,
+        the number of steps between accuracy checks).
+    Returns:
+      (params, accuracy [n_classes, n_concepts], steps trained, met: bool).
+    """
+    class_values = np.asarray(class_values)
+    n_classes = class_values.shape[0]
+    params = init(net, tuple(test_x.shape[1:]), jax.random.fold_in(key, 0))
+    tx = optax.adam(lr)
+    opt = tx.init(params)
+    step = make_train_step(net, sample_fn, class_values, n_classes, batch_size=batch_size, tx=tx)
+    steps, acc = 0, np.zeros(class_values.shape)
+    while steps < max_steps:
+        for _ in range(min(chunk, max_steps - steps)):
+            params, opt, _ = step(params, opt, jax.random.fold_in(key, 1 + steps))
+            steps += 1
+        pred = _net_probs(net, params, test_x).argmax(-1)  # [N, n_concepts]
+        acc = per_class_accuracy(pred == class_values[test_y], test_y, n_classes)
+        if acc.min() >= bar:
+            return params, acc, steps, True
+    return params, acc, steps, False
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def predict(probe: Probe, x) -> np.ndarray:
+    """Per-concept value probabilities of samples.
+
+    Args:
+      probe: from ``probe_for``. x: [N, *x_shape] samples (images or vectors).
+    Returns:
+      [N, n_concepts, max(values)] float32. Images: softmax outputs (padding values get 0).
+      Vectors: one-hot of the nearest value along each axis, all zeros when the sample lies
+      outside every value's +- k std band.
+    """
+    x = np.asarray(x, np.float32)
+    if probe.kind == "images":
+        return _net_probs(ProbeNet(probe.values, probe.widths), probe.net_params, x)
+    n_c = len(probe.concepts)
+    z = x[:, :n_c, None]  # [N, n_concepts, 1]: concept coordinates come first
+    dist = np.abs(z - probe.value_pos[None])  # [N, n_concepts, nv]; padding positions are inf
+    near = dist.argmin(-1)  # [N, n_concepts]
+    inside = dist.min(-1) <= probe.k * probe.std[None, :]
+    return (np.eye(probe.n_values, dtype=np.float32)[near] * inside[..., None]).astype(np.float32)
+
+
+def coordinates(probe: Probe, x) -> np.ndarray:
+    """Concept-space coordinates of samples: [N, *x_shape] -> [N, n_concepts] (see module doc)."""
+    x = np.asarray(x, np.float32)
+    nv = np.asarray(probe.values, np.float32)
+    if probe.kind == "images":
+        p = predict(probe, x)  # [N, n_concepts, nv]
+        idx = np.arange(probe.n_values, dtype=np.float32)
+        return (p * idx).sum(-1) / (nv - 1)[None, :]
+    lo = probe.value_pos[np.arange(len(nv)), 0]  # [n_concepts]
+    hi = probe.value_pos[np.arange(len(nv)), np.asarray(probe.values) - 1]
+    return (x[:, :len(nv)] - lo[None, :]) / (hi - lo)[None, :]
+
+
+def correct(probe: Probe, x, target) -> np.ndarray:
+    """Whether each sample shows the target value of each concept.
+
+    Args:
+      x: [N, *x_shape]. target: [N, n_concepts] value indices (e.g. the prompted class's).
+    Returns:
+      [N, n_concepts] bool. Images: the probe's most probable value is the target. Vectors: the
+      coordinate lies within k std of the target value's grid coordinate (SPEC A6).
+    """
+    x, target = np.asarray(x, np.float32), np.asarray(target)
+    if probe.kind == "images":
+        return predict(probe, x).argmax(-1) == target
+    n_c = len(probe.concepts)
+    pos = np.take_along_axis(probe.value_pos[None], target[..., None], axis=-1)[..., 0]  # [N, n_c]
+    return np.abs(x[:, :n_c] - pos) <= probe.k * probe.std[None, :]
+
+
+def cache_key(data_cfg) -> str:
+    """Hash of the DataConfig fields that change samples of G (plus the probe's version)."""
+    d = dataclasses.asdict(data_cfg)
+    keep = _IMAGE_FIELDS if data_cfg.kind == "images" else _VECTOR_FIELDS
+    blob = json.dumps({"v": PROBE_VERSION, **{k: d[k] for k in keep}}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXCONCEPT_CACHE", Path.home() / ".cache" / "jaxconcept" / "probes"))
+
+
+def _save(path: Path, probe: Probe, meta: dict) -> None:
+    flat, _ = jax.tree_util.tree_flatten_with_path(probe.net_params)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "params.tmp.npz"
+    np.savez(tmp, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+    tmp.replace(path / "params.npz")
+    (path / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _load(path: Path, net: ProbeNet, x_shape: tuple):
+    like = jax.eval_shape(lambda: init(net, x_shape, jax.random.PRNGKey(0)))
+    with np.load(path / "params.npz") as f:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(f[jax.tree_util.keystr(k)]) for k, _ in flat])
+
+
+def fresh_samples(spec: D.DataSpec, params, key, n_per_class: int):
+    """Fresh samples of every class from G's data distribution: (x [N, ...], labels [N])."""
+    x, _, labels = D.render_all(spec, params, key, n_per_class)
+    return np.asarray(x, np.float32), np.asarray(labels)
+
+
+def probe_for(data_cfg, *, bar: float = 0.99, k: float = 3.0, seed: int = 0, max_steps: int = 3000,
+              n_test: int = 256, use_cache: bool = True, widths: tuple = (32, 32, 32),
+              batch_size: int = 64, lr: float = 2e-3, verbose: bool = False) -> Probe:
+    """The probe for one member's data config: loaded from the cache, or built and checked.
+
+    Args:
+      data_cfg: a member's DataConfig (scalar sweep fields).
+      bar: required accuracy on every concept of every class (held-out ones included).
+      k: vector probes: half-width of a value's band in standard deviations.
+      seed: training / test-set seed. max_steps: image probes give up after this many steps.
+      n_test: test samples per class (vector probes use 16x as many: they are free).
+      use_cache: read and write ``$JAXCONCEPT_CACHE`` (default ~/.cache/jaxconcept/probes).
+    Returns:
+      Probe whose test accuracy is >= bar everywhere.
+    Raises:
+      ProbeError when the bar is not met: the concept-space analysis would be meaningless.
+    """
+    spec, params = D.spec(data_cfg), D.params(data_cfg)
+    table = class_value_table(spec)
+    key = jax.random.PRNGKey(seed)
+    ck = cache_key(data_cfg)
+    if spec.kind == "vector":
+        from jaxconcept.data import vector as V
+
+        means = np.asarray(V.class_means(spec, params), np.float32)  # [n_classes, dim]
+        nv = max(spec.values)
+        pos = np.full((len(spec.concepts), nv), np.inf, np.float32)
+        for c in range(spec.n_classes):
+            for i, v in enumerate(table[c]):
+                pos[i, v] = means[c, i]
+        probe = Probe("vector", spec.concepts, spec.values, value_pos=pos,
+                      std=np.asarray(V.class_std(spec, params), np.float32), k=float(k), key=ck)
+        x, y = fresh_samples(spec, params, jax.random.fold_in(key, 7), 16 * n_test)
+        acc = per_class_accuracy(correct(probe, x, table[y]), y, spec.n_classes)
+        probe = dataclasses.replace(probe, accuracy=acc)
+        _check(probe, spec, bar, f"k={k} standard deviations")
+        return probe
+
+    net = ProbeNet(spec.values, tuple(widths))
+    path = cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}"
+    if use_cache and (path / "meta.json").exists():
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("bar", 0) >= bar:
+            return Probe("images", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
+                         widths=tuple(widths), accuracy=np.asarray(meta["accuracy"]), key=ck)
+    x, y = fresh_samples(spec, params, jax.random.fold_in(key, 7), n_test)
+    sample_fn = lambda kk, labels: D.sample(spec, params, kk, labels)[0]  # noqa: E731
+    net_params, acc, steps, met = fit(net, sample_fn, table, jax.random.fold_in(key, 1), x, y, bar=bar,
+                                      max_steps=max_steps, batch_size=batch_size, lr=lr)
+    probe = Probe("images", spec.concepts, spec.values, net_params=net_params, widths=tuple(widths),
+                  accuracy=acc, key=ck)
+    if verbose:
+        print(f"probe {ck}: {steps} steps, min accuracy {acc.min():.4f}")
+    _check(probe, spec, bar, f"{steps} training steps (max_steps={max_steps})")
+    if use_cache:
+        _save(path, probe, {"accuracy": acc.tolist(), "bar": bar, "steps": steps, "data": ck})
+    return probe
+
+
+def _check(probe: Probe, spec: D.DataSpec, bar: float, how: str) -> None:
+    acc = probe.accuracy
+    if acc.min() >= bar:
+        return
+    c, i = np.unravel_index(int(acc.argmin()), acc.shape)
+    raise ProbeError(
+        f"the {probe.kind} probe reaches only {acc[c, i]:.3f} accuracy on concept '{spec.concepts[i]}' of "
+        f"class {spec.class_names[c]} (bar {bar}) after {how}; the concept-space analysis refuses to run "
+        "with an unreliable probe (are the concepts separable in this data config?)")
