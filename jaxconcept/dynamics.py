@@ -156,7 +156,8 @@ def sudden_turn(steps, traj, train_corners, *, min_chord: float = 0.15, tol: flo
     i = best = int(np.nanargmax(ang))
     rest = [best]  # the trajectory may rest at the turn: follow it while it stays near
     while True:
-        near = [j for j in (i + 1, i + 2) if j < len(traj) and np.linalg.norm(traj[j] - traj[rest].mean(axis=0)) <= min_chord / 2]
+        centre = traj[rest].mean(axis=0)
+        near = [j for j in (i + 1, i + 2) if j < len(traj) and np.linalg.norm(traj[j] - centre) <= min_chord / 2]
         if not near:
             break
         i = near[0]  # one stray checkpoint (i + 1 away, i + 2 back) does not end a rest

@@ -151,9 +151,21 @@ def make_train_step(net: ProbeNet, sample_fn: Callable, class_values, n_classes:
     return step
 
 
+@functools.lru_cache(maxsize=None)
+def _probs_fn(values: tuple, widths: tuple, depth: int):
+    """One jitted forward pass per architecture, so repeated predictions do not recompile."""
+    net = ProbeNet(values, widths, depth)
+    return jax.jit(lambda p, xb: jax.nn.softmax(net.apply({"params": p}, xb), axis=-1))
+
+
 def _net_probs(net: ProbeNet, params, x, batch: int = 512) -> np.ndarray:
-    fn = jax.jit(lambda p, xb: jax.nn.softmax(net.apply({"params": p}, xb), axis=-1))
-    out = [np.asarray(fn(params, jnp.asarray(x[i:i + batch], jnp.float32))) for i in range(0, len(x), batch)]
+    fn = _probs_fn(tuple(net.values), tuple(net.widths), net.depth)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = np.asarray(x[i:i + batch], np.float32)
+        pad = batch - len(xb) if len(x) > batch else 0  # one batch shape for every chunk: one compile
+        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), np.float32)]) if pad else xb
+        out.append(np.asarray(fn(params, jnp.asarray(xb)))[: batch - pad])
     return np.concatenate(out, axis=0)
 
 

@@ -91,7 +91,8 @@ def test_vector_probe_is_exact():
     assert probs.shape == (5, 2, 2)
     assert np.array_equal(probs[:3].argmax(-1), [[0, 0], [1, 1], [0, 1]]) and np.all(probs[:3].sum(-1) == 1)
     assert np.all(probs[3, 0] == 0) and np.all(probs[4, 1] == 0)  # outside every value's 3-std band
-    assert np.allclose(P.coordinates(probe, x)[:, 0], x[:, 0]) and np.allclose(P.coordinates(probe, x)[:, 1], x[:, 1] / 2)
+    z = P.coordinates(probe, x)
+    assert np.allclose(z[:, 0], x[:, 0]) and np.allclose(z[:, 1], x[:, 1] / 2)
     ok = P.correct(probe, x, np.array([[0, 0], [1, 1], [0, 1], [0, 0], [1, 1]]))
     assert ok.tolist() == [[True, True], [True, True], [True, True], [False, True], [True, False]]
     # 0.1 from value 0 of dim0 is 2 std: correct with k=3, not with k=1
