@@ -54,8 +54,8 @@ def _concept_axes(ax, analysis):
     cs, vn = analysis["concepts"], analysis["value_names"]
     ax.set_xlabel(f"{cs[0]}: {vn[0][0]} -> {vn[0][-1]}")
     ax.set_ylabel(f"{cs[1]}: {vn[1][0]} -> {vn[1][-1]}" if len(cs) > 1 else "")
-    ax.set_xlim(-0.45, 1.45)
-    ax.set_ylim(-0.45, 1.45)
+    ax.set_xlim(-0.55, 1.55)
+    ax.set_ylim(-0.55, 1.55)
     ax.set_aspect("equal")
     ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="0.85", lw=0.8, zorder=0)
 
@@ -120,9 +120,10 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
     if analysis["kind"] == "images":  # thumbnails of each class's final samples, outside its corner
         samples = _member_samples(analysis, run_dir, last, member, 4)
         for c, (x, y) in enumerate(_xy(analysis["corners"])):
-            im = OffsetImage(_grid_image(samples[c]), zoom=1.2 * 32 / samples.shape[2])
-            ax.add_artist(AnnotationBbox(im, (x, y), xybox=(x + (0.27 if x > 0.5 else -0.27),
-                                                             y + (0.27 if y > 0.5 else -0.27)),
+            mosaic = _grid_image(samples[c])
+            im = OffsetImage(mosaic, zoom=56.0 / mosaic.shape[1])  # about 56 pixels wide at any image size
+            ax.add_artist(AnnotationBbox(im, (x, y), xybox=(x + (0.3 if x > 0.5 else -0.3),
+                                                             y + (0.3 if y > 0.5 else -0.3)),
                                          frameon=True, pad=0.1, arrowprops=dict(arrowstyle="-", color="0.6")))
     else:  # a scatter of one member's final samples
         z = _xy(_vector_coords(run_dir, member, _member_samples(analysis, run_dir, last, member, 256)))
