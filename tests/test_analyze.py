@@ -128,3 +128,30 @@ def test_cli_analyze_refuses_non_runs(tmp_path, capsys):
     C.save(C.preset("vec_tiny"), tmp_path / "config.json")
     assert cli.main(["analyze", str(tmp_path)]) == 2
     assert "no samples" in capsys.readouterr().err
+
+
+def test_end_to_end_tiny_vector_run(tmp_path):
+    """A real (20-step) training run, then the analysis: well-formed, whatever the model learned."""
+    pytest.importorskip("jaxconcept.diffusion")
+    pytest.importorskip("jaxconcept.nets.mlp")
+    from jaxconcept import sweep
+
+    cfg = C.preset("vec_tiny")
+    sweep.train(cfg, tmp_path / "run", progress=False)
+    a = dynamics.analyze_run(tmp_path / "run")
+    steps = rundir.steps_with(tmp_path / "run")
+    assert a["steps"] == steps and len(a["members"]) == 1
+    m = a["members"][0]
+    for name in a["class_names"]:
+        acc = np.asarray(m["accuracy"][name]["joint"])
+        assert acc.shape == (len(steps),) and np.all((acc >= 0) & (acc <= 1))
+        assert np.all(np.isfinite(m["coords"][name]))
+    assert set(m["turn"]) == {a["class_names"][c] for c in a["held_out"]}
+    _check_figures_names(plots.all_figures(a, tmp_path / "run"))
+
+
+def _check_figures_names(paths):
+    assert {p.name for p in paths} == {"trajectories.png", "accuracy.png", "learning_times.png", "trajectories.gif"}
+    for p in paths:
+        with Image.open(p) as im:
+            im.verify()
