@@ -133,7 +133,8 @@ def test_cli_analyze_refuses_non_runs(tmp_path, capsys):
 def test_end_to_end_tiny_vector_run(tmp_path):
     """A real (20-step) training run, then the analysis: well-formed, whatever the model learned."""
     pytest.importorskip("jaxconcept.diffusion")
-    pytest.importorskip("jaxconcept.nets.mlp")
+    if not hasattr(pytest.importorskip("jaxconcept.nets"), "build"):
+        pytest.skip("jaxconcept.nets.build not written yet")
     from jaxconcept import sweep
 
     cfg = C.preset("vec_tiny")
