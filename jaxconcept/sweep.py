@@ -189,7 +189,8 @@ def _compile(sw: Sweep):
                 return s, jnp.zeros(s["step"].shape, jnp.float32)
             st, loss = jax.lax.cond(i < n, run, skip, st)
             return st, loss
-        state, losses = jax.lax.scan(body, state, jnp.arange(K))  # losses [K, m]
+        unroll = cfg.train.scan_unroll or (K if jax.default_backend() == "cpu" else 1)
+        state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=unroll)  # losses [K, m]
         w = (jnp.arange(K) < n)[:, None]
         mean = jnp.sum(jnp.where(w, losses, 0.0), 0) / jnp.maximum(n, 1)
         return state, mean
