@@ -30,9 +30,9 @@ def cmd_info(args):
 
 
 def cmd_train(args):
+    cfg = _config(args)
     from jaxconcept import sweep
 
-    cfg = _config(args)
     if args.distributed:  # multi-host (TPU pod, several GPU hosts): every host runs this command
         import jax
 

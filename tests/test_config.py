@@ -93,5 +93,5 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["train", "--preset", "tiny", "--set", "data.sep_col=2", "--out", "/tmp/never"]) == 2
     err = capsys.readouterr().err
     assert "data.sep_col" in err and "Traceback" not in err
-    assert main(["info", "--preset", "nope"]) == 2
+    assert main(["train", "--preset", "nope", "--out", "/tmp/never"]) == 2
     assert "preset" in capsys.readouterr().err

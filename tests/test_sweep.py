@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, rundir, sweep
+pytest.importorskip("jaxconcept.diffusion", reason="needs the diffusion module")
+pytest.importorskip("jaxconcept.nets.unet", reason="needs the networks")
+
+from jaxconcept import config as C, rundir  # noqa: E402
+from jaxconcept import sweep  # noqa: E402
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
        "data.n_per_class=16"]
