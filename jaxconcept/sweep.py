@@ -78,7 +78,7 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
 
     (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     updates, opt = optimizer(tc).update(grads, state["opt"], state["params"])
-    ok = state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.global_norm(updates))
+    ok = state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     new = {"params": keep(optax.apply_updates(state["params"], updates), state["params"]),
            "opt": keep(opt, state["opt"]), "step": state["step"] + 1, "key": state["key"], "alive": ok}
