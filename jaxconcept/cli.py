@@ -22,11 +22,52 @@ def _config(args) -> C.Config:
 
 
 def cmd_data(args):
-    raise NotImplementedError("jaxconcept data")
+    import jax
+    import numpy as np
+
+    from jaxconcept import data as D
+
+    cfg = _config(args)
+    if not (args.out or args.show):
+        print("jaxconcept data: give --out FILE.npz and/or --show FILE.png", file=sys.stderr)
+        return 2
+    if args.n_per_class < 1:
+        print(f"jaxconcept data: --n-per-class={args.n_per_class} is invalid: allowed a positive integer", file=sys.stderr)
+        return 2
+    m = C.members(cfg)[0].data
+    if len(C.members(cfg)) > 1:
+        print("jaxconcept data: the config is a sweep; rendering its first member", file=sys.stderr)
+    spec, params = D.spec(m), D.params(m)
+    x, cond, labels = D.render_all(spec, params, jax.random.PRNGKey(args.seed), args.n_per_class)
+    signal = D.concept_signal(m)
+    if args.out:
+        np.savez(args.out, images=np.asarray(x, np.float32), cond=np.asarray(cond), labels=np.asarray(labels),
+                 class_names=np.array(spec.class_names), **{f"signal_{k}": v for k, v in signal.items()})
+        print(f"wrote {args.out}: {x.shape[0]} examples of {spec.n_classes} classes; signal {signal}")
+    if args.show:
+        from jaxconcept import plots
+
+        plots.data_grid(spec, np.asarray(x), np.asarray(labels), args.show)
+        print(f"wrote {args.show}")
+    return 0
 
 
 def cmd_info(args):
-    raise NotImplementedError("jaxconcept info")
+    import jax
+
+    from jaxconcept import data as D, diffusion, nets
+
+    cfg = _config(args)
+    spec = D.spec(C.members(cfg)[0].data)
+    net = nets.build(cfg.model, spec)
+    params = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
+    n = nets.param_count(params)
+    flops = diffusion.train_step_flops(cfg)
+    print(f"preset/config: {cfg.name or '-'}; {cfg.model.arch} on {spec.kind} {spec.x_shape}, cond {spec.cond_dim}")
+    print(f"parameters: {n:,} (network {n - 2:,} + 2 schedule)")
+    print(f"FLOPs per training step (batch {cfg.train.batch_size}, forward + backward, XLA): {flops / 1e9:.1f} GFLOP")
+    print(f"members: {len(C.members(cfg))}; tap points: {len(nets.tap_names(net, spec))}")
+    return 0
 
 
 def cmd_train(args):

@@ -256,3 +256,20 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
+    """A grid of rendered examples: one row per class (labelled), x horizontal, y up."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(spec.n_classes, per_class, figsize=(per_class * 1.1, spec.n_classes * 1.15),
+                             squeeze=False)
+    for c in range(spec.n_classes):
+        idx = np.flatnonzero(labels == c)[:per_class]
+        for j, ax in enumerate(axes[c]):
+            ax.set_xticks([]), ax.set_yticks([])
+            if j < len(idx):
+                ax.imshow(np.clip(np.transpose(x[idx[j]], (1, 0, 2)), 0, 1), origin="lower")
+        held = " (held out)" if c in spec.held_out else ""
+        axes[c, 0].set_ylabel(f"{spec.class_names[c]}{held}", rotation=0, ha="right", va="center", fontsize=8)
+    return _save(fig, path)

@@ -85,3 +85,18 @@ def test_masking_zeroes_conditioning():
     _, sp, p, x, cond, y = _render(sets=["data.masked=[\"size\"]"], n=8)
     assert np.all(cond[:, 7] == 0) and np.any(cond[:, 4:7] != 0)
     assert np.all(np.asarray(D.prompts(sp, p))[:, 7] == 0)
+
+
+def test_cli_data_writes_npz_and_png(tmp_path):
+    from PIL import Image
+
+    from jaxconcept.cli import main
+
+    out, png = tmp_path / "d.npz", tmp_path / "d.png"
+    assert main(["data", "--preset", "2x2", "--set", "data.image_size=16", "--n-per-class", "3",
+                 "--out", str(out), "--show", str(png)]) == 0
+    f = np.load(out)
+    assert f["images"].shape == (12, 16, 16, 3) and f["cond"].shape == (12, 11)
+    assert sorted(set(f["labels"].tolist())) == [0, 1, 2, 3] and float(f["signal_colour"]) > 0
+    assert Image.open(png).size[0] > 100
+    assert main(["data", "--preset", "2x2"]) == 2
