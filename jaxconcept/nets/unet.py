@@ -29,9 +29,10 @@ class ResBlock(nn.Module):
         if self.conditioning == "sep_mlp":  # each block embeds the raw inputs with its own MLPs
             pt = CondMLP(self.ch, self.dtype, name="emb_t")(temb)
             pc = CondMLP(self.ch, self.dtype, name="emb_c")(cemb)
-        else:  # shared embedders upstream; one linear projection per block
-            pt = nn.Dense(self.ch, dtype=self.dtype, name="emb_t")(temb)
-            pc = nn.Dense(self.ch, dtype=self.dtype, name="emb_c")(cemb)
+        else:  # shared embedders upstream; one (zero-initialised) linear projection per block
+            init = zeros if self.conditioning == "common_zerolinear" else nn.linear.default_kernel_init
+            pt = nn.Dense(self.ch, kernel_init=init, dtype=self.dtype, name="emb_t")(temb)
+            pc = nn.Dense(self.ch, kernel_init=init, dtype=self.dtype, name="emb_c")(cemb)
         h = h + Tap(name="cond_t")(pt)[:, None, None, :] + Tap(name="cond_c")(pc)[:, None, None, :]
         h = nn.gelu(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_1")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -59,6 +60,17 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
+    """Levels of widths ch*ch_mult, each num_res_blocks ResNet blocks then a stride-2 2x2 conv
+    (not after the last); middle ResNet block, attention, ResNet block; the up path mirrors it:
+    per level num_res_blocks blocks (the first also takes the skip), a 2x2 transposed conv to the
+    next level's width, then concatenation with that level's pre-downsampling activations. The
+    input is added to the output (as the reference does).
+
+    Conditioning "sep_mlp": the raw concept vector and the time embedding go to every block's own
+    MLPs. "common_linear"/"common_zerolinear": one shared concept embedder (Linear-GELU-Linear-GELU
+    to ``time_embed_dim``), then per block one (zero-initialised) linear projection of each input.
+    """
+
     ch: int = 64
     ch_mult: tuple = (1, 2, 4)
     num_res_blocks: int = 2
@@ -75,32 +87,32 @@ class UNet(nn.Module):
     def __call__(self, x, t, cond, train: bool = False):
         b, _, _, c_in = x.shape  # [B, H, W, 3]
         blk = dict(groups=self.norm_groups, dropout=self.dropout, conditioning=self.conditioning, dtype=self.dtype)
-        temb = TimeEmbed(self.time_embed_dim, self.embed_dim, self.dtype, name="time_embed")(t)
-        cemb = cond.astype(self.dtype)
+        temb = TimeEmbed(self.time_embed_dim, self.embed_dim, self.dtype, name="time_embed")(t)  # [B, 256]
+        cemb = cond.astype(self.dtype)  # [B, cond_dim]
         if self.conditioning != "sep_mlp":
-            init = zeros if self.conditioning == "common_zerolinear" else nn.linear.default_kernel_init
-            cemb = nn.Dense(self.embed_dim, kernel_init=init, dtype=self.dtype, name="cond_embed")(cemb)
-        h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
-        skips = [h]
-        for i, mult in enumerate(self.ch_mult):
+            cemb = CondMLP(self.time_embed_dim, self.dtype, name="cond_embed")(cemb)
+        widths = [self.ch * m for m in self.ch_mult]
+        h = nn.Conv(widths[0], (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        skips = []
+        for i, w in enumerate(widths):
             for j in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, name=f"down_{i}_block_{j}", **blk)(h, temb, cemb, train)
+                h = ResBlock(w, name=f"down_{i}_block_{j}", **blk)(h, temb, cemb, train)
+            if i < len(widths) - 1:
                 skips.append(h)
-            if i < len(self.ch_mult) - 1:
-                h = nn.Conv(h.shape[-1], (2, 2), strides=(2, 2), dtype=self.dtype, name=f"down_{i}_downsample")(h)
-                skips.append(h)
-        h = ResBlock(h.shape[-1], name="mid_block_0", **blk)(h, temb, cemb, train)
+                h = nn.Conv(w, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"down_{i}_downsample")(h)
+        h = ResBlock(widths[-1], name="mid_block_0", **blk)(h, temb, cemb, train)
         if self.mid_attention:
             h = Attention(self.num_heads, self.norm_groups, self.dtype, name="mid_attn")(h)
-        h = ResBlock(h.shape[-1], name="mid_block_1", **blk)(h, temb, cemb, train)
-        for i, mult in reversed(list(enumerate(self.ch_mult))):
-            for j in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResBlock(self.ch * mult, name=f"up_{i}_block_{j}", **blk)(h, temb, cemb, train)
+        h = ResBlock(widths[-1], name="mid_block_1", **blk)(h, temb, cemb, train)
+        for i in reversed(range(len(widths))):
+            for j in range(self.num_res_blocks):
+                h = ResBlock(widths[i], name=f"up_{i}_block_{j}", **blk)(h, temb, cemb, train)
             if i > 0:
-                h = nn.ConvTranspose(h.shape[-1], (2, 2), strides=(2, 2), dtype=self.dtype, name=f"up_{i}_upsample")(h)
+                h = nn.ConvTranspose(widths[i - 1], (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                                     name=f"up_{i}_upsample")(h)
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
         assert not skips
         h = nn.gelu(nn.GroupNorm(self.norm_groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
         out = nn.Conv(c_in, (3, 3), kernel_init=zeros, dtype=self.dtype, name="conv_out")(h)
         assert out.shape == x.shape
-        return out.astype(jnp.float32)
+        return (x + out).astype(jnp.float32)

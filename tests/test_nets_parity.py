@@ -1,0 +1,40 @@
+"""Parameter parity with the reference U-Net, and the networks' basic contracts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconcept import config as C, data as D, diffusion, nets
+
+REFERENCE = 10_913_861
+# The reference builds a downsampling conv for its last level (256*256*2*2 + 256) and a transposed
+# conv for its last up level (64*64*2*2 + 64) that its forward pass never calls; we do not build them.
+UNUSED_IN_REFERENCE = (256 * 256 * 4 + 256) + (64 * 64 * 4 + 64)
+
+
+def _count(cfg):
+    spec = D.spec(cfg.data)
+    net = nets.build(cfg.model, spec)
+    return nets.param_count(jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0)))
+
+
+def test_parameter_count_matches_reference_less_its_unused_layers():
+    assert _count(C.preset("2x2")) == REFERENCE - UNUSED_IN_REFERENCE
+
+
+def test_shapes_taps_and_vmap_over_parameter_sets():
+    for name in ("tiny", "vec_tiny"):
+        cfg = C.preset(name)
+        spec = D.spec(cfg.data)
+        net = nets.build(cfg.model, spec)
+        apply_fn = diffusion.make_apply(net)
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)
+        stack = jax.vmap(lambda k: diffusion.init_params(net, cfg.model, spec, k))(keys)
+        x = jax.random.normal(jax.random.PRNGKey(1), (3, *spec.x_shape))
+        t, c = jnp.full((3,), 0.5), jnp.ones((3, spec.cond_dim))
+        out = jax.vmap(lambda p: apply_fn(p["net"], x, t, c, False, keys[0]))(stack)
+        assert out.shape == (4, 3, *spec.x_shape)
+        for i in range(4):
+            p = jax.tree.map(lambda a: a[i], stack)
+            np.testing.assert_allclose(out[i], apply_fn(p["net"], x, t, c, False, keys[0]), rtol=1e-5, atol=1e-5)
+        names = nets.tap_names(net, spec)
+        assert any(n.endswith("cond_c") for n in names) and any(n.endswith("cond_t") for n in names)
