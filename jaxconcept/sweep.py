@@ -189,7 +189,9 @@ def _compile(sw: Sweep):
                 return s, jnp.zeros(s["step"].shape, jnp.float32)
             st, loss = jax.lax.cond(i < n, run, skip, st)
             return st, loss
-        unroll = cfg.train.scan_unroll or (K if jax.default_backend() == "cpu" else 1)
+        # XLA:CPU runs convolutions inside loops ~20x slower: unroll conv nets there (keep K small)
+        auto = K if (jax.default_backend() == "cpu" and cfg.model.arch == "unet") else 1
+        unroll = cfg.train.scan_unroll or auto
         state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=unroll)  # losses [K, m]
         w = (jnp.arange(K) < n)[:, None]
         mean = jnp.sum(jnp.where(w, losses, 0.0), 0) / jnp.maximum(n, 1)
