@@ -113,7 +113,19 @@ def cmd_analyze(args):
 
 
 def cmd_elicit(args):
-    raise NotImplementedError("jaxconcept elicit")
+    from jaxconcept import elicit, probe, rundir
+
+    try:
+        out = elicit.elicit_run(args.run_dir, args.threshold)
+    except (rundir.RunDirError, probe.ProbeError) as exc:
+        print(f"jaxconcept elicit: {exc}", file=sys.stderr)
+        return 2
+    for m in out["members"]:
+        print(f"member {m['index']}: emergence naive {m['emergence_step']['naive']}, "
+              f"overprompting {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
+              f"turn {m['turn_step']}")
+    print(f"wrote {args.run_dir}/elicit.json and figures/elicit.png")
+    return 0
 
 
 def cmd_demo(args):

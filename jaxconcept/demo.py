@@ -10,15 +10,14 @@ from pathlib import Path
 
 from jaxconcept import config as C
 
-# Vector concept space: the concept with the larger separation m is learned first; the held-out
-# corner (1, 1) first collapses onto a training corner, then turns.
+# Vector concept space, three signal ratios for dim1 (m/s = 10, 20, 40 against 10 for dim0):
+# the concept with the stronger signal is learned first; the held-out corner (1, 1) first
+# collapses onto a training corner, then turns.
 DEMO_SETS = [
-    "data.m=[[1.0,1.0],[1.0,2.0],[1.0,4.0]]",
-    "data.s=[0.25,0.25]",
-    "data.normalize=false",
+    "data.s=[[0.1,0.1],[0.1,0.05],[0.1,0.025]]",
     "seeds=[0,1,2]",
     "model.hidden=[256]",
-    "train.steps=4000",
+    "train.steps=6000",
     "train.steps_per_call=250",
     "train.checkpoint_every=1000",
     "eval.n_points=30",

@@ -273,3 +273,27 @@ def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
         held = " (held out)" if c in spec.held_out else ""
         axes[c, 0].set_ylabel(f"{spec.class_names[c]}{held}", rotation=0, ha="right", va="center", fontsize=8)
     return _save(fig, path)
+
+
+def elicit_figure(result: dict, path) -> Path:
+    """Held-out accuracy vs step: naive, overprompted, latent-intervened; members grouped by their
+    sweep setting, mean line with the seeds' spread (min-max band)."""
+    steps = np.asarray(result["steps"])
+    groups: dict = {}
+    for m in result["members"]:
+        key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
+        groups.setdefault(key, []).append(m)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
+    styles = {"naive": ("k", "naive prompt"), "over": ("tab:blue", "overprompting"),
+              "latent": ("tab:red", "latent intervention")}
+    for ax, (key, ms) in zip(axes[0], groups.items()):
+        for kind, (colour, label) in styles.items():
+            a = np.asarray([m["accuracy"][kind] for m in ms])
+            ax.plot(steps, a.mean(0), color=colour, label=label)
+            ax.fill_between(steps, a.min(0), a.max(0), color=colour, alpha=0.15)
+        ax.axhline(result["threshold"], ls=":", color="grey")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0, 0].set_ylabel("held-out accuracy")
+    axes[0, 0].legend(fontsize=8)
+    return _save(fig, path)

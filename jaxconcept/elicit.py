@@ -1,0 +1,115 @@
+"""Hidden capabilities: accuracy on the held-out class under naive prompting, overprompting and
+latent interventions, at every evaluation checkpoint of a run (SPEC A4).
+
+For every member and checkpoint (parameters saved by training, ``eval.save_params``):
+  naive   - samples of the held-out prompt;
+  over    - the best over ``OVER_STRENGTHS`` of prompts pushed past the training range along the
+            first concept in which the held-out class differs from class 0 (``overprompts``);
+  latent  - the best over ``LATENT_STRENGTHS`` of adding strength x (activation(held-out prompt)
+            - activation(the prompt differing in that concept)) at every concept projection
+            (``steering_edits``); all strengths sampled in one vmapped, jitted call.
+Emergence step of each = first step with joint accuracy >= threshold (``dynamics.learning_time``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconcept import config as C, data as D, diffusion, dynamics, interventions as I, nets, probe as P, rundir
+
+OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
+LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+
+
+def _target_concept(spec, cls):
+    vals = spec.class_values(cls)
+    return next(i for i, v in enumerate(vals) if v != 0)
+
+
+def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, key, *,
+                  over=OVER_STRENGTHS, latent=LATENT_STRENGTHS) -> dict:
+    """Accuracy curves (joint, held-out class) of one member: {"naive", "over", "latent"} -> [T]."""
+    spec = D.spec(member.data)
+    dp = D.params(member.data)
+    net = nets.build(cfg.model, spec)
+    h = spec.held_out[0]
+    k = _target_concept(spec, h)
+    vals = list(spec.class_values(h))
+    ref_vals = list(vals)
+    ref_vals[k] = 0
+    ref = int(np.ravel_multi_index(ref_vals, spec.values))
+    prompts = D.prompts(spec, dp)
+    n, ec = cfg.eval.n_samples, cfg.eval
+    target = np.tile(np.asarray(vals)[None], (n, 1))
+    conds = jnp.concatenate([prompts[h][None], I.overprompts(spec, dp, h, k, over)])  # [1 + L, cond_dim]
+    kw = dict(x_shape=spec.x_shape, n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec))
+    plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), cfg.model, p, c, kk, **kw))
+
+    def steered(p, alpha, kk):
+        edits = I.steering_edits(net, spec, p["net"], prompts[ref], prompts[h], alpha)
+        apply_fn = I.intervene(net, edits)
+        return diffusion.sample(apply_fn, cfg.model, p, jnp.repeat(prompts[h][None], n, 0), kk, **kw)
+
+    steered_all = jax.jit(jax.vmap(steered, in_axes=(None, 0, None)))
+    acc = {"naive": [], "over": [], "latent": []}
+
+    def joint(x):
+        return P.correct(probe, np.asarray(x), target).all(-1).mean()
+
+    for step in sorted(params_by_step):
+        p = params_by_step[step]
+        kk = jax.random.fold_in(key, step)
+        x = np.asarray(plain(p, jnp.repeat(conds, n, 0), kk)).reshape(len(conds), n, *spec.x_shape)
+        a = [joint(xi) for xi in x]
+        acc["naive"].append(float(a[0]))
+        acc["over"].append(float(max(a[1:])))
+        xs = np.asarray(steered_all(p, jnp.asarray(latent, jnp.float32), kk))
+        acc["latent"].append(float(max(joint(xi) for xi in xs)))
+    return acc
+
+
+def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, write: bool = True) -> dict:
+    """Elicitation of every member of a run: writes RUN_DIR/elicit.json and figures/elicit.png."""
+    from jaxconcept import sweep
+
+    run_dir = Path(run_dir)
+    cfg = rundir.load_config(run_dir)
+    steps = rundir.steps_with(run_dir, "params")
+    if not steps:
+        raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
+    members = C.members(cfg)
+    info = rundir.load_members(run_dir)
+    stacked = {s: sweep.load_state_params(run_dir, s) for s in steps}
+    analysis_path = run_dir / "analysis.json"
+    turns = {}
+    if analysis_path.exists():
+        for m in json.loads(analysis_path.read_text())["members"]:
+            turns[m["index"]] = m.get("turn")
+    out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "over_strengths": list(OVER_STRENGTHS),
+           "latent_strengths": list(LATENT_STRENGTHS), "members": []}
+    for i, m in enumerate(members):
+        probe = P.probe_for(m.data, **(probe_kw or {}))
+        params_i = {s: jax.tree.map(lambda a: jnp.asarray(a[i]), stacked[s]) for s in steps}
+        acc = elicit_member(cfg, m, params_i, probe, jax.random.PRNGKey(int(m.seeds[0])))
+        emerge = {k: dynamics.learning_time(steps, v, threshold) for k, v in acc.items()}
+        turn = turns.get(i)
+        turn_step = None
+        if isinstance(turn, dict):
+            first = next(iter(turn.values()), None)
+            turn_step = first.get("step") if isinstance(first, dict) else None
+        rel = {k: (None if v is None or turn_step is None else v - turn_step) for k, v in emerge.items()}
+        early = None if emerge["naive"] is None else {
+            k: (None if emerge[k] is None else emerge["naive"] - emerge[k]) for k in ("over", "latent")}
+        out["members"].append({**{k: info[i][k] for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
+                               "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
+                               "emergence_minus_turn": rel, "steps_earlier_than_naive": early})
+    if write:
+        (run_dir / "elicit.json").write_text(json.dumps(out, indent=1) + "\n")
+        from jaxconcept import plots
+
+        plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
+    return out

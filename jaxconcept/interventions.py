@@ -1,0 +1,152 @@
+"""Interventions: pure transforms of named activations (``Tap`` outputs) during ``apply``.
+
+An ``Edit`` names a tap point and an operation; its ``value`` and ``strength`` are arrays (pytree
+leaves), so ``jit``/``vmap`` sweep over them without recompiling. ``intervene(net, edits)``
+returns an apply_fn with the signature of ``diffusion.make_apply(net)``; it enters
+``nn.intercept_methods`` *inside* the traced function, so it works under jit, vmap and inside the
+jitted sampler (an interceptor entered outside a jitted function would be silently ignored).
+
+    edit = Edit("down_0_block_0/cond_c", "add", value=direction, strength=alpha)
+    x = diffusion.sample(intervene(net, [edit]), model_cfg, params, cond, key, ...)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxconcept.nets import tap_names
+from jaxconcept.nets.layers import Tap
+
+OPS = ("replace", "add", "scale", "steer", "project_out")
+
+
+@struct.dataclass
+class Edit:
+    """One transform of the activation h at tap ``point``:
+
+    replace:     (1 - s) h + s v            (s = 1: h := v; v may be another prompt's activation)
+    add:         h + s v
+    scale:       s h
+    steer:       h + s v / |v|              (along a direction, unit length)
+    project_out: h - s (h . u) u, u = v/|v| (s = 1 removes the component along v)
+    """
+
+    point: str = struct.field(pytree_node=False)
+    op: str = struct.field(pytree_node=False)
+    value: Any = 0.0
+    strength: Any = 1.0
+
+
+def _unit(v):
+    return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def apply_edit(e: Edit, h):
+    v, s = jnp.asarray(e.value, h.dtype), jnp.asarray(e.strength, h.dtype)
+    if e.op == "replace":
+        return (1 - s) * h + s * v
+    if e.op == "add":
+        return h + s * v
+    if e.op == "scale":
+        return s * h
+    if e.op == "steer":
+        return h + s * _unit(v)
+    u = _unit(v)
+    return h - s * jnp.sum(h * u, axis=-1, keepdims=True) * u
+
+
+def check(net, spec, edits) -> None:
+    """Raise ValueError for an unknown point or operation, listing what is valid."""
+    valid = tap_names(net, spec)
+    for e in edits:
+        if e.op not in OPS:
+            raise ValueError(f"intervention op {e.op!r} is unknown: allowed {', '.join(OPS)}")
+        if e.point not in valid:
+            raise ValueError(f"intervention point {e.point!r} does not exist: valid points are {', '.join(valid)}")
+
+
+def _interceptor(edits, captured=None, capture_points=()):
+    def fn(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if isinstance(ctx.module, Tap) and ctx.method_name == "__call__":
+            name = "/".join(ctx.module.path)
+            for e in edits:
+                if e.point == name:
+                    out = apply_edit(e, out)
+            if captured is not None and name in capture_points:
+                captured[name] = out
+        return out
+    return fn
+
+
+def intervene(net, edits, spec=None):
+    """An apply_fn(net_params, x, t, cond, train, key) that applies ``edits`` in order.
+
+    With ``spec`` given, the points are checked first (clear error naming the valid points).
+    """
+    edits = list(edits)
+    if spec is not None:
+        check(net, spec, edits)
+
+    def apply_fn(net_params, x, t, cond, train, key):
+        with nn.intercept_methods(_interceptor(edits)):
+            return net.apply({"params": net_params}, x, t, cond, train, rngs={"dropout": key})
+    return apply_fn
+
+
+def capture(net, net_params, x, t, cond, points, edits=()) -> dict:
+    """Activations at ``points`` (after any ``edits``) for the given inputs: {name: array}."""
+    captured = {}
+    with nn.intercept_methods(_interceptor(list(edits), captured, tuple(points))):
+        net.apply({"params": net_params}, x, t, cond, False)
+    missing = [p for p in points if p not in captured]
+    if missing:
+        raise ValueError(f"no activation captured at {missing}")
+    return dict(captured)
+
+
+def cond_points(net, spec) -> list[str]:
+    """The concept-vector projections: tap points whose name ends in 'cond_c'."""
+    return [n for n in tap_names(net, spec) if n.endswith("cond_c")]
+
+
+def steering_edits(net, spec, net_params, cond_from, cond_to, strength, op="add") -> list[Edit]:
+    """Edits adding ``strength`` x (activation(cond_to) - activation(cond_from)) at every concept
+    projection. The cond_c activations depend on the conditioning only, so any x, t will do."""
+    points = cond_points(net, spec)
+    x = jnp.zeros((2, *spec.x_shape))
+    acts = capture(net, net_params, x, jnp.zeros((2,)), jnp.stack([cond_from, cond_to]), points)
+    return [Edit(p, op, value=acts[p][1] - acts[p][0], strength=strength) for p in points]
+
+
+def overprompts(spec, params, cls: int, concept: int, strengths):
+    """Prompts for class ``cls`` pushed beyond the training range along concept ``concept``.
+
+    Images, colour: each channel c -> 0.5 + (c - 0.5)(1 + s) (for sep_col 0.2 and s in
+    0, 0.5, 1.5, 2.5, 3.5 this gives SPEC A4's (0.4,0.4,0.6) ... (0.05,0.05,0.95)); other concepts
+    and vectors: p + s (p - p_ref), p_ref the prompt of the class that differs from ``cls`` only
+    in that concept (value 0). Image prompts are clipped to [0, 1]. Returns [S, cond_dim].
+    """
+    from jaxconcept import data as D
+
+    pr = D.prompts(spec, params)
+    vals = list(spec.class_values(cls))
+    vals[concept] = 0
+    ref = pr[int(np.ravel_multi_index(vals, spec.values))]
+    s = jnp.asarray(strengths, jnp.float32)[:, None]
+    p = pr[cls][None, :]
+    if spec.kind == "images":
+        from jaxconcept.data.images import SLOTS
+
+        out = p + s * (p - ref[None, :])
+        if spec.concepts[concept] == "colour":
+            sl = SLOTS["colour"]
+            col = 0.5 + (p[:, sl] - 0.5) * (1 + s)
+            out = out.at[:, sl].set(col)
+        return jnp.clip(out, 0.0, 1.0)
+    return p + s * (p - ref[None, :])
