@@ -47,7 +47,8 @@ def _unit(v):
 
 
 def apply_edit(e: Edit, h):
-    v, s = jnp.asarray(e.value, h.dtype), jnp.asarray(e.strength, h.dtype)
+    v = jnp.broadcast_to(jnp.asarray(e.value, h.dtype), h.shape)  # e.g. a direction [ch] for [B, ch]
+    s = jnp.asarray(e.strength, h.dtype)
     if e.op == "replace":
         return (1 - s) * h + s * v
     if e.op == "add":
