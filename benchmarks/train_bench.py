@@ -35,7 +35,7 @@ def bench(cfg: C.Config, n_members: int, k: int, reps: int, loop: bool):
         single = C.members(cfg)[0]
         sw = sweep.build(single, jax.devices()[:1])
         states = [sweep.init(sw, [m]) for m in C.members(cfg)]
-        sweep.advance(sw, *states[0], k)
+        states[0] = (sweep.advance(sw, *states[0], k)[0], states[0][1])  # compile + warm-up (donates)
         t0 = time.perf_counter()
         for _ in range(reps):
             outs = [sweep.advance(sw, s, d, k) for s, d in states]
