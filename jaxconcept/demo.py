@@ -32,13 +32,13 @@ def demo_config() -> C.Config:
 
 def run(out="runs/demo", progress: bool = True) -> dict:
     """Train, analyse and elicit the demo sweep into ``out``; returns the paths of the figures."""
-    from jaxconcept import dynamics, elicit, sweep
+    from jaxconcept import dynamics, elicit, plots, sweep
 
     out = Path(out)
     cfg = demo_config()
     print(f"demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
     sweep.train(cfg, out, progress=progress)
-    dynamics.analyze_run(out)
+    plots.all_figures(dynamics.analyze_run(out), out)
     elicit.elicit_run(out)
     figs = sorted(str(p) for p in (out / "figures").glob("*"))
     print("demo: figures\n  " + "\n  ".join(figs))
