@@ -26,16 +26,19 @@ DEMO_SETS = [
 ]
 
 
-def demo_config() -> C.Config:
-    return C.override(C.preset("vec2x2"), DEMO_SETS + ["name=\"demo\""])
+def demo_config(extra_sets=()) -> C.Config:
+    return C.override(C.preset("vec2x2"), DEMO_SETS + ["name=\"demo\"", *extra_sets])
 
 
-def run(out="runs/demo", progress: bool = True) -> dict:
-    """Train, analyse and elicit the demo sweep into ``out``; returns the paths of the figures."""
+def run(out="runs/demo", progress: bool = True, extra_sets=()) -> dict:
+    """Train, analyse and elicit the demo sweep into ``out``; returns the paths of the figures.
+
+    ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink the demo).
+    """
     from jaxconcept import dynamics, elicit, plots, sweep
 
     out = Path(out)
-    cfg = demo_config()
+    cfg = demo_config(extra_sets)
     print(f"demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
     sweep.train(cfg, out, progress=progress)
     plots.all_figures(dynamics.analyze_run(out), out)
