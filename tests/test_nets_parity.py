@@ -38,3 +38,20 @@ def test_shapes_taps_and_vmap_over_parameter_sets():
             np.testing.assert_allclose(out[i], apply_fn(p["net"], x, t, c, False, keys[0]), rtol=1e-5, atol=1e-5)
         names = nets.tap_names(net, spec)
         assert any(n.endswith("cond_c") for n in names) and any(n.endswith("cond_t") for n in names)
+
+
+def test_bfloat16_compute_close_to_float32():
+    cfg = C.preset("tiny")
+    spec = D.spec(cfg.data)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, *spec.x_shape))
+    t, c = jnp.full((2,), 0.5), jnp.ones((2, spec.cond_dim))
+    outs = []
+    for dtype in ("float32", "bfloat16"):
+        m = C.override(cfg, [f"model.dtype=\"{dtype}\""]).model
+        net = nets.build(m, spec)
+        p = diffusion.init_params(net, m, spec, jax.random.PRNGKey(0))
+        p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), p)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))  # fp32 parameters
+        outs.append(np.asarray(diffusion.make_apply(net)(p["net"], x, t, c, False, jax.random.PRNGKey(0))))
+    assert outs[1].dtype == np.float32 and np.isfinite(outs[1]).all()
+    assert np.abs(outs[1] - outs[0]).max() < 0.1 * (np.abs(outs[0]).max() + 1)
