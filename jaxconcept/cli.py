@@ -63,10 +63,14 @@ def cmd_info(args):
     params = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
     n = nets.param_count(params)
     flops = diffusion.train_step_flops(cfg)
-    print(f"preset/config: {cfg.name or '-'}; {cfg.model.arch} on {spec.kind} {spec.x_shape}, cond {spec.cond_dim}")
+    n_members = len(C.members(cfg))
+    print(f"preset/config: {cfg.name or '-'}; {cfg.model.arch} on {spec.kind} {spec.x_shape}, cond {spec.cond_dim}, "
+          f"compute {cfg.model.dtype}")
     print(f"parameters: {n:,} (network {n - 2:,} + 2 schedule)")
-    print(f"FLOPs per training step (batch {cfg.train.batch_size}, forward + backward, XLA): {flops / 1e9:.1f} GFLOP")
-    print(f"members: {len(C.members(cfg))}; tap points: {len(nets.tap_names(net, spec))}")
+    print(f"FLOPs per training step (batch {cfg.train.batch_size}, forward + backward, XLA): {flops / 1e9:.3f} GFLOP")
+    print(f"whole run: {n_members} member(s) x {cfg.train.steps:,} steps = {n_members * cfg.train.steps * flops / 1e15:.3f} "
+          f"PFLOP of training")
+    print(f"tap points: {len(nets.tap_names(net, spec))}")
     return 0
 
 

@@ -1,9 +1,12 @@
 """The variational diffusion model (Kingma et al. 2021) as pure functions of an ``apply_fn``.
 
 Nothing here knows what the network is: ``apply_fn(net_params, x, t, cond, train, key)`` returns
-eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min) in [0, 1].
+eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
+with the *configured* gamma range (SPEC A2).
 
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule
+
+gamma(t) = b + |w| t;  alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma);  z_t = alpha x + sigma eps.
 """
 from __future__ import annotations
 
@@ -14,16 +17,23 @@ import jax.numpy as jnp
 
 
 def make_apply(net):
-    """apply_fn for a Flax score network (dropout draws from ``key`` when training)."""
+    """apply_fn(net_params, x, t, cond, train, key) -> eps_hat for a Flax score network
+    (``key`` feeds dropout when ``train``)."""
     def apply_fn(net_params, x, t, cond, train, key):
         return net.apply({"params": net_params}, x, t, cond, train, rngs={"dropout": key})
     return apply_fn
 
 
 def init_params(net, model_cfg, spec, key) -> dict:
-    """Network parameters (every initial weight times ``init_scale``) and the schedule's b, w."""
-    x = jnp.zeros((1, *spec.x_shape))
-    p = net.init(key, x, jnp.zeros((1,)), jnp.zeros((1, spec.cond_dim)), False)["params"]
+    """Initial parameters: the network's (every initial weight times ``model_cfg.init_scale``, as
+    the reference scales all its parameters) and the schedule's b = gamma_min, w = gamma_max -
+    gamma_min.
+
+    Returns:
+      {"net": net_params, "gamma": {"b": f32[], "w": f32[]}}, all float32.
+    """
+    x = jnp.zeros((1, *spec.x_shape), jnp.float32)
+    p = net.init(key, x, jnp.zeros((1,), jnp.float32), jnp.zeros((1, spec.cond_dim), jnp.float32), False)["params"]
     if model_cfg.init_scale != 1.0:
         p = jax.tree.map(lambda a: a * model_cfg.init_scale, p)
     return {"net": p, "gamma": {"b": jnp.float32(model_cfg.gamma_min),
@@ -31,80 +41,115 @@ def init_params(net, model_cfg, spec, key) -> dict:
 
 
 def gamma(params, t):
-    """Learned linear log-SNR schedule gamma(t) = b + |w| t."""
+    """Learned linear log-SNR schedule gamma(t) = b + |w| t (any shape of t)."""
     g = params["gamma"]
     return g["b"] + jnp.abs(g["w"]) * t
 
 
 def net_time(model_cfg, g):
-    """The network's time input, scaled with the *configured* gamma range."""
+    """The network's time input (g - gamma_min) / (gamma_max - gamma_min), configured range."""
     return (g - model_cfg.gamma_min) / (model_cfg.gamma_max - model_cfg.gamma_min)
 
 
 def _bcast(a, x):
+    """a [B] -> [B, 1, ..., 1] to broadcast against x [B, ...] (rank promotion raises)."""
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
-def drop_cond(cond, key, p: float, null_cond):
-    """Classifier-free guidance: replace each row by ``null_cond`` with probability p."""
-    drop = jax.random.bernoulli(key, p, (cond.shape[0],))
-    return jnp.where(drop[:, None], null_cond[None, :], cond)
+def _null(null_cond, cond):
+    return -jnp.ones(cond.shape[1:], cond.dtype) if null_cond is None else jnp.asarray(null_cond, cond.dtype)
 
 
-def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None):
-    """VDM loss in bits per dimension, batch mean.
+def drop_cond(cond, key, p: float, null_cond=None):
+    """Classifier-free guidance dropout: each row of cond [B, cond_dim] becomes ``null_cond``
+    (default all -1) with probability p."""
+    drop = jax.random.bernoulli(key, p, (cond.shape[0],))  # [B]
+    return jnp.where(drop[:, None], _null(null_cond, cond)[None, :], cond)
 
-    Per example: diffusion term 1/2 gamma'(t) ||eps_hat - eps||^2 (antithetic t over the batch),
-    latent term KL(q(z_1|x) || N(0, I)), reconstruction -log N(x; z_0/alpha_0, data_noise^2).
 
-    Returns:
-      (loss, {"diffusion", "latent", "recon"}), each term a batch mean in bits/dim.
+def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None) -> dict:
+    """Per-example VDM loss terms in bits per dimension, each [B].
+
+    diffusion: 1/2 gamma'(t) ||eps_hat - eps||^2 with antithetic t (t_i = t_0 + i/B mod 1);
+    latent:    KL(q(z_1|x) || N(0, I));
+    recon:     -log N(x; z_0/alpha_0, data_noise^2) with z_0 ~ q(z_0|x) (one draw).
     """
     b = x.shape[0]
     d = math.prod(x.shape[1:])
+    axes = tuple(range(1, x.ndim))
+    x = x.astype(jnp.float32)
     k_t, k_eps, k_0, k_drop, k_net = jax.random.split(key, 5)
     if p_cfg > 0.0:
         cond = drop_cond(cond, k_drop, p_cfg, null_cond)
-    t0 = jax.random.uniform(k_t, ())
-    t = jnp.mod(t0 + jnp.arange(b) / b, 1.0)  # antithetic (stratified) times [B]
-    g_t = gamma(params, t)
+
+    t = jnp.mod(jax.random.uniform(k_t, ()) + jnp.arange(b) / b, 1.0)  # [B], stratified over [0, 1)
+    g_t = gamma(params, t)  # [B]
     eps = jax.random.normal(k_eps, x.shape)
     z_t = _bcast(jnp.sqrt(jax.nn.sigmoid(-g_t)), x) * x + _bcast(jnp.sqrt(jax.nn.sigmoid(g_t)), x) * eps
     eps_hat = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), cond, train, k_net)
-    axes = tuple(range(1, x.ndim))
-    dgamma = jnp.abs(params["gamma"]["w"])  # gamma'(t) of the linear schedule
-    diffusion = 0.5 * dgamma * jnp.sum((eps_hat - eps) ** 2, axis=axes)
+    assert eps_hat.shape == x.shape, (eps_hat.shape, x.shape)
+    dgamma_dt = jnp.abs(params["gamma"]["w"])  # linear schedule: gamma'(t) = |w| (learned through)
+    diffusion = 0.5 * dgamma_dt * jnp.sum((eps_hat - eps) ** 2, axis=axes)
 
-    g_1 = gamma(params, jnp.ones(()))
-    var_1 = jax.nn.sigmoid(g_1)
-    mean_1 = jnp.sqrt(jax.nn.sigmoid(-g_1)) * x
-    latent = 0.5 * jnp.sum(var_1 + mean_1 ** 2 - jnp.log(var_1) - 1.0, axis=axes)
+    var_1 = jax.nn.sigmoid(gamma(params, jnp.float32(1.0)))  # sigma_1^2
+    latent = 0.5 * jnp.sum(var_1 + (1.0 - var_1) * x ** 2 - jnp.log(var_1) - 1.0, axis=axes)
 
-    g_0 = gamma(params, jnp.zeros(()))
-    # z_0 / alpha_0 = x + (sigma_0 / alpha_0) eps_0, so the decoder's error is that noise term
-    err = jnp.exp(0.5 * g_0) * jax.random.normal(k_0, x.shape)
+    # z_0 / alpha_0 = x + (sigma_0 / alpha_0) eps_0 and sigma_0 / alpha_0 = exp(gamma_0 / 2)
+    err = jnp.exp(0.5 * gamma(params, jnp.float32(0.0))) * jax.random.normal(k_0, x.shape)
     s = model_cfg.data_noise
     recon = jnp.sum(0.5 * (err / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi), axis=axes)
 
     bpd = 1.0 / (d * math.log(2.0))
-    terms = {"diffusion": jnp.mean(diffusion) * bpd, "latent": jnp.mean(latent) * bpd, "recon": jnp.mean(recon) * bpd}
+    return {"diffusion": diffusion * bpd, "latent": latent * bpd, "recon": recon * bpd}
+
+
+def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None):
+    """VDM loss (negative ELBO) in bits per dimension, batch mean.
+
+    Args:
+      apply_fn: ``make_apply(net)`` or an intervened equivalent.
+      model_cfg: gamma_min, gamma_max (network time), data_noise.
+      params: {"net", "gamma"}.
+      x: [B, *x_shape] data as is (images in [0, 1]); B even keeps the time grid symmetric.
+      cond: [B, cond_dim].
+      key: PRNG key for times, noise, CFG dropout and network dropout.
+      train: network in training mode (dropout).
+      p_cfg: probability of replacing a row's cond by ``null_cond`` (default all -1).
+    Returns:
+      (loss, {"diffusion", "latent", "recon"}), each term a batch mean in bits/dim.
+    """
+    terms = jax.tree.map(jnp.mean, loss_terms(apply_fn, model_cfg, params, x, cond, key, train=train,
+                                              p_cfg=p_cfg, null_cond=null_cond))
     return terms["diffusion"] + terms["latent"] + terms["recon"], terms
 
 
-def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg, null_cond):
-    """eps_hat at log-SNR g; with w_cfg > 0, (1 + w) eps(cond) - w eps(null)."""
-    t_in = jnp.full((z.shape[0],), net_time(model_cfg, g))
-    eps = apply_fn(params["net"], z, t_in, cond, False, jax.random.PRNGKey(0))
-    if w_cfg:
-        null = jnp.broadcast_to(null_cond, cond.shape)
-        eps = (1.0 + w_cfg) * eps - w_cfg * apply_fn(params["net"], z, t_in, null, False, jax.random.PRNGKey(0))
-    return eps
+def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=0.0, null_cond=None):
+    """eps_hat at log-SNR g (scalar) in eval mode; with w_cfg > 0 the classifier-free-guided
+    (1 + w) eps(cond) - w eps(null). Two separate calls (not one of batch 2N), so interventions
+    whose values are per example still broadcast."""
+    t_in = jnp.full((z.shape[0],), net_time(model_cfg, g), jnp.float32)
+    key = jax.random.PRNGKey(0)  # unused: no dropout in eval mode
+    eps = apply_fn(params["net"], z, t_in, cond, False, key)
+    if not w_cfg:
+        return eps
+    null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
+    return (1.0 + w_cfg) * eps - w_cfg * apply_fn(params["net"], z, t_in, null, False, key)
 
 
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=0.0, null_cond=None):
-    """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps``, one lax.scan.
+    """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan.
 
-    Returns x = z_0 / alpha_0, [N, *x_shape]; deterministic given ``key``.
+    z_1 ~ N(0, I); for t -> s: z_s = alpha_s/alpha_t (z_t - c sigma_t eps_hat) + sigma_s sqrt(c) n,
+    c = -expm1(gamma_s - gamma_t). Deterministic given ``key``.
+
+    Args:
+      cond: [N, cond_dim] prompts.
+      x_shape: shape of one example.
+      n_steps: sampler steps.
+      w_cfg: guidance weight (0: plain conditional sampling).
+      null_cond: the unconditional prompt for guidance (default all -1).
+    Returns:
+      x = z_0 / alpha_0 (the decoder's mean), [N, *x_shape] float32.
     """
     n = cond.shape[0]
     k_init, k_steps = jax.random.split(key)
@@ -120,24 +165,28 @@ def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=0.
         return mean + jnp.sqrt(c * jax.nn.sigmoid(g_s)) * noise, None
 
     z, _ = jax.lax.scan(step, z, jnp.arange(n_steps))
-    return z / jnp.sqrt(jax.nn.sigmoid(-gamma(params, jnp.zeros(()))))
+    return z / jnp.sqrt(jax.nn.sigmoid(-gamma(params, jnp.float32(0.0))))
 
 
-def train_step_flops(cfg) -> float:
-    """FLOPs of one member's training step (forward + backward) at train.batch_size, from XLA."""
-    from jaxconcept import config as C, data as D, nets
-
-    spec = D.spec(C.members(cfg)[0].data)
-    net = nets.build(cfg.model, spec)
+def step_flops(net, model_cfg, spec, batch_size: int, *, p_cfg: float = 0.0) -> float:
+    """FLOPs of one training step (loss forward + backward) of one model at ``batch_size``, from
+    XLA's cost analysis of the compiled jit(value_and_grad(loss)); shapes only, no real data."""
     apply_fn = make_apply(net)
-    params = jax.eval_shape(lambda k: init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
-    b = cfg.train.batch_size
-    x = jax.ShapeDtypeStruct((b, *spec.x_shape), jnp.float32)
-    c = jax.ShapeDtypeStruct((b, spec.cond_dim), jnp.float32)
+    params = jax.eval_shape(lambda k: init_params(net, model_cfg, spec, k), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((batch_size, *spec.x_shape), jnp.float32)
+    c = jax.ShapeDtypeStruct((batch_size, spec.cond_dim), jnp.float32)
 
     def f(p, x, c, k):
-        return jax.value_and_grad(lambda p: loss_fn(apply_fn, cfg.model, p, x, c, k)[0])(p)
+        return jax.value_and_grad(lambda p: loss_fn(apply_fn, model_cfg, p, x, c, k, p_cfg=p_cfg)[0])(p)
 
     cost = jax.jit(f).lower(params, x, c, jax.random.PRNGKey(0)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
+
+
+def train_step_flops(cfg) -> float:
+    """``step_flops`` of the first member of ``cfg`` (a ``config.Config``) at train.batch_size."""
+    from jaxconcept import config as C, data as D, nets
+
+    spec = D.spec(C.members(cfg)[0].data)
+    return step_flops(nets.build(cfg.model, spec), cfg.model, spec, cfg.train.batch_size, p_cfg=cfg.train.p_cfg)

@@ -1,7 +1,9 @@
 """Score networks: ``build(model_cfg, spec)`` gives a U-Net for images, an MLP for vectors.
 
 Every network is called as ``net.apply({"params": p}, x, t, cond, train, rngs={"dropout": k})``
-and exposes named ``Tap`` points (``tap_names``) for interventions.
+with x [B, *x_shape], t [B] (network time in [0, 1]), cond [B, cond_dim], and returns eps_hat
+[B, *x_shape] in float32. Parameters are float32; ``model_cfg.dtype`` is the compute dtype.
+Named ``Tap`` points (``tap_names``) are where interventions read and edit activations.
 """
 from __future__ import annotations
 
@@ -17,9 +19,22 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build(model_cfg, spec) -> nn.Module:
+    """The score network of ``model_cfg`` (a ``config.ModelConfig``) for data of ``spec``.
+
+    Args:
+      model_cfg: ``arch`` "unet" (images) or "mlp" (vectors) and its sizes; ``init_scale`` is
+        applied by ``diffusion.init_params``, not here.
+      spec: the ``data.DataSpec``; its ``kind`` must match the architecture.
+    Returns:
+      An unbound Flax module.
+    """
     m = model_cfg
+    want = {"unet": "images", "mlp": "vector"}[m.arch]
+    if spec.kind != want:
+        raise ValueError(f"model.arch={m.arch!r} needs data.kind={want!r}, got {spec.kind!r}")
     if m.arch == "mlp":
-        return MLP(hidden=tuple(m.hidden), time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim, dtype=DTYPES[m.dtype])
+        return MLP(hidden=tuple(m.hidden), time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim,
+                   dtype=DTYPES[m.dtype])
     return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, num_heads=m.num_heads,
                 norm_groups=m.norm_groups, dropout=m.dropout, mid_attention=m.mid_attention,
                 time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim, conditioning=m.conditioning,
@@ -27,11 +42,16 @@ def build(model_cfg, spec) -> nn.Module:
 
 
 def example_inputs(spec, batch: int = 1):
-    return (jnp.zeros((batch, *spec.x_shape)), jnp.zeros((batch,)), jnp.zeros((batch, spec.cond_dim)))
+    """Zero (x [B, *x_shape], t [B], cond [B, cond_dim]) for initialisation and shape tracing."""
+    return (jnp.zeros((batch, *spec.x_shape), jnp.float32), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, spec.cond_dim), jnp.float32))
 
 
 def tap_names(net: nn.Module, spec) -> list[str]:
-    """Names ("/".join(module.path)) of every Tap the network calls, in call order."""
+    """Names (``"/".join(module.path)``) of every Tap the network calls, in call order.
+
+    Traced with ``jax.eval_shape``: nothing is computed or initialised.
+    """
     names = []
 
     def record(next_fun, args, kwargs, ctx):
@@ -48,4 +68,5 @@ def tap_names(net: nn.Module, spec) -> list[str]:
 
 
 def param_count(params) -> int:
+    """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
     return sum(int(p.size) for p in jax.tree.leaves(params))

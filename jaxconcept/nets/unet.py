@@ -1,19 +1,23 @@
-"""U-Net score network for images (SPEC A2), with per-block conditioning and named tap points."""
+"""U-Net score network for images (SPEC A2), laid out as the reference's, with per-block
+conditioning and named tap points."""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed
+from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, gelu
 
-zeros = nn.initializers.zeros
+EPS = 1e-6  # GroupNorm epsilon
 
 
 class ResBlock(nn.Module):
-    """GN-GELU-conv, + per-channel conditioning biases, GN-GELU-dropout-conv(zero init), + skip.
+    """GN-GELU-conv3x3, + one per-channel bias per conditioning input, GN-GELU-dropout-conv3x3
+    (zero init), + skip (1x1 conv when the width changes).
 
-    Taps: ``cond_t`` and ``cond_c`` (the time / concept projections, [B, ch]) and ``out``.
+    Taps: ``cond_t`` and ``cond_c`` (the time / concept-vector projections, [B, ch]) and ``out``.
+    ``conditioning``: "sep_mlp" embeds the raw inputs with this block's own Linear-GELU-Linear-GELU;
+    "common_linear" / "common_zerolinear" project shared embeddings with one (zero-init) Linear.
     """
 
     ch: int
@@ -24,26 +28,33 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, cemb, train: bool):
-        h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_0")(
-            nn.gelu(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_0")(x)))
-        if self.conditioning == "sep_mlp":  # each block embeds the raw inputs with its own MLPs
+        b, hh, ww, c_in = x.shape  # [B, H, W, C_in]
+        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_0")(x))
+        h = conv(self.ch, c_in, 3, dtype=self.dtype, name="conv_0")(h)  # [B, H, W, ch]
+        if self.conditioning == "sep_mlp":
             pt = CondMLP(self.ch, self.dtype, name="emb_t")(temb)
             pc = CondMLP(self.ch, self.dtype, name="emb_c")(cemb)
-        else:  # shared embedders upstream; one (zero-initialised) linear projection per block
-            init = zeros if self.conditioning == "common_zerolinear" else nn.linear.default_kernel_init
-            pt = nn.Dense(self.ch, kernel_init=init, dtype=self.dtype, name="emb_t")(temb)
-            pc = nn.Dense(self.ch, kernel_init=init, dtype=self.dtype, name="emb_c")(cemb)
-        h = h + Tap(name="cond_t")(pt)[:, None, None, :] + Tap(name="cond_c")(pc)[:, None, None, :]
-        h = nn.gelu(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_1")(h))
+        else:
+            zero = self.conditioning == "common_zerolinear"
+            pt = dense(self.ch, temb.shape[-1], zero=zero, dtype=self.dtype, name="emb_t")(temb)
+            pc = dense(self.ch, cemb.shape[-1], zero=zero, dtype=self.dtype, name="emb_c")(cemb)
+        pt, pc = Tap(name="cond_t")(pt), Tap(name="cond_c")(pc)  # [B, ch] each
+        h = h + pt[:, None, None, :] + pc[:, None, None, :]
+        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_1")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.ch, (3, 3), kernel_init=zeros, dtype=self.dtype, name="conv_1")(h)
-        if x.shape[-1] != self.ch:
-            x = nn.Conv(self.ch, (1, 1), dtype=self.dtype, name="skip")(x)
-        return Tap(name="out")(x + h)
+        h = conv(self.ch, self.ch, 3, zero=True, dtype=self.dtype, name="conv_1")(h)
+        if c_in != self.ch:
+            x = conv(self.ch, c_in, 1, dtype=self.dtype, name="skip")(x)
+        out = x + h
+        assert out.shape == (b, hh, ww, self.ch)
+        return Tap(name="out")(out)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over pixels with 1x1 convs for q, k, v and out, residual."""
+    """Multi-head self-attention over pixels: GN, 1x1 convs for q, k, v and out, residual.
+
+    Logits and softmax are computed in float32 whatever the compute dtype. Tap: ``out``.
+    """
 
     heads: int
     groups: int
@@ -52,23 +63,34 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape  # [B, H, W, C]
-        n = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        q, k, v = (nn.Conv(c, (1, 1), dtype=self.dtype, name=nm)(n).reshape(b, hh * ww, self.heads, c // self.heads)
-                   for nm in ("q", "k", "v"))
-        a = nn.dot_product_attention(q, k, v).reshape(b, hh, ww, c)
-        return Tap(name="out")(x + nn.Conv(c, (1, 1), dtype=self.dtype, name="proj")(a))
+        d = c // self.heads
+        n = nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm")(x)
+        q, k, v = (conv(c, c, 1, dtype=self.dtype, name=nm)(n).reshape(b, hh * ww, self.heads, d)
+                   for nm in ("q", "k", "v"))  # [B, HW, heads, d] each
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+        w = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, heads, HW, HW]
+        a = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh, ww, c)
+        return Tap(name="out")(x + conv(c, c, 1, dtype=self.dtype, name="proj")(a))
 
 
 class UNet(nn.Module):
-    """Levels of widths ch*ch_mult, each num_res_blocks ResNet blocks then a stride-2 2x2 conv
-    (not after the last); middle ResNet block, attention, ResNet block; the up path mirrors it:
-    per level num_res_blocks blocks (the first also takes the skip), a 2x2 transposed conv to the
-    next level's width, then concatenation with that level's pre-downsampling activations. The
-    input is added to the output (as the reference does).
+    """The reference's conditional U-Net (its ``CUNet``), predicting eps.
 
-    Conditioning "sep_mlp": the raw concept vector and the time embedding go to every block's own
-    MLPs. "common_linear"/"common_zerolinear": one shared concept embedder (Linear-GELU-Linear-GELU
-    to ``time_embed_dim``), then per block one (zero-initialised) linear projection of each input.
+    conv3x3 in; per level of width ch*ch_mult[i], num_res_blocks ResNet blocks (the first changes
+    the width) then, except at the last level, a stride-2 2x2 conv (its input kept as a skip);
+    middle ResNet block, self-attention, ResNet block; up path per level (deepest first):
+    num_res_blocks blocks at that level's width (the first also takes the concatenated skip),
+    then, except at level 0, a 2x2 transposed conv to the next level's width and concatenation
+    with that level's skip; GN-GELU-conv3x3 (zero init) out; the input is added to the output
+    (the reference's residual, so eps_hat = z_t at initialisation).
+
+    Conditioning "sep_mlp": the time embedding (sinusoidal -> Linear-GELU-Linear-GELU, shared) and
+    the raw concept vector go to every block's own MLPs. "common_linear"/"common_zerolinear": the
+    concept vector also goes through one shared Linear-GELU-Linear-GELU to ``cond_embed_dim``, then
+    every block projects each embedding with one (zero-initialised) Linear.
+
+    Submodule names: time_embed, cond_embed, conv_in, down_{i}_block_{j}, down_{i}_downsample,
+    mid_block_0, mid_attn, mid_block_1, up_{i}_block_{j}, up_{i}_upsample, norm_out, conv_out.
     """
 
     ch: int = 64
@@ -81,25 +103,27 @@ class UNet(nn.Module):
     time_embed_dim: int = 64
     embed_dim: int = 256
     conditioning: str = "sep_mlp"
+    cond_embed_dim: int = 64  # shared concept embedder width ("common_*"; the reference's default)
     dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, cond, train: bool = False):
-        b, _, _, c_in = x.shape  # [B, H, W, 3]
+        b, hh, ww, c_in = x.shape  # [B, H, W, 3]
+        assert t.shape == (b,) and cond.shape[0] == b, (x.shape, t.shape, cond.shape)
         blk = dict(groups=self.norm_groups, dropout=self.dropout, conditioning=self.conditioning, dtype=self.dtype)
-        temb = TimeEmbed(self.time_embed_dim, self.embed_dim, self.dtype, name="time_embed")(t)  # [B, 256]
+        temb = TimeEmbed(self.time_embed_dim, self.embed_dim, dtype=self.dtype, name="time_embed")(t)  # [B, E]
         cemb = cond.astype(self.dtype)  # [B, cond_dim]
         if self.conditioning != "sep_mlp":
-            cemb = CondMLP(self.time_embed_dim, self.dtype, name="cond_embed")(cemb)
+            cemb = CondMLP(self.cond_embed_dim, self.dtype, name="cond_embed")(cemb)  # [B, cond_embed_dim]
         widths = [self.ch * m for m in self.ch_mult]
-        h = nn.Conv(widths[0], (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = conv(widths[0], c_in, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         skips = []
         for i, w in enumerate(widths):
             for j in range(self.num_res_blocks):
                 h = ResBlock(w, name=f"down_{i}_block_{j}", **blk)(h, temb, cemb, train)
             if i < len(widths) - 1:
-                skips.append(h)
-                h = nn.Conv(w, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"down_{i}_downsample")(h)
+                skips.append(h)  # [B, H/2^i, W/2^i, w]
+                h = conv(w, w, 2, stride=2, dtype=self.dtype, name=f"down_{i}_downsample")(h)
         h = ResBlock(widths[-1], name="mid_block_0", **blk)(h, temb, cemb, train)
         if self.mid_attention:
             h = Attention(self.num_heads, self.norm_groups, self.dtype, name="mid_attn")(h)
@@ -108,11 +132,9 @@ class UNet(nn.Module):
             for j in range(self.num_res_blocks):
                 h = ResBlock(widths[i], name=f"up_{i}_block_{j}", **blk)(h, temb, cemb, train)
             if i > 0:
-                h = nn.ConvTranspose(widths[i - 1], (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                                     name=f"up_{i}_upsample")(h)
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-        assert not skips
-        h = nn.gelu(nn.GroupNorm(self.norm_groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-        out = nn.Conv(c_in, (3, 3), kernel_init=zeros, dtype=self.dtype, name="conv_out")(h)
-        assert out.shape == x.shape
-        return (x + out).astype(jnp.float32)
+                h = conv_transpose(widths[i - 1], 2, dtype=self.dtype, name=f"up_{i}_upsample")(h)
+                h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H/2^(i-1), W/2^(i-1), 2 w_{i-1}]
+        assert not skips and h.shape == (b, hh, ww, widths[0]), h.shape
+        h = gelu(nn.GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype, name="norm_out")(h))
+        out = conv(c_in, widths[0], 3, zero=True, dtype=self.dtype, name="conv_out")(h)
+        return (x + out.astype(jnp.float32)).astype(jnp.float32)  # [B, H, W, 3]
