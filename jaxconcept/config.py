@@ -88,7 +88,7 @@ class TrainConfig:
     grad_clip: float = 0.01
     p_cfg: float = 0.0  # probability of dropping the conditioning (classifier-free guidance)
     steps_per_call: int = 100  # K steps per jitted call (lax.scan)
-    scan_unroll: int = 0  # lax.scan unroll; 0 = auto: U-Nets fully unrolled on CPU (XLA:CPU runs convs in loops ~20x slower)
+    scan_unroll: int = 0  # lax.scan unroll (0 = 1); U-Nets on CPU use a Python loop instead (XLA:CPU runs convs in loops ~15x slower)
     checkpoint_every: int = 1000  # steps; also at every evaluation point
     keep_checkpoints: int = 3
     strategy: str = "vmap"  # how members are stacked: "vmap" | "map"

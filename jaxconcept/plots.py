@@ -14,6 +14,7 @@ samples are needed) and writes one file:
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -179,11 +180,14 @@ def learning_times(analysis: dict, path) -> Path:
             x = np.array([r["signal"] if use_signal else (r["separation"] or 0.0) for r in rows[0]], np.float64)
             times = np.array([[np.nan if t is None else t for t in r["times"]] for r in rows[0]], np.float64)
             if c is None:  # training classes: average over classes first
-                times = np.nanmean(np.stack([[[np.nan if t is None else t for t in r["times"]] for r in rs]
-                                             for rs in rows]), axis=0) if len(rows) else times
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    times = np.nanmean(np.stack([[[np.nan if t is None else t for t in r["times"]] for r in rs]
+                                                 for rs in rows]), axis=0) if len(rows) else times
             colour = "0.55" if c is None else CLASS_COLOURS(3 + k)
             label = "training classes (mean)" if c is None else names[c]
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # an all-missing row is a NaN mean, drawn as a triangle
+                warnings.simplefilter("ignore", RuntimeWarning)
                 mean, std = np.nanmean(times, axis=1), np.nanstd(times, axis=1)
             ok = np.isfinite(mean)
             ax.errorbar(x[ok], mean[ok], yerr=std[ok], fmt="o-", ms=4, color=colour, capsize=2, label=label)

@@ -31,7 +31,7 @@ def _run_steps(cfg, n, devices=None):
     state, data = sweep.init(sw)
     done = 0
     while done < n:
-        k = min(cfg.train.steps_per_call, n - done)
+        k = min(sweep.steps_per_call(cfg), n - done)
         state, _ = sweep.advance(sw, state, data, k)
         done += k
     return sw, state, data
