@@ -91,7 +91,7 @@ class TrainConfig:
     scan_unroll: int = 0  # lax.scan unroll (0 = 1); U-Nets on CPU use a Python loop instead (XLA:CPU runs convs in loops ~15x slower)
     checkpoint_every: int = 1000  # steps; also at every evaluation point
     keep_checkpoints: int = 3
-    strategy: str = "vmap"  # how members are stacked: "vmap" | "map"
+    strategy: str = "vmap"  # how members are stacked: "vmap" | "map" | "unroll" (a traced loop; CPU convs)
     map_batch_size: int = 1  # members per chunk for strategy "map"
 
 
@@ -129,7 +129,7 @@ _CHOICES = {
     "model.arch": ("unet", "mlp"),
     "model.conditioning": ("sep_mlp", "common_linear", "common_zerolinear"),
     "model.dtype": ("float32", "bfloat16"),
-    "train.strategy": ("vmap", "map"),
+    "train.strategy": ("vmap", "map", "unroll"),
 }
 
 

@@ -129,6 +129,10 @@ class Sweep:
         """Map a one-member function over the model axis with the configured strategy."""
         if self.cfg.train.strategy == "map":
             return jax.lax.map(lambda a: fn(*a), stacked, batch_size=self.cfg.train.map_batch_size)
+        if self.cfg.train.strategy == "unroll":  # one copy of fn per member: no grouped convs, no loop
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            outs = [fn(*jax.tree.map(lambda a: a[i], stacked)) for i in range(n)]
+            return jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return jax.vmap(fn)(*stacked)
 
     def _sharded(self, fn, n_in: int, n_out: int | None = None):

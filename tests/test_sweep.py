@@ -89,10 +89,11 @@ def test_one_and_eight_devices_agree():
     _leaves_close(s1["params"], s8["params"], rtol=1e-6, atol=1e-7)
 
 
-def test_map_strategy_matches_vmap():
+@pytest.mark.parametrize("strategy", ["map", "unroll"])
+def test_strategies_match_vmap(strategy):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
     _, a, _ = _run_steps(cfg, 4)
-    _, b, _ = _run_steps(C.override(cfg, ["train.strategy=\"map\""]), 4)
+    _, b, _ = _run_steps(C.override(cfg, [f"train.strategy=\"{strategy}\""]), 4)
     _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
 
 
