@@ -88,7 +88,7 @@ class TrainConfig:
     grad_clip: float = 0.01
     p_cfg: float = 0.0  # probability of dropping the conditioning (classifier-free guidance)
     steps_per_call: int = 100  # K steps per jitted call (lax.scan)
-    scan_unroll: int = 0  # lax.scan unroll (0 = 1); U-Nets on CPU use a Python loop instead (XLA:CPU runs convs in loops ~15x slower)
+    scan_unroll: int = 0  # lax.scan unroll (0 = none); conv nets on CPU step in a traced Python loop instead
     checkpoint_every: int = 1000  # steps; also at every evaluation point
     keep_checkpoints: int = 3
     strategy: str = "vmap"  # how members are stacked: "vmap" | "map" | "unroll" (a traced loop; CPU convs)
@@ -304,7 +304,7 @@ def validate(cfg: Config) -> None:
         if v < 1:
             _err(key, v, "a positive integer")
     if t.scan_unroll < 0:
-        _err("train.scan_unroll", t.scan_unroll, "an integer >= 0 (0 = automatic)")
+        _err("train.scan_unroll", t.scan_unroll, "an integer >= 0 (0 = no unrolling)")
     if t.batch_size % 2:
         _err("train.batch_size", t.batch_size, "an even integer (antithetic time sampling)")
     if t.lr <= 0:

@@ -176,13 +176,13 @@ def seeds_array(sw: Sweep, members=None):
 
 
 def steps_per_call(cfg: C.Config) -> int:
-    """K: train.steps_per_call, capped at 4 for conv nets on CPU, whose K steps are unrolled."""
-    K = cfg.train.steps_per_call
-    return min(K, 4) if _cpu_conv(cfg) else K
+    """K: train.steps_per_call, or 1 for conv nets on CPU, whose steps are unrolled (compile time
+    grows with K, and a step there is long enough that calling once per step costs nothing)."""
+    return 1 if _cpu_conv(cfg) else cfg.train.steps_per_call
 
 
 def _cpu_conv(cfg: C.Config) -> bool:
-    return jax.default_backend() == "cpu" and cfg.model.arch == "unet"
+    return diffusion.python_loop(cfg.model)
 
 
 def _compile(sw: Sweep):
@@ -198,8 +198,9 @@ def _compile(sw: Sweep):
     def advance_local(state, data, n):
         # K steps; steps i >= n are skipped, so one compiled function serves every distance to
         # the next evaluation point. XLA:CPU runs convolutions nested in a loop or conditional
-        # 10-20x slower than at top level (even a fully unrolled lax.scan), so for conv nets on
-        # CPU the K steps are a Python loop and a skipped step is computed, then discarded.
+        # 10-20x slower than at top level (even in a fully unrolled lax.scan; jax-ml/jax#12868),
+        # so for conv nets on CPU the K steps are a Python loop and a skipped step is computed,
+        # then discarded.
         def run(s):
             return sw._map(functools.partial(train_step, cfg, spec, apply_fn), s, data)
 
