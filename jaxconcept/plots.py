@@ -168,7 +168,8 @@ def learning_times(analysis: dict, path) -> Path:
     training classes (grey); mean +- std over seeds, seeds as dots, open triangles at the top for
     groups where some seed never learned."""
     concepts = analysis["concepts"]
-    fig, axes = plt.subplots(1, len(concepts), figsize=(4.0 * len(concepts), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(concepts), figsize=(4.4 * len(concepts), 3.4), squeeze=False,
+                             gridspec_kw={"wspace": 0.35})
     top = analysis["steps"][-1]
     names = analysis["class_names"]
     for j, con in enumerate(concepts):
