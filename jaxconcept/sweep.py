@@ -2,9 +2,11 @@
 
 A sweep of M members is one pytree whose leaves carry a leading model axis. One jitted call
 (`advance`) moves every member up to K steps: a `lax.scan` over steps whose body maps the single-
-member `train_step` over the model axis (`vmap`, or `lax.map` in chunks). The model axis is split
-over all devices (and hosts) with `shard_map` on a 1-D mesh named "models". A single run is a sweep
-of one. This is the only module that knows about the model axis.
+member `train_step` over the model axis (`vmap`; or `lax.map` in chunks, or one traced copy per
+member, `train.strategy`). The model axis is split over all devices (and hosts) with `shard_map`
+on a 1-D mesh named "models". Conv nets on CPU take one step per call without scan (XLA:CPU's
+slow path for convolutions in loops). A single run is a sweep of one. This is the only module
+that knows about the model axis.
 
     state = {"params", "opt", "step", "key", "alive"}        # each leaf: [M, ...]
     data  = dict(x_train, c_train, y_train, x_val, c_val, y_val)  # each leaf: [M, N, ...]
@@ -178,11 +180,7 @@ def seeds_array(sw: Sweep, members=None):
 def steps_per_call(cfg: C.Config) -> int:
     """K: train.steps_per_call, or 1 for conv nets on CPU, whose steps are unrolled (compile time
     grows with K, and a step there is long enough that calling once per step costs nothing)."""
-    return 1 if _cpu_conv(cfg) else cfg.train.steps_per_call
-
-
-def _cpu_conv(cfg: C.Config) -> bool:
-    return diffusion.python_loop(cfg.model)
+    return 1 if diffusion.python_loop(cfg.model) else cfg.train.steps_per_call
 
 
 def _compile(sw: Sweep):
@@ -196,25 +194,20 @@ def _compile(sw: Sweep):
         return sw._map(one, seeds, dparams)
 
     def advance_local(state, data, n):
-        # K steps; steps i >= n are skipped, so one compiled function serves every distance to
-        # the next evaluation point. XLA:CPU runs convolutions nested in a loop or conditional
-        # 10-20x slower than at top level (even in a fully unrolled lax.scan; jax-ml/jax#12868),
-        # so for conv nets on CPU the K steps are a Python loop and a skipped step is computed,
-        # then discarded.
+        # K scan steps; steps i >= n are skipped (n is not batched, so lax.cond stays a branch):
+        # one compiled function serves every distance to the next evaluation point. XLA:CPU runs
+        # convolutions nested in a loop or conditional 10-20x slower than at top level (even in a
+        # fully unrolled scan; jax-ml/jax#12868), so conv nets on CPU take K = 1 plain step.
         def run(s):
             return sw._map(functools.partial(train_step, cfg, spec, apply_fn), s, data)
 
-        if _cpu_conv(cfg):
-            losses = []
-            for i in range(K):
-                new, loss = run(state)
-                state = jax.tree.map(lambda a, b: jnp.where(i < n, a, b), new, state)
-                losses.append(loss)
-            losses = jnp.stack(losses)
-        else:
-            def body(st, i):  # n is not batched, so lax.cond stays a real branch
-                return jax.lax.cond(i < n, run, lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
-            state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=cfg.train.scan_unroll or 1)
+        if diffusion.python_loop(cfg.model):  # K == 1 == n
+            state, loss = run(state)
+            return state, loss
+
+        def body(st, i):
+            return jax.lax.cond(i < n, run, lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
+        state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=cfg.train.scan_unroll or 1)
         w = (jnp.arange(K) < n)[:, None]  # losses [K, m]
         mean = jnp.sum(jnp.where(w, losses, 0.0), 0) / jnp.maximum(n, 1)
         return state, mean
