@@ -12,10 +12,10 @@ from jaxconcept import config as C
 
 # Vector concept space (SPEC A6), conditioned on the noisy observed vector (cond_noise 0.05):
 # concept 0's signal m/s is swept (20, 10, 5; concept 1 fixed at 20) over 2 seeds. Measured on a
-# 2-core CPU (README): the training classes are learned within ~400-1,500 steps; the held-out
-# corner (1, 1) is generalised only later, after a dip in which its samples fall onto the
-# training corners. With one-hot ("classy") or class-mean conditioning the held-out corner was
-# not generalised within 20,000 steps in any setting we tried.
+# 2-core CPU (README): the training classes are learned after 800-2,400 steps; the held-out
+# corner (1, 1) is generalised only at s0 = 0.2, and later (2,000-4,100 steps). With one-hot
+# ("classy") or class-mean conditioning it was not generalised within 20,000 steps in any
+# setting we tried.
 DEMO_SETS = [
     "data.s=[[0.05,0.05],[0.1,0.05],[0.2,0.05]]",
     "data.cond_mode=\"observed\"",
