@@ -178,8 +178,8 @@ def seeds_array(sw: Sweep, members=None):
 
 
 def steps_per_call(cfg: C.Config) -> int:
-    """K: train.steps_per_call, or 1 for conv nets on CPU, whose steps are unrolled (compile time
-    grows with K, and a step there is long enough that calling once per step costs nothing)."""
+    """K: train.steps_per_call, or 1 for conv nets on CPU, which must not step inside a scan (and
+    whose steps are long enough that one call per step costs nothing)."""
     return 1 if diffusion.python_loop(cfg.model) else cfg.train.steps_per_call
 
 
@@ -202,8 +202,7 @@ def _compile(sw: Sweep):
             return sw._map(functools.partial(train_step, cfg, spec, apply_fn), s, data)
 
         if diffusion.python_loop(cfg.model):  # K == 1 == n
-            state, loss = run(state)
-            return state, loss
+            return run(state)
 
         def body(st, i):
             return jax.lax.cond(i < n, run, lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
@@ -245,7 +244,7 @@ def init(sw: Sweep, members=None):
 
 
 def advance(sw: Sweep, state, data, n: int):
-    """Advance every member ``n`` <= train.steps_per_call steps. Returns (state, mean loss [M])."""
+    """Advance every member ``n`` <= ``steps_per_call(cfg)`` steps. Returns (state, mean loss [M])."""
     _, adv, _ = sw.fns
     assert 0 < n <= steps_per_call(sw.cfg)
     return adv(state, data, jnp.asarray(n, jnp.int32))
