@@ -120,13 +120,13 @@ def cmd_elicit(args):
     from jaxconcept import elicit, probe, rundir
 
     try:
-        out = elicit.elicit_run(args.run_dir, args.threshold)
-    except (rundir.RunDirError, probe.ProbeError) as exc:
+        out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept)
+    except (rundir.RunDirError, probe.ProbeError, ValueError) as exc:
         print(f"jaxconcept elicit: {exc}", file=sys.stderr)
         return 2
     for m in out["members"]:
         print(f"member {m['index']}: emergence naive {m['emergence_step']['naive']}, "
-              f"overprompting {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
+              f"overprompting {m['concept']} {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
               f"turn {m['turn_step']}")
     print(f"wrote {args.run_dir}/elicit.json and figures/elicit.png")
     return 0
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("elicit", help="hidden capabilities: overprompting and latent interventions")
     p.add_argument("run_dir")
     p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--concept", default=None,
+                   help="concept to overprompt and steer (default: the weakest concept signal)")
     p.set_defaults(fn=cmd_elicit)
 
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")

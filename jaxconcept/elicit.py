@@ -4,7 +4,8 @@ latent interventions, at every evaluation checkpoint of a run (SPEC A4).
 For every member and checkpoint (parameters saved by training, ``eval.save_params``):
   naive   - samples of the held-out prompt;
   over    - the best over ``OVER_STRENGTHS`` of prompts pushed past the training range along the
-            first concept in which the held-out class differs from class 0 (``overprompts``);
+            concept with the weakest concept signal among those in which the held-out class
+            differs from class 0: the one learned last (``overprompts``; colour in the paper);
   latent  - the best over ``LATENT_STRENGTHS`` of adding strength x (activation(held-out prompt)
             - activation(the prompt differing in that concept)) at every concept projection
             (``steering_edits``); all strengths sampled in one vmapped, jitted call.
@@ -25,19 +26,30 @@ OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
 
 
-def _target_concept(spec, cls):
+def target_concept(member: C.Config, cls: int, concept: str | None = None) -> int:
+    """Index of the concept to overprompt and steer for class ``cls``: ``concept`` when named,
+    else the one with the weakest signal (``data.concept_signal``) among the concepts in which
+    ``cls`` differs from class 0 (ties: the first)."""
+    spec = D.spec(member.data)
+    if concept is not None:
+        if concept not in spec.concepts:
+            raise ValueError(f"concept={concept!r} is unknown: allowed {', '.join(spec.concepts)}")
+        return spec.concepts.index(concept)
     vals = spec.class_values(cls)
-    return next(i for i, v in enumerate(vals) if v != 0)
+    cand = [i for i, v in enumerate(vals) if v != 0]
+    signal = D.concept_signal(member.data)
+    return min(cand, key=lambda i: (signal[spec.concepts[i]], i))
 
 
 def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, key, *,
-                  over=OVER_STRENGTHS, latent=LATENT_STRENGTHS) -> dict:
-    """Accuracy curves (joint, held-out class) of one member: {"naive", "over", "latent"} -> [T]."""
+                  over=OVER_STRENGTHS, latent=LATENT_STRENGTHS, concept: str | None = None) -> dict:
+    """Accuracy curves (joint, held-out class) of one member: {"naive", "over", "latent"} -> [T].
+    ``concept`` names the concept to push (default: ``target_concept``)."""
     spec = D.spec(member.data)
     dp = D.params(member.data)
     net = nets.build(cfg.model, spec)
     h = spec.held_out[0]
-    k = _target_concept(spec, h)
+    k = target_concept(member, h, concept)
     vals = list(spec.class_values(h))
     ref_vals = list(vals)
     ref_vals[k] = 0
@@ -72,8 +84,10 @@ def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, 
     return acc
 
 
-def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, write: bool = True) -> dict:
-    """Elicitation of every member of a run: writes RUN_DIR/elicit.json and figures/elicit.png."""
+def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, write: bool = True,
+               concept: str | None = None) -> dict:
+    """Elicitation of every member of a run: writes RUN_DIR/elicit.json and figures/elicit.png.
+    ``concept`` names the concept to overprompt and steer (default: ``target_concept``)."""
     from jaxconcept import sweep
 
     run_dir = Path(run_dir)
@@ -94,7 +108,10 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     for i, m in enumerate(members):
         probe = P.probe_for(m.data, **(probe_kw or {}))
         params_i = {s: jax.tree.map(lambda a: jnp.asarray(a[i]), stacked[s]) for s in steps}
-        acc = elicit_member(cfg, m, params_i, probe, jax.random.PRNGKey(int(m.seeds[0])))
+        h = D.spec(m.data).held_out[0]
+        k = target_concept(m, h, concept)
+        acc = elicit_member(cfg, m, params_i, probe, jax.random.PRNGKey(int(m.seeds[0])),
+                            concept=D.spec(m.data).concepts[k])
         emerge = {k: dynamics.learning_time(steps, v, threshold) for k, v in acc.items()}
         turn = turns.get(i)
         turn_step = None
@@ -105,7 +122,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         early = None if emerge["naive"] is None else {
             k: (None if emerge[k] is None else emerge["naive"] - emerge[k]) for k in ("over", "latent")}
         out["members"].append({**{k: info[i][k] for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
-                               "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
+                               "concept": D.spec(m.data).concepts[k], "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
                                "emergence_minus_turn": rel, "steps_earlier_than_naive": early})
     if write:
         (run_dir / "elicit.json").write_text(json.dumps(out, indent=1) + "\n")

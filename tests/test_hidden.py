@@ -84,7 +84,21 @@ def test_vector_end_to_end_train_analyze_elicit(tmp_path):
     e = json.loads((run / "elicit.json").read_text())
     assert len(a["members"]) == 2 and e["steps"] == [100, 200, 300]
     for m in e["members"]:
+        assert m["concept"] == "dim0"  # equal signals: the first
         for kind in ("naive", "over", "latent"):
             acc = m["accuracy"][kind]
             assert len(acc) == 3 and all(0.0 <= v <= 1.0 for v in acc)
     assert (run / "figures" / "elicit.png").stat().st_size > 1000
+
+
+def test_target_concept_is_the_weakest_signal():
+    from jaxconcept import elicit
+    vec = C.override(C.preset("vec2x2"), ["data.normalize=false", "data.m=[1.0,0.3]"])
+    assert elicit.target_concept(vec, 3) == 1  # dim1: m/s = 6 < 20
+    vec = C.override(C.preset("vec2x2"), ["data.normalize=false", "data.m=[0.3,1.0]"])
+    assert elicit.target_concept(vec, 3) == 0
+    assert elicit.target_concept(vec, 1) == 1  # class 0-1 differs from 0-0 in dim1 only
+    assert elicit.target_concept(C.preset("2x2"), 3) == 0  # colour (sep_col 0.2) is weaker than size
+    assert elicit.target_concept(vec, 3, "dim1") == 1
+    with pytest.raises(ValueError, match="allowed dim0, dim1"):
+        elicit.target_concept(vec, 3, "colour")
