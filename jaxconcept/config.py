@@ -86,6 +86,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 0.01
+    ema: float = 0.0  # decay of an exponential moving average of the parameters, used for evaluation (0 = off)
     p_cfg: float = 0.0  # probability of dropping the conditioning (classifier-free guidance)
     steps_per_call: int = 100  # K steps per jitted call (lax.scan)
     scan_unroll: int = 0  # lax.scan unroll (0 = none); conv nets on CPU step in a traced Python loop instead
@@ -313,6 +314,8 @@ def validate(cfg: Config) -> None:
         _err("train.weight_decay", t.weight_decay, "a number >= 0")
     if t.grad_clip <= 0:
         _err("train.grad_clip", t.grad_clip, "a positive number")
+    if not 0 <= t.ema < 1:
+        _err("train.ema", t.ema, "a decay in [0, 1) (0 = no moving average)")
     if not 0.0 <= t.p_cfg < 1.0:
         _err("train.p_cfg", t.p_cfg, "a number in [0, 1)")
 

@@ -8,7 +8,7 @@ on a 1-D mesh named "models". Conv nets on CPU take one step per call without sc
 slow path for convolutions in loops). A single run is a sweep of one. This is the only module
 that knows about the model axis.
 
-    state = {"params", "opt", "step", "key", "alive"}        # each leaf: [M, ...]
+    state = {"params", "opt", "step", "key", "alive"[, "ema"]}  # each leaf: [M, ...]
     data  = dict(x_train, c_train, y_train, x_val, c_val, y_val)  # each leaf: [M, N, ...]
 """
 from __future__ import annotations
@@ -58,8 +58,16 @@ def init_member(cfg: C.Config, spec: D.DataSpec, net, seed) -> dict:
     """Train state of one member (seed may be traced)."""
     keys = member_keys(seed)
     params = diffusion.init_params(net, cfg.model, spec, keys["init"])
-    return {"params": params, "opt": optimizer(cfg.train).init(params), "step": jnp.zeros((), jnp.int32),
-            "key": keys["train"], "alive": jnp.ones((), bool)}
+    state = {"params": params, "opt": optimizer(cfg.train).init(params), "step": jnp.zeros((), jnp.int32),
+             "key": keys["train"], "alive": jnp.ones((), bool)}
+    if cfg.train.ema:
+        state["ema"] = params  # moving average of the parameters (train.ema), used for evaluation
+    return state
+
+
+def eval_params(state: dict):
+    """The parameters that are evaluated and saved: the moving average when train.ema is on."""
+    return state.get("ema", state["params"])
 
 
 def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dict):
@@ -82,8 +90,11 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
     updates, opt = optimizer(tc).update(grads, state["opt"], state["params"])
     ok = state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    new = {"params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": keep(params, state["params"]),
            "opt": keep(opt, state["opt"]), "step": state["step"] + 1, "key": state["key"], "alive": ok}
+    if "ema" in state:
+        new["ema"] = keep(optax.incremental_update(params, state["ema"], 1.0 - tc.ema), state["ema"])
     return new, value
 
 
@@ -217,9 +228,10 @@ def _compile(sw: Sweep):
         def one(st, dat, pr, seed):
             key = jax.random.fold_in(member_keys(seed)["sample"], step)
             cond = jnp.repeat(pr, ec.n_samples, axis=0)
-            x = diffusion.sample(apply_fn, cfg.model, st["params"], cond, key, x_shape=spec.x_shape,
+            params = eval_params(st)
+            x = diffusion.sample(apply_fn, cfg.model, params, cond, key, x_shape=spec.x_shape,
                                  n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec))
-            vl = val_loss(cfg, spec, apply_fn, st["params"], dat, jax.random.fold_in(key, 1))
+            vl = val_loss(cfg, spec, apply_fn, params, dat, jax.random.fold_in(key, 1))
             return x.reshape(pr.shape[0], ec.n_samples, *spec.x_shape), vl
         return sw._map(one, state, data, prompts, seeds)
 
@@ -380,7 +392,7 @@ def _evaluate_and_save(sw, state, data, step, run_dir, cfg):
     if jax.process_index() == 0:
         rundir.save_samples(run_dir, step, _host(samples), _host(prompts))
         if cfg.eval.save_params:
-            rundir.save_params(run_dir, step, jax.tree.map(_host, state["params"]))
+            rundir.save_params(run_dir, step, jax.tree.map(_host, eval_params(state)))
     return [float(v) for v in _host(val)]
 
 

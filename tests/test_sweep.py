@@ -61,6 +61,24 @@ def test_members_differ_in_data_and_seed():
     assert any(not np.array_equal(p[0], p[1]) for p in leaves)
 
 
+def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["train.ema=0.5", "train.steps=8", "eval.steps=[8]"])
+    sw = sweep.build(cfg)
+    state, data = sweep.init(sw)
+    _leaves_close(state["ema"], state["params"], rtol=0, atol=0)
+    ema = jax.tree.map(np.asarray, state["ema"])  # advance donates (deletes) its input state
+    for _ in range(2):  # ema <- 0.5 ema + 0.5 params after every step
+        state, _ = sweep.advance(sw, state, data, 1)
+        ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, state["params"])
+    _leaves_close(state["ema"], ema, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"])))
+    _, final = sweep.train(cfg, tmp_path, progress=False)
+    saved = sweep.load_state_params(tmp_path, 8)
+    _leaves_close(saved, final["ema"], rtol=0, atol=0)
+    with pytest.raises(C.ConfigError, match=r"train\.ema"):
+        C.override(cfg, ["train.ema=1.0"])
+
+
 def test_image_sweep_runs_and_evaluates(tmp_path):
     cfg = C.override(C.preset("tiny"), ["data.sep_col=[0.2,0.6]", "train.steps=6", "train.steps_per_call=3",
                                         "eval.steps=[3,6]", "data.n_per_class=8"])
