@@ -10,22 +10,25 @@ from pathlib import Path
 
 from jaxconcept import config as C
 
-# Vector concept space (SPEC A6), conditioned on the noisy observed vector (cond_noise 0.05):
-# concept 0's signal m/s is swept (20, 10, 5; concept 1 fixed at 20) over 2 seeds. Measured on a
-# 2-core CPU (README): the training classes are learned after 800-2,400 steps; the held-out
-# corner (1, 1) is generalised only at s0 = 0.2, and later (2,000-4,100 steps). With one-hot
-# ("classy") or class-mean conditioning it was not generalised within 20,000 steps in any
-# setting we tried.
+# Vector concept space (SPEC A6), conditioned on the noisy observed vector. Concept 1's separation
+# is small (m1 = 0.2, 0.25, 0.3 against m0 = 1, spread 0.05: signal m/s = 4-6 against 20), so
+# concept 0 is learned first and the held-out corner (1, 1) first heads for the training corner
+# (1, 0), then turns toward (1, 1). lr 3e-4 and a moving average of the parameters (ema 0.99) keep
+# the checkpoint-to-checkpoint jitter below the size of the turn. Measured results: README.md.
 DEMO_SETS = [
-    "data.s=[[0.05,0.05],[0.1,0.05],[0.2,0.05]]",
+    "data.normalize=false",
+    "data.m=[[1,0.2],[1,0.25],[1,0.3]]",
+    "data.s=[0.05,0.05]",
     "data.cond_mode=\"observed\"",
-    "data.cond_noise=0.05",
-    "seeds=[0,1]",
+    "data.cond_noise=0.03",
+    "seeds=[0,1,2]",
     "model.hidden=[256]",
     "train.steps=8000",
+    "train.lr=3e-4",
+    "train.ema=0.99",
     "train.steps_per_call=250",
     "train.checkpoint_every=1000",
-    "eval.n_points=30",
+    "eval.n_points=32",
     "eval.n_samples=128",
     "eval.sampler_steps=50",
 ]
