@@ -108,10 +108,9 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     for i, m in enumerate(members):
         probe = P.probe_for(m.data, **(probe_kw or {}))
         params_i = {s: jax.tree.map(lambda a: jnp.asarray(a[i]), stacked[s]) for s in steps}
-        h = D.spec(m.data).held_out[0]
-        k = target_concept(m, h, concept)
-        acc = elicit_member(cfg, m, params_i, probe, jax.random.PRNGKey(int(m.seeds[0])),
-                            concept=D.spec(m.data).concepts[k])
+        spec = D.spec(m.data)
+        name = spec.concepts[target_concept(m, spec.held_out[0], concept)]
+        acc = elicit_member(cfg, m, params_i, probe, jax.random.PRNGKey(int(m.seeds[0])), concept=name)
         emerge = {k: dynamics.learning_time(steps, v, threshold) for k, v in acc.items()}
         turn = turns.get(i)
         turn_step = None
@@ -122,7 +121,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         early = None if emerge["naive"] is None else {
             k: (None if emerge[k] is None else emerge["naive"] - emerge[k]) for k in ("over", "latent")}
         out["members"].append({**{k: info[i][k] for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
-                               "concept": D.spec(m.data).concepts[k], "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
+                               "concept": name, "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
                                "emergence_minus_turn": rel, "steps_earlier_than_naive": early})
     if write:
         (run_dir / "elicit.json").write_text(json.dumps(out, indent=1) + "\n")
