@@ -135,7 +135,7 @@ def cmd_elicit(args):
 def cmd_demo(args):
     from jaxconcept import demo
 
-    demo.run(args.out, progress=not args.no_progress)
+    demo.run(args.out, progress=not args.no_progress, extra_sets=args.sets)
     return 0
 
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a demo setting, e.g. --set 'data.m=[2,0.25]'")
     p.set_defaults(fn=cmd_demo)
     return ap
 

@@ -19,3 +19,9 @@ def test_demo_runs_end_to_end_when_shrunk(tmp_path):
     assert {"elicit.png"} <= names and any(n.endswith(".gif") for n in names) and len(names) >= 4
     for f in figs:
         Image.open(f).verify()
+
+
+def test_demo_command_takes_overrides_and_rejects_bad_ones(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "bad"), "--set", "train.ema=2"]) == 2
+    assert "train.ema" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
