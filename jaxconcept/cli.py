@@ -121,7 +121,7 @@ def cmd_elicit(args):
 
     try:
         out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept)
-    except (rundir.RunDirError, probe.ProbeError, ValueError) as exc:
+    except (rundir.RunDirError, probe.ProbeError) as exc:
         print(f"jaxconcept elicit: {exc}", file=sys.stderr)
         return 2
     for m in out["members"]:

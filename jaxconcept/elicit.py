@@ -33,7 +33,7 @@ def target_concept(member: C.Config, cls: int, concept: str | None = None) -> in
     spec = D.spec(member.data)
     if concept is not None:
         if concept not in spec.concepts:
-            raise ValueError(f"concept={concept!r} is unknown: allowed {', '.join(spec.concepts)}")
+            raise C.ConfigError(f"concept={concept!r} is unknown: allowed {', '.join(spec.concepts)}")
         return spec.concepts.index(concept)
     vals = spec.class_values(cls)
     cand = [i for i, v in enumerate(vals) if v != 0]
