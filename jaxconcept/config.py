@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """What the data-generating process draws (SPEC A1 for images, A6 for vectors)."""
 
-    kind: str = "images"  # "images" | "vector"
+    kind: str = "images"  # "images" | "vector" | "celeba" (attribute-labelled photographs)
     # --- images (SPEC A1) ---
     concepts: tuple = ("colour", "size")  # compositional concepts, a subset of IMAGE_CONCEPTS
     values: tuple = (2, 2)  # number of values per compositional concept
@@ -48,12 +49,20 @@ class DataConfig:
     nuisance: str = "gaussian"  # "gaussian" | "bimodal"
     cond_mode: str = "classy"  # "classy" | "mean" | "observed"
     cond_noise: float = 0.0  # std of the noise added to "observed" conditioning
-    # --- both ---
-    held_out: tuple = (3,)  # held-out class indices (images); for vectors () means the default
+    # --- celeba (attribute-labelled photographs: jaxconcept/data/celeba.py) ---
+    attributes: tuple = ("Male", "Smiling")  # binary attributes, each a two-valued concept (0 absent, 1 present)
+    source: str = "celeb_a"  # a TFDS dataset name, or "folder" (images + a CelebA-style attribute table)
+    data_dir: str = ""  # TFDS data directory ("" = TFDS's default) or the folder for source="folder"
+    crop: int = 0  # centre-crop side in source pixels before resizing (0 = the largest centred square)
+    augment: bool = True  # random horizontal flips and colour jitter on training batches, on device
+    jitter: float = 0.1  # colour-jitter strength for brightness, contrast, saturation and hue
+    # --- all ---
+    held_out: tuple = (3,)  # held-out class indices (row-major over the concepts); vectors: () = default
     train_classes: tuple = ()  # vectors: explicit training classes; () = at most one non-zero index
     masked: tuple = ()  # concepts whose conditioning entries are zeroed (underspecification)
     n_per_class: int = 2048  # training images per training class
     val_frac: float = 0.15
+    n_test: int = 32  # test examples per held-out class, for the held-out loss at evaluation
 
 
 @dataclass(frozen=True)
@@ -90,21 +99,26 @@ class TrainConfig:
     p_cfg: float = 0.0  # probability of dropping the conditioning (classifier-free guidance)
     steps_per_call: int = 100  # K steps per jitted call (lax.scan)
     scan_unroll: int = 0  # lax.scan unroll (0 = none); conv nets on CPU step in a traced Python loop instead
+    batches: str = "epochs"  # "epochs": shuffled epochs without replacement, short last batch (the reference); "replacement"
     checkpoint_every: int = 1000  # steps; also at every evaluation point
     keep_checkpoints: int = 3
-    strategy: str = "vmap"  # how members are stacked: "vmap" | "map" | "unroll" (a traced loop; CPU convs)
+    strategy: str = "auto"  # how members are stacked: "auto" | "vmap" | "map" (chunks) | "unroll" (a traced loop)
     map_batch_size: int = 1  # members per chunk for strategy "map"
+    memory_budget: float = 0.0  # bytes of device memory "auto" may plan for (0 = the device's free memory)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     n_points: int = 60  # evaluation checkpoints, evenly spaced in sqrt(step)
-    first: int = 100
+    first: int = 500  # the reference's first evaluation step
     steps: tuple = ()  # explicit evaluation steps; overrides n_points/first when given
     n_samples: int = 32  # generated per class (held-out included)
     sampler_steps: int = 50
-    w_cfg: float = 0.0  # guidance weight at sampling (0 = plain conditional sampling)
-    val_batches: int = 4  # batches for the validation loss
+    w_cfg: float = 1.0  # guidance eps(null) + w (eps(cond) - eps(null)) as the reference; 1 = plain conditional
+    sampler_output: str = "z0"  # "z0" as the reference returns, or "mean" = z0 / alpha0 (the decoder's mean)
+    prompts: str = "random"  # training classes' prompts: "random" inside each class's box (the reference) | "mean"
+    val_batches: int = 0  # 0 = the loss on the whole validation set (the reference); k = k random batches
+    vector_band: float = 0.0  # vectors: also require |x - value| <= k std to count as correct (0 = nearest value only)
     save_params: bool = True  # keep parameters at every evaluation point (needed by `elicit`)
 
 
@@ -122,15 +136,18 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
-SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s")
+SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes")
 _CHOICES = {
-    "data.kind": ("images", "vector"),
+    "data.kind": ("images", "vector", "celeba"),
     "data.nuisance": ("gaussian", "bimodal"),
     "data.cond_mode": ("classy", "mean", "observed"),
     "model.arch": ("unet", "mlp"),
     "model.conditioning": ("sep_mlp", "common_linear", "common_zerolinear"),
     "model.dtype": ("float32", "bfloat16"),
-    "train.strategy": ("vmap", "map", "unroll"),
+    "train.strategy": ("auto", "vmap", "map", "unroll"),
+    "train.batches": ("epochs", "replacement"),
+    "eval.sampler_output": ("z0", "mean"),
+    "eval.prompts": ("random", "mean"),
 }
 
 
@@ -142,7 +159,12 @@ def _err(name, value, allowed):
 
 
 def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite real number (not a bool, not NaN or infinite)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def sweep_values(cfg: Config, key: str) -> list:
@@ -150,6 +172,8 @@ def sweep_values(cfg: Config, key: str) -> list:
     section, name = key.split(".")
     v = getattr(getattr(cfg, section), name)
     if name in ("m", "s"):
+        return [tuple(x) for x in v] if v and isinstance(v[0], (tuple, list)) else [tuple(v)]
+    if name == "attributes":
         return [tuple(x) for x in v] if v and isinstance(v[0], (tuple, list)) else [tuple(v)]
     return list(v) if isinstance(v, (tuple, list)) else [v]
 
@@ -159,21 +183,31 @@ def _check_type(name, value, default):
         ok = isinstance(value, bool)
         kind = "true or false"
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = _is_int(value)
         kind = "an integer"
     elif isinstance(default, float):
         ok = _is_num(value)
-        kind = "a number"
+        kind = "a finite number"
     elif isinstance(default, str):
         ok = isinstance(value, str)
         kind = "a string"
     elif isinstance(default, tuple):
         ok = isinstance(value, tuple)
         kind = "a list"
+        if ok and default and all(_is_int(x) for x in default):  # a list of integers: no true/false, no 1.5
+            if not all(_is_int(x) for x in value):
+                raise ConfigError(f"{name}={_untuple(value)!r} has the wrong type: expected a list of integers")
+        if ok and default and all(isinstance(x, str) for x in default):
+            if not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"{name}={_untuple(value)!r} has the wrong type: expected a list of strings")
     else:
         return
     if not ok:
-        raise ConfigError(f"{name}={value!r} has the wrong type: expected {kind}")
+        raise ConfigError(f"{name}={_untuple(value)!r} has the wrong type: expected {kind}")
+
+
+MAX_CLASSES = 4096  # concept-grid size bound (a typo such as data.dim=40 must not exhaust memory)
+MAX_MEMBER_BYTES = 4 << 30  # rendered dataset of one member, float32
 
 
 def validate(cfg: Config) -> None:
@@ -190,62 +224,92 @@ def validate(cfg: Config) -> None:
             _check_type(key, getattr(sec, f.name), default)
             if key in _CHOICES and getattr(sec, f.name) not in _CHOICES[key]:
                 _err(key, getattr(sec, f.name), "one of " + ", ".join(_CHOICES[key]))
+    if not isinstance(cfg.name, str):
+        raise ConfigError(f"name={_untuple(cfg.name)!r} has the wrong type: expected a string")
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
 
     seeds = cfg.seeds if isinstance(cfg.seeds, tuple) else None
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        _err("seeds", cfg.seeds, "a non-empty list of non-negative integers")
+    if not seeds or not all(_is_int(s) and 0 <= s < 2 ** 31 for s in seeds):
+        _err("seeds", _untuple(cfg.seeds), "a non-empty list of integers in [0, 2**31)")
     if len(set(seeds)) != len(seeds):
-        _err("seeds", cfg.seeds, "distinct seeds")
+        _err("seeds", _untuple(cfg.seeds), "distinct seeds")
 
+    for key in SWEEP_FIELDS:  # an empty list would make a sweep of no members
+        raw = getattr(d, key.split(".")[1])
+        if isinstance(raw, tuple) and not raw:
+            _err(key, [], "a value or a non-empty list of values")
     for key, lo, hi in (("data.sep_col", 0.0, 0.8), ("data.sep_size", 0.0, 0.4)):
         vals = sweep_values(cfg, key)
         for v in vals:
             if not _is_num(v) or not (lo < v <= hi):
-                _err(key, getattr(d, key.split(".")[1]), f"numbers in ({lo}, {hi}], or a list of them")
+                _err(key, _untuple(getattr(d, key.split(".")[1])), f"numbers in ({lo}, {hi}], or a list of them")
     for key in ("data.m", "data.s"):
         raw = getattr(d, key.split(".")[1])
         if not isinstance(raw, tuple) or not raw:
-            _err(key, raw, f"a list of {d.dim} positive numbers (a list of such lists sweeps)")
+            _err(key, _untuple(raw), f"a list of {d.dim} positive numbers (a list of such lists sweeps)")
         for v in sweep_values(cfg, key):
             if len(v) != d.dim or not all(_is_num(x) and x > 0 for x in v):
-                _err(key, raw, f"a list of {d.dim} positive numbers (data.dim), or a list of such lists")
+                _err(key, _untuple(raw), f"a list of {d.dim} positive finite numbers (data.dim), or a list of such lists")
+    attrs = d.attributes
+    if not isinstance(attrs, tuple) or not attrs:
+        _err("data.attributes", _untuple(attrs), "a non-empty list of attribute names (a list of such lists sweeps)")
+    for v in sweep_values(cfg, "data.attributes"):
+        if not v or not all(isinstance(a, str) and a for a in v) or len(set(v)) != len(v):
+            _err("data.attributes", _untuple(attrs), "distinct attribute names, or a list of such lists")
+    if len({len(v) for v in sweep_values(cfg, "data.attributes")}) != 1:
+        _err("data.attributes", _untuple(attrs), "lists of the same length in a sweep (the concept grid is shared)")
 
     if d.kind == "images":
         if not d.concepts or any(c not in IMAGE_CONCEPTS for c in d.concepts):
             _err("data.concepts", d.concepts, "a non-empty list from " + ", ".join(IMAGE_CONCEPTS))
         if list(d.concepts) != sorted(d.concepts, key=IMAGE_CONCEPTS.index) or len(set(d.concepts)) != len(d.concepts):
             _err("data.concepts", d.concepts, "distinct concepts in the order " + ", ".join(IMAGE_CONCEPTS))
-        if len(d.values) != len(d.concepts) or not all(isinstance(v, int) and v >= 2 for v in d.values):
+        if len(d.values) != len(d.concepts) or not all(_is_int(v) and v >= 2 for v in d.values):
             _err("data.values", d.values, f"one integer >= 2 per concept in data.concepts ({len(d.concepts)})")
         if "shape" in d.concepts and d.values[d.concepts.index("shape")] != 2:
             _err("data.values", d.values, "exactly 2 values for shape (circle, triangle)")
-        n_classes = 1
-        for v in d.values:
-            n_classes *= v
-        if d.image_size < 8:
-            _err("data.image_size", d.image_size, "an integer >= 8")
+        n_classes = math.prod(d.values)
+        if n_classes > MAX_CLASSES:
+            _err("data.values", d.values, f"at most {MAX_CLASSES} classes in all")
+        if not 8 <= d.image_size <= 512:
+            _err("data.image_size", d.image_size, "an integer in [8, 512]")
         if d.blur_sigma < 0:
             _err("data.blur_sigma", d.blur_sigma, "a number >= 0")
         if d.pixel_noise < 0:
             _err("data.pixel_noise", d.pixel_noise, "a number >= 0")
         concept_names = d.concepts
+        x_size = 3 * d.image_size ** 2
+    elif d.kind == "celeba":
+        n_classes = 2 ** len(sweep_values(cfg, "data.attributes")[0])
+        if n_classes > MAX_CLASSES:
+            _err("data.attributes", _untuple(attrs), f"at most {int(math.log2(MAX_CLASSES))} attributes")
+        if not 8 <= d.image_size <= 512:
+            _err("data.image_size", d.image_size, "an integer in [8, 512]")
+        if d.crop < 0:
+            _err("data.crop", d.crop, "an integer >= 0 (0 = the largest centred square)")
+        if not 0 <= d.jitter <= 0.5:
+            _err("data.jitter", d.jitter, "a number in [0, 0.5]")
+        concept_names = sweep_values(cfg, "data.attributes")[0]
+        x_size = 0  # streamed from the host, never rendered on the device as a whole
     else:
         if d.dim < 2:
             _err("data.dim", d.dim, "an integer >= 2")
         if d.perdim < 2:
             _err("data.perdim", d.perdim, "an integer >= 2")
-        if d.dim_nuisance < 0:
-            _err("data.dim_nuisance", d.dim_nuisance, "an integer >= 0")
+        n_classes = d.perdim ** d.dim if d.dim <= 64 and d.perdim <= MAX_CLASSES else MAX_CLASSES + 1
+        if n_classes > MAX_CLASSES:
+            _err("data.dim", d.dim, f"a grid of at most {MAX_CLASSES} classes (data.perdim ** data.dim)")
+        if not 0 <= d.dim_nuisance <= 4096:
+            _err("data.dim_nuisance", d.dim_nuisance, "an integer in [0, 4096]")
         if d.cond_noise < 0:
             _err("data.cond_noise", d.cond_noise, "a number >= 0")
-        n_classes = d.perdim ** d.dim
         concept_names = tuple(f"dim{i}" for i in range(d.dim))
         for c in d.train_classes:
-            if not isinstance(c, int) or not 0 <= c < n_classes:
+            if not _is_int(c) or not 0 <= c < n_classes:
                 _err("data.train_classes", d.train_classes, f"class indices in [0, {n_classes - 1}]")
+        x_size = d.dim + d.dim_nuisance
     for c in d.held_out:
-        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < n_classes:
+        if not _is_int(c) or not 0 <= c < n_classes:
             _err("data.held_out", d.held_out,
                  f"class indices in [0, {n_classes - 1}] ({n_classes} classes from the concept grid)")
     if len(set(d.held_out)) >= n_classes:
@@ -266,17 +330,24 @@ def validate(cfg: Config) -> None:
         _err("data.n_per_class", d.n_per_class, "an integer >= 2")
     if not 0.0 <= d.val_frac < 1.0:
         _err("data.val_frac", d.val_frac, "a number in [0, 1)")
+    if d.n_test < 1:
+        _err("data.n_test", d.n_test, "a positive integer")
+    n_examples = n_classes * (d.n_per_class * (1 + d.val_frac)) + n_classes * d.n_test
+    if n_examples * x_size * 4 > MAX_MEMBER_BYTES:
+        _err("data.n_per_class", d.n_per_class,
+             f"a dataset of at most {MAX_MEMBER_BYTES >> 30} GiB per member "
+             f"(this one: {n_examples * x_size * 4 / 2 ** 30:.1f} GiB from {n_classes} classes)")
 
-    if m.arch == "unet" and d.kind != "images":
+    if m.arch == "unet" and d.kind == "vector":
         _err("model.arch", m.arch, "'mlp' for vector data (data.kind='vector')")
     if m.arch == "mlp" and d.kind != "vector":
-        _err("model.arch", m.arch, "'unet' for image data (data.kind='images')")
+        _err("model.arch", m.arch, "'unet' for image data (data.kind='images' or 'celeba')")
     for key, v in (("model.ch", m.ch), ("model.num_res_blocks", m.num_res_blocks),
                    ("model.num_heads", m.num_heads), ("model.norm_groups", m.norm_groups),
                    ("model.time_embed_dim", m.time_embed_dim), ("model.embed_dim", m.embed_dim)):
         if v < 1:
             _err(key, v, "a positive integer")
-    if not m.ch_mult or not all(isinstance(x, int) and x >= 1 for x in m.ch_mult):
+    if not m.ch_mult or not all(_is_int(x) and x >= 1 for x in m.ch_mult):
         _err("model.ch_mult", m.ch_mult, "a non-empty list of positive integers")
     if m.arch == "unet":
         for mult in m.ch_mult:
@@ -286,7 +357,7 @@ def validate(cfg: Config) -> None:
                 _err("model.num_heads", m.num_heads, f"a divisor of every level's width ({m.ch}x{m.ch_mult})")
         if d.image_size % (2 ** (len(m.ch_mult) - 1)):
             _err("model.ch_mult", m.ch_mult, f"at most log2 of data.image_size={d.image_size} levels")
-    if not m.hidden or not all(isinstance(x, int) and x >= 1 for x in m.hidden):
+    if not m.hidden or not all(_is_int(x) and x >= 1 for x in m.hidden):
         _err("model.hidden", m.hidden, "a non-empty list of positive integers")
     if m.time_embed_dim % 2:
         _err("model.time_embed_dim", m.time_embed_dim, "an even integer")
@@ -304,6 +375,8 @@ def validate(cfg: Config) -> None:
                    ("train.keep_checkpoints", t.keep_checkpoints), ("train.map_batch_size", t.map_batch_size)):
         if v < 1:
             _err(key, v, "a positive integer")
+    if t.steps >= 2 ** 31:
+        _err("train.steps", t.steps, "an integer below 2**31")
     if t.scan_unroll < 0:
         _err("train.scan_unroll", t.scan_unroll, "an integer >= 0 (0 = no unrolling)")
     if t.batch_size % 2:
@@ -318,21 +391,25 @@ def validate(cfg: Config) -> None:
         _err("train.ema", t.ema, "a decay in [0, 1) (0 = no moving average)")
     if not 0.0 <= t.p_cfg < 1.0:
         _err("train.p_cfg", t.p_cfg, "a number in [0, 1)")
+    if t.memory_budget < 0:
+        _err("train.memory_budget", t.memory_budget, "bytes >= 0 (0 = the device's free memory)")
 
     if e.n_points < 1:
         _err("eval.n_points", e.n_points, "a positive integer")
     if e.first < 1:
         _err("eval.first", e.first, "a positive integer (evaluation starts at min(eval.first, train.steps))")
-    if any(not isinstance(s, int) or not 0 <= s <= t.steps for s in e.steps) or list(e.steps) != sorted(set(e.steps)):
+    if any(not _is_int(s) or not 0 <= s <= t.steps for s in e.steps) or list(e.steps) != sorted(set(e.steps)):
         _err("eval.steps", e.steps, f"increasing distinct integers in [0, train.steps={t.steps}]")
     if e.n_samples < 1:
         _err("eval.n_samples", e.n_samples, "a positive integer")
     if e.sampler_steps < 1:
         _err("eval.sampler_steps", e.sampler_steps, "a positive integer")
     if e.w_cfg < 0:
-        _err("eval.w_cfg", e.w_cfg, "a number >= 0")
-    if e.val_batches < 1:
-        _err("eval.val_batches", e.val_batches, "a positive integer")
+        _err("eval.w_cfg", e.w_cfg, "a number >= 0 (1 = plain conditional sampling)")
+    if e.val_batches < 0:
+        _err("eval.val_batches", e.val_batches, "an integer >= 0 (0 = the whole validation set)")
+    if e.vector_band < 0:
+        _err("eval.vector_band", e.vector_band, "a number >= 0 (0 = nearest value only)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,13 +527,13 @@ def override(cfg: Config, assignments) -> Config:
 def members(cfg: Config) -> list[Config]:
     """Expand a sweep into one config per member: product over SWEEP_FIELDS, then seeds.
 
-    Member order: row-major over (data.sep_col, data.sep_size, data.m, data.s, seed).
+    Member order: row-major over (data.sep_col, data.sep_size, data.m, data.s, data.attributes, seed).
     Each member has scalar sweep fields and a single seed.
     """
     axes = [sweep_values(cfg, k) for k in SWEEP_FIELDS] + [list(cfg.seeds)]
     out = []
-    for sc, ss, mm, s, seed in itertools.product(*axes):
-        data = replace(cfg.data, sep_col=sc, sep_size=ss, m=mm, s=s)
+    for sc, ss, mm, s, attrs, seed in itertools.product(*axes):
+        data = replace(cfg.data, sep_col=sc, sep_size=ss, m=mm, s=s, attributes=attrs)
         out.append(replace(cfg, data=data, seeds=(seed,)))
     return out
 
@@ -538,7 +615,8 @@ def resolve(preset_name: str | None = None, config_file=None, sets=()) -> Config
 
 def eval_steps(cfg: Config) -> list[int]:
     """Evaluation steps: ``eval.steps`` if given, else n_points evenly spaced in sqrt(step)
-    from ``eval.first`` to ``train.steps`` (rounded, deduplicated, increasing)."""
+    from ``eval.first`` to ``train.steps``, truncated to integers as the reference does, the last
+    one set to ``train.steps``, deduplicated, increasing."""
     if cfg.eval.steps:
         return list(cfg.eval.steps)
     import numpy as np
@@ -547,5 +625,6 @@ def eval_steps(cfg: Config) -> list[int]:
     a = min(cfg.eval.first, b)
     if n == 1:
         return [b]
-    pts = np.round(np.linspace(np.sqrt(a), np.sqrt(b), n) ** 2).astype(int)
-    return sorted(set(int(p) for p in pts))
+    pts = (np.linspace(np.sqrt(a), np.sqrt(b), n) ** 2).astype(int)
+    pts[-1] = b
+    return sorted(set(int(p) for p in pts if p >= 1))

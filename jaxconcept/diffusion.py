@@ -67,12 +67,19 @@ def drop_cond(cond, key, p: float, null_cond=None):
     return jnp.where(drop[:, None], _null(null_cond, cond)[None, :], cond)
 
 
-def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None) -> dict:
+def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None,
+               n_valid=None, draws=None) -> dict:
     """Per-example VDM loss terms in bits per dimension, each [B].
 
-    diffusion: 1/2 gamma'(t) ||eps_hat - eps||^2 with antithetic t (t_i = t_0 + i/B mod 1);
+    diffusion: 1/2 gamma'(t) ||eps_hat - eps||^2 with antithetic t (t_i = t_0 + i/n mod 1);
     latent:    KL(q(z_1|x) || N(0, I));
     recon:     -log N(x; z_0/alpha_0, data_noise^2) with z_0 ~ q(z_0|x) (one draw).
+
+    Args:
+      n_valid: the number of real examples when the batch is padded (a short last batch of an
+        epoch): they are the first ``n_valid`` rows and the time grid spans them (default: B).
+      draws: optional {"t": [B], "eps": x-shaped, "eps_0": x-shaped} replacing the random draws
+        of times, diffusion noise and reconstruction noise (parity tests against the reference).
     """
     b = x.shape[0]
     d = math.prod(x.shape[1:])
@@ -81,10 +88,13 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     k_t, k_eps, k_0, k_drop, k_net = jax.random.split(key, 5)
     if p_cfg > 0.0:
         cond = drop_cond(cond, k_drop, p_cfg, null_cond)
+    draws = draws or {}
+    n = b if n_valid is None else n_valid
 
-    t = jnp.mod(jax.random.uniform(k_t, ()) + jnp.arange(b) / b, 1.0)  # [B], stratified over [0, 1)
+    # [B], stratified over [0, 1) across the n real examples
+    t = draws.get("t", jnp.mod(jax.random.uniform(k_t, ()) + jnp.arange(b) / n, 1.0))
     g_t = gamma(params, t)  # [B]
-    eps = jax.random.normal(k_eps, x.shape)
+    eps = draws.get("eps", jax.random.normal(k_eps, x.shape))
     z_t = _bcast(jnp.sqrt(jax.nn.sigmoid(-g_t)), x) * x + _bcast(jnp.sqrt(jax.nn.sigmoid(g_t)), x) * eps
     eps_hat = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), cond, train, k_net)
     assert eps_hat.shape == x.shape, (eps_hat.shape, x.shape)
@@ -95,7 +105,7 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     latent = 0.5 * jnp.sum(var_1 + (1.0 - var_1) * x ** 2 - jnp.log(var_1) - 1.0, axis=axes)
 
     # z_0 / alpha_0 = x + (sigma_0 / alpha_0) eps_0 and sigma_0 / alpha_0 = exp(gamma_0 / 2)
-    err = jnp.exp(0.5 * gamma(params, jnp.float32(0.0))) * jax.random.normal(k_0, x.shape)
+    err = jnp.exp(0.5 * gamma(params, jnp.float32(0.0))) * draws.get("eps_0", jax.random.normal(k_0, x.shape))
     s = model_cfg.data_noise
     recon = jnp.sum(0.5 * (err / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi), axis=axes)
 
@@ -103,8 +113,8 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     return {"diffusion": diffusion * bpd, "latent": latent * bpd, "recon": recon * bpd}
 
 
-def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None):
-    """VDM loss (negative ELBO) in bits per dimension, batch mean.
+def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None, n_valid=None):
+    """VDM loss (negative ELBO) in bits per dimension, mean over the batch's real examples.
 
     Args:
       apply_fn: ``make_apply(net)`` or an intervened equivalent.
@@ -115,25 +125,34 @@ def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0,
       key: PRNG key for times, noise, CFG dropout and network dropout.
       train: network in training mode (dropout).
       p_cfg: probability of replacing a row's cond by ``null_cond`` (default all -1).
+      n_valid: real examples (the first rows) of a padded batch; default all B.
     Returns:
-      (loss, {"diffusion", "latent", "recon"}), each term a batch mean in bits/dim.
+      (loss, {"diffusion", "latent", "recon"}), each term a mean in bits/dim.
     """
-    terms = jax.tree.map(jnp.mean, loss_terms(apply_fn, model_cfg, params, x, cond, key, train=train,
-                                              p_cfg=p_cfg, null_cond=null_cond))
+    terms = loss_terms(apply_fn, model_cfg, params, x, cond, key, train=train, p_cfg=p_cfg,
+                       null_cond=null_cond, n_valid=n_valid)
+    if n_valid is None:
+        terms = jax.tree.map(jnp.mean, terms)
+    else:
+        w = (jnp.arange(x.shape[0]) < n_valid).astype(jnp.float32)  # [B]
+        terms = jax.tree.map(lambda v: jnp.sum(w * v) / jnp.maximum(jnp.sum(w), 1.0), terms)
     return terms["diffusion"] + terms["latent"] + terms["recon"], terms
 
 
-def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=0.0, null_cond=None):
-    """eps_hat at log-SNR g (scalar) in eval mode; with w_cfg > 0 the classifier-free-guided
-    (1 + w) eps(cond) - w eps(null). Two separate calls (not one of batch 2N), so interventions
+def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=None):
+    """eps_hat at log-SNR g (scalar) in eval mode, classifier-free guided as the reference does:
+    eps(null) + w_cfg (eps(cond) - eps(null)). w_cfg = 1 is plain conditional sampling (one
+    network call); 0 is unconditional. Two separate calls (not one of batch 2N), so interventions
     whose values are per example still broadcast."""
     t_in = jnp.full((z.shape[0],), net_time(model_cfg, g), jnp.float32)
     key = jax.random.PRNGKey(0)  # unused: no dropout in eval mode
-    eps = apply_fn(params["net"], z, t_in, cond, False, key)
-    if not w_cfg:
-        return eps
+    if w_cfg == 1.0:
+        return apply_fn(params["net"], z, t_in, cond, False, key)
     null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
-    return (1.0 + w_cfg) * eps - w_cfg * apply_fn(params["net"], z, t_in, null, False, key)
+    eps_null = apply_fn(params["net"], z, t_in, null, False, key)
+    if w_cfg == 0.0:
+        return eps_null
+    return eps_null + w_cfg * (apply_fn(params["net"], z, t_in, cond, False, key) - eps_null)
 
 
 def python_loop(model_cfg) -> bool:
@@ -142,7 +161,8 @@ def python_loop(model_cfg) -> bool:
     return jax.default_backend() == "cpu" and model_cfg.arch == "unet"
 
 
-def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=0.0, null_cond=None):
+def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,
+           output: str = "z0"):
     """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan
     (a traced Python loop for conv nets on CPU, see ``python_loop``).
 
@@ -153,10 +173,11 @@ def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=0.
       cond: [N, cond_dim] prompts.
       x_shape: shape of one example.
       n_steps: sampler steps.
-      w_cfg: guidance weight (0: plain conditional sampling).
+      w_cfg: guidance weight, eps(null) + w (eps(cond) - eps(null)) (1: plain conditional sampling).
       null_cond: the unconditional prompt for guidance (default all -1).
+      output: "z0" returns z_0, as the reference does; "mean" the decoder's mean z_0 / alpha_0.
     Returns:
-      x = z_0 / alpha_0 (the decoder's mean), [N, *x_shape] float32.
+      x [N, *x_shape] float32.
     """
     n = cond.shape[0]
     k_init, k_steps = jax.random.split(key)
@@ -176,7 +197,11 @@ def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=0.
             z, _ = step(z, jnp.int32(i))
     else:
         z, _ = jax.lax.scan(step, z, jnp.arange(n_steps))
-    return z / jnp.sqrt(jax.nn.sigmoid(-gamma(params, jnp.float32(0.0))))
+    if output == "mean":
+        return z / jnp.sqrt(jax.nn.sigmoid(-gamma(params, jnp.float32(0.0))))
+    if output != "z0":
+        raise ValueError(f"output={output!r} is invalid: allowed z0, mean")
+    return z
 
 
 def step_flops(net, model_cfg, spec, batch_size: int, *, p_cfg: float = 0.0) -> float:

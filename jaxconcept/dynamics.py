@@ -272,7 +272,7 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
     for mc in member_cfgs:
         key = P.cache_key(mc.data)
         if key not in probes:
-            probes[key] = P.probe_for(mc.data, **(probe_kw or {}))
+            probes[key] = P.probe_for(mc.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})})
         member_probe.append(key)
 
     n_m, n_t = len(members), len(steps)

@@ -106,7 +106,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "over_strengths": list(OVER_STRENGTHS),
            "latent_strengths": list(LATENT_STRENGTHS), "members": []}
     for i, m in enumerate(members):
-        probe = P.probe_for(m.data, **(probe_kw or {}))
+        probe = P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})})
         params_i = {s: jax.tree.map(lambda a: jnp.asarray(a[i]), stacked[s]) for s in steps}
         spec = D.spec(m.data)
         name = spec.concepts[target_concept(m, spec.held_out[0], concept)]

@@ -86,22 +86,36 @@ def test_vector_probe_is_exact():
     probe = P.probe_for(cfg)
     assert probe.accuracy.min() >= 0.99
     # class means of the unnormalised grid: dim0 in {0, 1}, dim1 in {0, 2}; std 0.05 and 0.1
-    x = np.array([[0.0, 0.0, 5.0], [1.0, 2.0, -3.0], [0.1, 1.9, 0.0], [0.5, 0.0, 0.0], [0.98, 1.0, 0.0]], np.float32)
+    x = np.array([[0.0, 0.0, 5.0], [1.0, 2.0, -3.0], [0.1, 1.9, 0.0], [0.6, 0.0, 0.0], [0.98, 1.2, 0.0]], np.float32)
     probs = P.predict(probe, x)
-    assert probs.shape == (5, 2, 2)
-    assert np.array_equal(probs[:3].argmax(-1), [[0, 0], [1, 1], [0, 1]]) and np.all(probs[:3].sum(-1) == 1)
-    assert np.all(probs[3, 0] == 0) and np.all(probs[4, 1] == 0)  # outside every value's 3-std band
+    assert probs.shape == (5, 2, 2) and np.all(probs.sum(-1) == 1)  # every sample has its nearest value
+    assert np.array_equal(probs.argmax(-1), [[0, 0], [1, 1], [0, 1], [1, 0], [1, 1]])
     z = P.coordinates(probe, x)
     assert np.allclose(z[:, 0], x[:, 0]) and np.allclose(z[:, 1], x[:, 1] / 2)
-    ok = P.correct(probe, x, np.array([[0, 0], [1, 1], [0, 1], [0, 0], [1, 1]]))
-    assert ok.tolist() == [[True, True], [True, True], [True, True], [False, True], [True, False]]
-    # 0.1 from value 0 of dim0 is 2 std: correct with k=3, not with k=1
-    assert not P.correct(dataclasses.replace(probe, k=1.0), x[2:3], np.array([[0, 1]]))[0, 0]
+    target = np.array([[0, 0], [1, 1], [0, 1], [0, 0], [1, 1]])
+    ok = P.correct(probe, x, target)
+    assert ok.tolist() == [[True, True], [True, True], [True, True], [False, True], [True, True]]
+    # with a 3-std band, far samples have no value: (0.6 is 8 std from 1, 1.2 is 8 std from 2)
+    banded = P.correct(dataclasses.replace(probe, band=3.0), x, target)
+    assert banded.tolist() == [[True, True], [True, True], [True, True], [False, True], [True, False]]
+    # 0.1 from value 0 of dim0 is 2 std: inside a 3-std band, outside a 1-std one
+    assert not P.correct(dataclasses.replace(probe, band=1.0), x[2:3], np.array([[0, 1]]))[0, 0]
+
+
+def test_vector_probe_classifies_by_the_nearest_value_when_bands_overlap():
+    """m = 0.2, s = 0.05: a sample at 0.15 lies within 3 s of value 0 but is nearer value 1 (0.2);
+    the old band rule counted it as value 0, the nearest-value rule (as the image probe's argmax)
+    does not."""
+    probe = P.probe_for(_vec_cfg(m=(1.0, 0.2), s=(0.05, 0.05), normalize=False))
+    assert 0.95 < probe.accuracy[:, 1].min() < 0.99  # G's own classes overlap (2 std apart)
+    x = np.array([[0.0, 0.15, 0.0], [0.0, 0.09, 0.0]], np.float32)
+    assert P.correct(probe, x, np.array([[0, 0], [0, 0]]))[:, 1].tolist() == [False, True]
+    assert P.correct(probe, x, np.array([[0, 1], [0, 1]]))[:, 1].tolist() == [True, False]
 
 
 def test_vector_probe_refuses_a_band_too_narrow():
     with pytest.raises(P.ProbeError, match="refuses"):
-        P.probe_for(_vec_cfg(), k=2.0)  # only ~95 % of each class lies within 2 std
+        P.probe_for(_vec_cfg(), band=1.0)  # only ~68 % of each class lies within 1 std
 
 
 def test_cache_key_ignores_what_does_not_change_samples():
