@@ -1,7 +1,13 @@
-"""Orbax checkpoints of a (stacked) train state: save, and restore the newest readable one."""
+"""Orbax checkpoints of a (stacked) train state: save, and restore the newest readable one.
+
+A step that fails to restore (damaged files, an emptied directory, a write cut short) is moved
+aside to ``<directory>.bad/<step>[-n]`` — kept for inspection, reported in one line — and the
+manager is rebuilt, so the intact earlier steps restore and the next save of that step succeeds.
+"""
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -22,19 +28,64 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
     mngr.wait_until_finished()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like):
-    """Restore the newest checkpoint that reads back whole; a corrupt or partial one is skipped with a
-    warning and the previous one is tried. Returns ``(step, state)`` or ``(None, None)``.
+def move_aside(directory, step: int, why: str) -> Path:
+    """Move checkpoint ``step`` to ``<directory>.bad/`` (process 0 only) and say so in one line."""
+    src = Path(directory) / str(step)
+    bad = Path(f"{Path(directory)}.bad")
+    dst = bad / str(step)
+    n = 1
+    while dst.exists():
+        dst, n = bad / f"{step}-{n}", n + 1
+    if jax.process_index() == 0 and src.exists():
+        bad.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+    warnings.warn(f"checkpoint at step {step} is unreadable ({why}); moved to {dst}", stacklevel=3)
+    return dst
 
-    ``like`` is a state (or abstract state) giving the structure, shapes, dtypes and shardings.
+
+def _barrier(name: str) -> None:
+    """Every process waits here (after process 0 moved something on the shared file system)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _incomplete_steps(directory: Path) -> list[int]:
+    """Step directories without orbax's metadata file: empty, or cut short before it was written."""
+    if not directory.is_dir():
+        return []
+    return [int(p.name) for p in directory.iterdir()
+            if p.is_dir() and p.name.isdigit() and not (p / "_CHECKPOINT_METADATA").is_file()]
+
+
+def restore_latest(directory, keep: int, like):
+    """Restore the newest checkpoint under ``directory`` that reads back whole.
+
+    Steps that fail are moved aside (``move_aside``) and the previous one is tried.
+
+    Args:
+      directory: the checkpoint directory; keep: the manager's ``max_to_keep``.
+      like: a state (or abstract state) giving the structure, shapes, dtypes and shardings.
+    Returns:
+      ``(manager, step, state)``; step and state are None when nothing restores. The manager is
+      the one to save with (rebuilt after any step was moved aside).
     """
+    directory = Path(directory)
+    for step in _incomplete_steps(directory):
+        move_aside(directory, step, "incomplete: no checkpoint metadata")
+    _barrier("jaxconcept-checkpoint-scan")
+    mngr = manager(directory, keep)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
             jax.block_until_ready(state)
-            return step, state
+            return mngr, step, state
         except Exception as exc:  # noqa: BLE001 - any failure to read means "try the previous one"
-            warnings.warn(f"checkpoint at step {step} is unreadable ({type(exc).__name__}: {exc}); "
-                          "falling back to the previous one", stacklevel=2)
-    return None, None
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            move_aside(directory, step, f"{type(exc).__name__}: {first}")
+            _barrier(f"jaxconcept-checkpoint-{step}")
+            mngr.close()
+            mngr = manager(directory, keep)
+    return mngr, None, None

@@ -583,7 +583,7 @@ def _p_tiny():
         model=ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_heads=2, norm_groups=4,
                           time_embed_dim=16, embed_dim=32),
         train=TrainConfig(steps=20, batch_size=8, steps_per_call=5, checkpoint_every=10),
-        eval=EvalConfig(n_points=2, first=10, n_samples=4, sampler_steps=4, val_batches=1),
+        eval=EvalConfig(n_points=2, first=10, n_samples=4, sampler_steps=4),
     )
 
 
@@ -592,7 +592,7 @@ def _p_vec_tiny():
     return replace(c, name="vec_tiny", data=replace(c.data, n_per_class=64),
                    model=replace(c.model, hidden=(64,), time_embed_dim=16, embed_dim=32),
                    train=replace(c.train, steps=20, steps_per_call=5, checkpoint_every=10),
-                   eval=EvalConfig(n_points=2, first=10, n_samples=16, sampler_steps=8, val_batches=1))
+                   eval=EvalConfig(n_points=2, first=10, n_samples=16, sampler_steps=8))
 
 
 PRESETS = {"2x2": _p_2x2, "2x2x2": _p_2x2x2, "vec2x2": _p_vec2x2, "vec2x2x2": _p_vec2x2x2,

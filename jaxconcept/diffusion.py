@@ -68,7 +68,7 @@ def drop_cond(cond, key, p: float, null_cond=None):
 
 
 def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None,
-               n_valid=None, draws=None) -> dict:
+               n_valid=None, draws=None, w_cfg=1.0) -> dict:
     """Per-example VDM loss terms in bits per dimension, each [B].
 
     diffusion: 1/2 gamma'(t) ||eps_hat - eps||^2 with antithetic t (t_i = t_0 + i/n mod 1);
@@ -80,6 +80,8 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
         epoch): they are the first ``n_valid`` rows and the time grid spans them (default: B).
       draws: optional {"t": [B], "eps": x-shaped, "eps_0": x-shaped} replacing the random draws
         of times, diffusion noise and reconstruction noise (parity tests against the reference).
+      w_cfg: in eval mode (``train=False``), predict eps with guidance weight w_cfg (``eps_guided``),
+        as the reference's validation and test losses do.
     """
     b = x.shape[0]
     d = math.prod(x.shape[1:])
@@ -97,6 +99,10 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     eps = draws.get("eps", jax.random.normal(k_eps, x.shape))
     z_t = _bcast(jnp.sqrt(jax.nn.sigmoid(-g_t)), x) * x + _bcast(jnp.sqrt(jax.nn.sigmoid(g_t)), x) * eps
     eps_hat = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), cond, train, k_net)
+    if not train and w_cfg != 1.0:
+        null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
+        eps_null = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), null, train, k_net)
+        eps_hat = eps_null + w_cfg * (eps_hat - eps_null)
     assert eps_hat.shape == x.shape, (eps_hat.shape, x.shape)
     dgamma_dt = jnp.abs(params["gamma"]["w"])  # linear schedule: gamma'(t) = |w| (learned through)
     diffusion = 0.5 * dgamma_dt * jnp.sum((eps_hat - eps) ** 2, axis=axes)
@@ -113,7 +119,8 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     return {"diffusion": diffusion * bpd, "latent": latent * bpd, "recon": recon * bpd}
 
 
-def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None, n_valid=None):
+def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0, null_cond=None, n_valid=None,
+            w_cfg=1.0):
     """VDM loss (negative ELBO) in bits per dimension, mean over the batch's real examples.
 
     Args:
@@ -126,11 +133,12 @@ def loss_fn(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0.0,
       train: network in training mode (dropout).
       p_cfg: probability of replacing a row's cond by ``null_cond`` (default all -1).
       n_valid: real examples (the first rows) of a padded batch; default all B.
+      w_cfg: guidance weight of the eps prediction in eval mode (see ``loss_terms``).
     Returns:
       (loss, {"diffusion", "latent", "recon"}), each term a mean in bits/dim.
     """
     terms = loss_terms(apply_fn, model_cfg, params, x, cond, key, train=train, p_cfg=p_cfg,
-                       null_cond=null_cond, n_valid=n_valid)
+                       null_cond=null_cond, n_valid=n_valid, w_cfg=w_cfg)
     if n_valid is None:
         terms = jax.tree.map(jnp.mean, terms)
     else:

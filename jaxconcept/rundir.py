@@ -1,71 +1,235 @@
 """The on-disk layout of a run directory, shared by training, analysis and elicitation.
 
-    RUN_DIR/config.json           the full resolved (sweep) config
+    RUN_DIR/config.json           the full resolved (sweep) config, written once
     RUN_DIR/members.json          one entry per member: index, seed, its sweep values, signals
     RUN_DIR/metrics.jsonl         one JSON object per log point: step, train_loss[M], val_loss[M],
-                                  frozen[M], steps_per_s
+                                  test_loss[M], frozen[M], steps_per_s
     RUN_DIR/samples/step_XXXXXXX.npz
                                   samples [M, n_classes, n_samples, *x_shape] (float16),
-                                  prompts [M, n_classes, cond_dim] (float32), step
+                                  prompts [M, n_classes, n_samples, cond_dim] (float32), step
     RUN_DIR/params/step_XXXXXXX.npz
                                   stacked parameters (leading member axis) at each evaluation point
-    RUN_DIR/checkpoints/          orbax train-state checkpoints (resume)
+    RUN_DIR/checkpoints/          orbax train-state checkpoints (resume); checkpoints/config.json
+                                  a second copy of the config, so a lost config.json is noticed
+    RUN_DIR/checkpoints.bad/      checkpoints that failed to restore, moved aside (kept)
+    RUN_DIR/.lock                 held (fcntl) by the training process; names its pid and host
+
+Every file is written whole or not at all: a temporary file in the same directory, flushed and
+fsynced, then renamed over the final name. Readers ignore temporary files; ``metrics.jsonl`` is
+appended one fsynced line at a time and a half-written last line is dropped when read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import re
+import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from jaxconcept import config as C
 
+_STEP_FILE = re.compile(r"^step_(\d+)\.npz$")
+
 
 class RunDirError(ValueError):
-    pass
+    """A run directory (or a file in it) is missing, unreadable or not what was expected."""
 
 
+# --------------------------------------------------------------------------------------------
+# Writing whole files
+# --------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic(path, mode: str = "w"):
+    """Open a temporary file beside ``path``; on success it is fsynced and renamed to ``path``,
+    on any error removed. ``mode``: "w" (text) or "wb"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def clean_json(obj):
+    """``obj`` with NaN and infinities replaced by None, so it is standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return clean_json(obj.item())
+    return obj
+
+
+def write_json(path, obj, indent: int | None = 1) -> None:
+    """Write standard JSON (no NaN/Infinity literals) atomically."""
+    text = json.dumps(clean_json(obj), indent=indent, allow_nan=False)
+    with atomic(path) as f:
+        f.write(text + "\n")
+
+
+def read_json(path, what: str):
+    """Parse a JSON file, or raise RunDirError naming it and what to do."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{p} is missing ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{p} is unreadable ({what}): {exc}; delete it to have it written again") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The lock
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def lock(run_dir):
+    """Hold an advisory lock on ``run_dir`` for the duration (one training process per run).
+
+    The lock is an fcntl lock on RUN_DIR/.lock: the kernel drops it when its process dies, so a
+    lock file left by a killed run is simply taken over. Raises RunDirError naming the holder.
+    """
+    import fcntl
+
+    p = Path(run_dir) / ".lock"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunDirError(f"{run_dir} is in use by {holder}; wait for it to finish, or stop it, "
+                              "before training into this directory again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
 def _step_file(run_dir, sub, step):
     return Path(run_dir) / sub / f"step_{int(step):07d}.npz"
 
 
 def load_config(run_dir) -> C.Config:
     p = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir} is not a directory (give a run directory written by `jaxconcept train`)")
     if not p.exists():
         raise RunDirError(f"{run_dir} is not a run directory: no config.json (run `jaxconcept train` first)")
-    return C.from_dict(json.loads(p.read_text()))
+    d = read_json(p, "the run's config")
+    try:
+        return C.from_dict(d)
+    except C.ConfigError as exc:
+        raise RunDirError(f"{p} does not hold a valid config ({exc})") from None
 
 
 def load_members(run_dir) -> list[dict]:
-    return json.loads((Path(run_dir) / "members.json").read_text())
+    d = read_json(Path(run_dir) / "members.json", "the members of the sweep; `jaxconcept train` rewrites it")
+    if not isinstance(d, list) or not all(isinstance(m, dict) and "index" in m for m in d):
+        raise RunDirError(f"{Path(run_dir) / 'members.json'} is not a list of members; delete it and run "
+                          "`jaxconcept train` on this directory to have it written again")
+    return d
 
 
 def load_metrics(run_dir) -> list[dict]:
+    """Every complete record of metrics.jsonl (a half-written or garbled line is skipped)."""
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for line in p.read_bytes().decode(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            out.append(r)
+    return out
 
 
 def steps_with(run_dir, sub="samples") -> list[int]:
-    """Steps for which RUN_DIR/<sub>/step_*.npz exists, increasing."""
+    """Steps for which RUN_DIR/<sub>/step_*.npz exists, increasing (temporary files ignored)."""
     d = Path(run_dir) / sub
-    if not d.exists():
+    if not d.is_dir():
         return []
-    return sorted(int(p.stem.split("_")[1]) for p in d.glob("step_*.npz"))
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP_FILE.match(p.name)))
 
 
-def save_samples(run_dir, step, samples, prompts) -> None:
-    p = _step_file(run_dir, "samples", step)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp.npz")
-    np.savez(tmp, samples=np.asarray(samples, np.float16), prompts=np.asarray(prompts, np.float32), step=step)
-    tmp.replace(p)  # atomic: a killed run never leaves half a file under the final name
+def _load_npz(p: Path, what: str):
+    try:
+        f = np.load(p)
+        f.files  # noqa: B018 - reads the zip directory: fails here on a damaged file
+        return f
+    except FileNotFoundError:
+        raise RunDirError(f"{p} is missing ({what})") from None
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds on damaged files
+        raise RunDirError(f"{p} is damaged ({what}: {type(exc).__name__}: {exc}); delete it and re-run "
+                          "`jaxconcept train` on this directory to write it again (training resumes "
+                          "from its checkpoints)") from None
 
 
 def load_samples(run_dir, step) -> dict:
-    with np.load(_step_file(run_dir, "samples", step)) as f:
-        return {"samples": f["samples"].astype(np.float32), "prompts": f["prompts"], "step": int(f["step"])}
+    p = _step_file(run_dir, "samples", step)
+    with _load_npz(p, f"samples at step {step}") as f:
+        try:
+            return {"samples": f["samples"].astype(np.float32), "prompts": f["prompts"], "step": int(f["step"])}
+        except Exception as exc:  # noqa: BLE001
+            raise RunDirError(f"{p} is damaged ({type(exc).__name__}: {exc}); delete it and re-run "
+                              "`jaxconcept train` on this directory") from None
+
+
+def load_params(run_dir, step, like):
+    """Stacked parameters at ``step``, restored into the structure of ``like``."""
+    import jax
+
+    p = _step_file(run_dir, "params", step)
+    with _load_npz(p, f"parameters at step {step}") as f:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+        try:
+            leaves = [f[jax.tree_util.keystr(k)] for k, _ in flat]
+        except Exception as exc:  # noqa: BLE001
+            raise RunDirError(f"{p} is damaged or from another model ({type(exc).__name__}: {exc}); delete it "
+                              "and re-run `jaxconcept train` on this directory") from None
+        for (k, want), got in zip(flat, leaves):
+            if tuple(got.shape) != tuple(want.shape):
+                raise RunDirError(f"{p}: {jax.tree_util.keystr(k)} has shape {got.shape}, expected {want.shape}")
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def save_samples(run_dir, step, samples, prompts) -> None:
+    with atomic(_step_file(run_dir, "samples", step), "wb") as f:
+        np.savez(f, samples=np.asarray(samples, np.float16), prompts=np.asarray(prompts, np.float32), step=step)
 
 
 def save_params(run_dir, step, params) -> None:
@@ -73,17 +237,23 @@ def save_params(run_dir, step, params) -> None:
 
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-    p = _step_file(run_dir, "params", step)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(p)
+    with atomic(_step_file(run_dir, "params", step), "wb") as f:
+        np.savez(f, **arrays)
 
 
-def load_params(run_dir, step, like):
-    """Stacked parameters at ``step``, restored into the structure of ``like``."""
-    import jax
+def append_metrics(run_dir, record: dict) -> None:
+    """Append one record as one fsynced line (a kill leaves at most a half line, dropped on reading)."""
+    line = json.dumps(clean_json(record), allow_nan=False) + "\n"
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
-    with np.load(_step_file(run_dir, "params", step)) as f:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-        return jax.tree_util.tree_unflatten(treedef, [f[jax.tree_util.keystr(k)] for k, _ in flat])
+
+def reconcile_metrics(run_dir, step: int) -> list[dict]:
+    """Rewrite metrics.jsonl atomically with its complete records up to ``step`` (the restored
+    step; later ones will be recomputed identically). Returns the records kept."""
+    keep = [r for r in load_metrics(run_dir) if r["step"] <= step]
+    with atomic(Path(run_dir) / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(clean_json(r), allow_nan=False) + "\n" for r in keep))
+    return keep

@@ -2,19 +2,23 @@
 
 A sweep of M members is one pytree whose leaves carry a leading model axis. One jitted call
 (`advance`) moves every member up to K steps: a `lax.scan` over steps whose body maps the single-
-member `train_step` over the model axis (`vmap`; or `lax.map` in chunks, or one traced copy per
-member, `train.strategy`). The model axis is split over all devices (and hosts) with `shard_map`
-on a 1-D mesh named "models". Conv nets on CPU take one step per call without scan (XLA:CPU's
-slow path for convolutions in loops). A single run is a sweep of one. This is the only module
-that knows about the model axis.
+member `train_step` over the model axis (`vmap`; or `lax.map` in chunks of vmapped members, or
+one traced copy per member: `train.strategy`, chosen by memory when "auto"). The model axis is
+split over the devices (and hosts) with `shard_map` on a 1-D mesh named "models"; a member count
+that does not divide the device count is padded with inert copies of the last member (trained,
+never written). Conv nets on CPU take one step per call without scan (XLA:CPU's slow path for
+convolutions in loops). A single run is a sweep of one. This is the only module that knows about
+the model axis.
 
     state = {"params", "opt", "step", "key", "alive"[, "ema"]}  # each leaf: [M, ...]
-    data  = dict(x_train, c_train, y_train, x_val, c_val, y_val)  # each leaf: [M, N, ...]
+    data  = dict(x_train, c_train, y_train, x_val, c_val, y_val, x_test, c_test, y_test)  # [M, N, ...]
+    batch = dict(x [B, ...], c [B, cond_dim], n [])  # a host-fed training batch (data.HOST_FED kinds)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ from jaxconcept import checkpoint, data as D, diffusion, nets, rundir
 from jaxconcept import config as C
 
 AXIS = "models"
+EPOCH_STREAM = 0x7FFFFFFF  # fold_in tag of the epoch-permutation stream (steps stay below 2**31)
+HEADROOM = 0.85  # "auto" plans for this share of the memory budget
 
 
 class RunError(RuntimeError):
@@ -70,21 +76,50 @@ def eval_params(state: dict):
     return state.get("ema", state["params"])
 
 
-def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dict):
-    """One AdamW step of one member on a batch drawn from its own training set.
+def draw_batch(tc: C.TrainConfig, data: dict, key, step):
+    """The training batch of ``step`` from a member's on-device training set.
+
+    ``train.batches="epochs"`` (the reference): the set is reshuffled every epoch and read in
+    order without replacement; the last batch of an epoch is short, so it is padded and its real
+    size returned. "replacement": B independent uniform draws.
+
+    Args:
+      key: the member's train key; step: the global step (traced).
+    Returns:
+      (x [B, *x_shape], cond [B, cond_dim], n_valid: real rows (the first ones), or None = all B).
+    """
+    n, b = data["x_train"].shape[0], tc.batch_size
+    if tc.batches == "replacement":
+        idx = jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, step), 1), (b,), 0, n)
+        n_valid = None
+    else:
+        per_epoch = -(-n // b)
+        epoch, start = step // per_epoch, (step % per_epoch) * b
+        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, EPOCH_STREAM), epoch), n)
+        idx = jnp.take(perm, (start + jnp.arange(b)) % n)  # rows past the epoch's end are padding
+        n_valid = jnp.minimum(b, n - start)
+    return data["x_train"][idx], data["c_train"][idx], n_valid
+
+
+def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dict, batch: dict | None = None):
+    """One AdamW step of one member, on ``batch`` when given (host-fed data), else on the batch
+    ``draw_batch`` takes from its own training set.
 
     A step whose loss or update is not finite is not applied and freezes the member for good.
     Returns (new_state, loss).
     """
     tc = cfg.train
     key = jax.random.fold_in(state["key"], state["step"])
-    k_batch, k_loss = jax.random.split(key)
-    idx = jax.random.randint(k_batch, (tc.batch_size,), 0, data["x_train"].shape[0])
-    x, cond = data["x_train"][idx], data["c_train"][idx]  # [B, *x_shape], [B, cond_dim]
+    k_loss, k_view = jax.random.split(key)
+    if batch is None:
+        x, cond, n_valid = draw_batch(tc, data, state["key"], state["step"])
+    else:
+        x, cond, n_valid = batch["x"], batch["c"], batch["n"]
+    x = D.train_view(spec, x, k_view)  # [B, *x_shape] float32
 
     def loss(params):
         return diffusion.loss_fn(apply_fn, cfg.model, params, x, cond, k_loss, train=True,
-                                 p_cfg=tc.p_cfg, null_cond=D.null_cond(spec))
+                                 p_cfg=tc.p_cfg, null_cond=D.null_cond(spec), n_valid=n_valid)
 
     (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     updates, opt = optimizer(tc).update(grads, state["opt"], state["params"])
@@ -98,15 +133,38 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
     return new, value
 
 
-def val_loss(cfg: C.Config, spec: D.DataSpec, apply_fn, params, data, key):
-    """Mean loss over ``eval.val_batches`` validation batches (network in eval mode)."""
-    n, b = data["x_val"].shape[0], cfg.train.batch_size
-    def one(i):
-        k = jax.random.fold_in(key, i)
-        idx = jax.random.randint(jax.random.fold_in(k, 1), (b,), 0, n)
-        return diffusion.loss_fn(apply_fn, cfg.model, params, data["x_val"][idx], data["c_val"][idx], k,
-                                 train=False)[0]
-    return jnp.mean(jax.vmap(one)(jnp.arange(cfg.eval.val_batches)))
+def eval_loss(cfg: C.Config, spec: D.DataSpec, apply_fn, params, x, c, key):
+    """Loss of a held-back set, as the reference computes its validation and test losses.
+
+    With ``eval.val_batches = 0``: the mean of the batch means over the whole set in batches of
+    ``train.batch_size`` (the last one short); else that many random batches. The network is in
+    eval mode; the conditioning is dropped with probability ``train.p_cfg`` and eps predicted with
+    guidance ``eval.w_cfg``, as in the reference. NaN for an empty set.
+    """
+    n, b = x.shape[0], cfg.train.batch_size
+    if n == 0:
+        return jnp.float32(jnp.nan)
+    kw = dict(train=False, p_cfg=cfg.train.p_cfg, null_cond=D.null_cond(spec), w_cfg=cfg.eval.w_cfg)
+    x = D.train_view(spec, x, None)  # no augmentation: only the conversion to the network's input
+    if cfg.eval.val_batches:
+        def one(i):
+            k = jax.random.fold_in(key, i)
+            idx = jax.random.randint(jax.random.fold_in(k, 1), (b,), 0, n)
+            return diffusion.loss_fn(apply_fn, cfg.model, params, x[idx], c[idx], k, **kw)[0]
+        count = cfg.eval.val_batches
+    else:
+        count = -(-n // b)
+        wrap = jnp.arange(count * b) % n  # the short last batch is padded with rows that do not count
+        xp, cp = jnp.take(x, wrap, axis=0), jnp.take(c, wrap, axis=0)
+
+        def one(i):
+            xs = jax.lax.dynamic_slice_in_dim(xp, i * b, b)
+            cs = jax.lax.dynamic_slice_in_dim(cp, i * b, b)
+            return diffusion.loss_fn(apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, i),
+                                     n_valid=jnp.minimum(b, n - i * b), **kw)[0]
+    if diffusion.python_loop(cfg.model):
+        return jnp.mean(jnp.stack([one(jnp.int32(i)) for i in range(count)]))
+    return jnp.mean(jax.lax.map(one, jnp.arange(count)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,18 +172,36 @@ def val_loss(cfg: C.Config, spec: D.DataSpec, apply_fn, params, data, key):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Sweep:
-    """Everything static about a sweep; the arrays (state, data) are passed around separately."""
+    """Everything static about a sweep; the arrays (state, data) are passed around separately.
+
+    ``members`` are the real members; ``padded`` adds inert copies of the last one so that the
+    model axis divides the mesh. Arrays carry the padded axis; what is written is sliced to the
+    real members (``real``).
+    """
 
     cfg: C.Config
-    members: tuple  # one scalar C.Config per member
+    members: tuple  # one scalar C.Config per real member
+    padded: tuple  # members + inert copies of the last one
     spec: D.DataSpec
     net: object
     mesh: Mesh
+    strategy: str  # as configured; "auto" is resolved by ``resolved``
+    chunk: int  # members per lax.map chunk (strategy "map")
+
+    @functools.cached_property
+    def resolved(self) -> "Sweep":
+        """This sweep with a concrete stacking strategy ("auto" planned by memory, ``plan``)."""
+        if self.strategy != "auto":
+            return self
+        strategy, chunk, why = plan(self)
+        print(f"jaxconcept: stacking strategy {strategy}" + (f" (chunks of {chunk})" if strategy == "map" else "")
+              + f": {why}", flush=True)
+        return dataclasses.replace(self, strategy=strategy, chunk=chunk)
 
     @functools.cached_property
     def fns(self):
         """The jitted (init, advance, evaluate) of this sweep, compiled once per Sweep object."""
-        return _compile(self)
+        return _compile(self.resolved)
 
     @property
     def size(self) -> int:
@@ -135,57 +211,68 @@ class Sweep:
     def apply_fn(self):
         return diffusion.make_apply(self.net)
 
+    @property
+    def host_fed(self) -> bool:
+        return self.spec.kind in D.HOST_FED
+
+    def real(self, x):
+        """The real members' rows of a padded stacked array (numpy)."""
+        return x[: self.size]
+
     def sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(AXIS))
 
     def _map(self, fn, *stacked):
-        """Map a one-member function over the model axis with the configured strategy."""
-        if self.cfg.train.strategy == "map":
-            return jax.lax.map(lambda a: fn(*a), stacked, batch_size=self.cfg.train.map_batch_size)
-        if self.cfg.train.strategy == "unroll":  # one copy of fn per member: no grouped convs, no loop
+        """Map a one-member function over the (local) model axis with the resolved strategy."""
+        if self.strategy == "map":
+            return jax.lax.map(lambda a: fn(*a), stacked, batch_size=self.chunk)
+        if self.strategy == "unroll":  # one copy of fn per member: no grouped convs, no loop
             n = jax.tree.leaves(stacked)[0].shape[0]
             outs = [fn(*jax.tree.map(lambda a: a[i], stacked)) for i in range(n)]
             return jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return jax.vmap(fn)(*stacked)
 
-    def _sharded(self, fn, n_in: int, n_out: int | None = None):
-        """jit(shard_map(fn)) over the model axis: each device runs ``fn`` on its members.
+    def _sharded(self, fn, n_in: int):
+        """shard_map(fn) over the model axis: each device runs ``fn`` on its members.
 
         Inputs/outputs are pytrees whose leaves lead with the model axis; extra trailing
-        arguments (beyond n_in) are replicated scalars.
+        arguments (beyond n_in) are replicated.
         """
         if self.mesh.size == 1 and jax.process_count() == 1:
             return fn  # one device: plain jit (XLA:CPU runs convolutions nested in shard_map ~15x slower)
         spec = P(AXIS)
+
         def wrapped(*args):
             in_specs = tuple([spec] * n_in + [P()] * (len(args) - n_in))
-            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=spec,
-                                 check_vma=False)(*args)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
         return wrapped
 
 
 def make_mesh(n_members: int, devices=None) -> Mesh:
-    """A 1-D 'models' mesh over the largest number of devices that divides the member count."""
+    """A 1-D 'models' mesh over every device, or over one device per member when there are
+    fewer members than devices (the member count is then padded to a multiple of it)."""
     devices = list(devices if devices is not None else jax.devices())
-    n = max(d for d in range(1, len(devices) + 1) if n_members % d == 0)
-    return Mesh(np.array(devices[:n]), (AXIS,))
+    return Mesh(np.array(devices[: max(1, min(len(devices), n_members))]), (AXIS,))
 
 
 def build(cfg: C.Config, devices=None) -> Sweep:
-    """The static sweep of ``cfg``: member configs, data spec, network, device mesh."""
+    """The static sweep of ``cfg``: member configs (padded to the mesh), data spec, network, mesh."""
     ms = tuple(C.members(cfg))
+    mesh = make_mesh(len(ms), devices)
+    n_pad = -len(ms) % mesh.size
     spec = D.spec(ms[0].data)
-    return Sweep(cfg=cfg, members=ms, spec=spec, net=nets.build(cfg.model, spec), mesh=make_mesh(len(ms), devices))
+    return Sweep(cfg=cfg, members=ms, padded=ms + (ms[-1],) * n_pad, spec=spec, net=nets.build(cfg.model, spec),
+                 mesh=mesh, strategy=cfg.train.strategy, chunk=cfg.train.map_batch_size)
 
 
 def stacked_data_params(sw: Sweep, members=None):
     """Per-member data-generating parameters, stacked on a leading model axis."""
-    ps = [D.params(m.data) for m in (members or sw.members)]
+    ps = [D.params(m.data) for m in (members or sw.padded)]
     return jax.tree.map(lambda *a: jnp.stack(a), *ps)
 
 
 def seeds_array(sw: Sweep, members=None):
-    return jnp.asarray([m.seeds[0] for m in (members or sw.members)], jnp.int32)
+    return jnp.asarray([m.seeds[0] for m in (members or sw.padded)], jnp.int32)
 
 
 def steps_per_call(cfg: C.Config) -> int:
@@ -194,89 +281,215 @@ def steps_per_call(cfg: C.Config) -> int:
     return 1 if diffusion.python_loop(cfg.model) else cfg.train.steps_per_call
 
 
-def _compile(sw: Sweep):
-    """The jitted functions of a sweep (cached per static sweep)."""
+def _local_fns(sw: Sweep):
+    """The per-device (unsharded, unjitted) init, advance and evaluate of a sweep."""
     cfg, spec, apply_fn = sw.cfg, sw.spec, sw.apply_fn
     K = steps_per_call(cfg)
 
     def init_local(seeds, dparams):
         def one(seed, dp):
-            return init_member(cfg, spec, sw.net, seed), D.dataset(spec, dp, member_keys(seed)["data"])
+            data = {} if sw.host_fed else D.dataset(spec, dp, member_keys(seed)["data"])
+            return init_member(cfg, spec, sw.net, seed), data
         return sw._map(one, seeds, dparams)
 
-    def advance_local(state, data, n):
+    def advance_local(state, data, batches, n):
         # K scan steps; steps i >= n are skipped (n is not batched, so lax.cond stays a branch):
         # one compiled function serves every distance to the next evaluation point. XLA:CPU runs
         # convolutions nested in a loop or conditional 10-20x slower than at top level (even in a
         # fully unrolled scan; jax-ml/jax#12868), so conv nets on CPU take K = 1 plain step.
-        def run(s):
-            return sw._map(functools.partial(train_step, cfg, spec, apply_fn), s, data)
+        # batches: None, or host-fed {x, c, n} with leaves [M, K, ...].
+        def run(s, b):
+            step = functools.partial(train_step, cfg, spec, apply_fn)
+            if b is None:
+                return sw._map(step, s, data)
+            return sw._map(step, s, data, b)
 
         if diffusion.python_loop(cfg.model):  # K == 1 == n
-            return run(state)
+            return run(state, None if batches is None else jax.tree.map(lambda a: a[:, 0], batches))
 
         def body(st, i):
-            return jax.lax.cond(i < n, run, lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
+            b = None if batches is None else jax.tree.map(lambda a: a[:, i], batches)
+            return jax.lax.cond(i < n, lambda s: run(s, b), lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
         state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=cfg.train.scan_unroll or 1)
         w = (jnp.arange(K) < n)[:, None]  # losses [K, m]
         mean = jnp.sum(jnp.where(w, losses, 0.0), 0) / jnp.maximum(n, 1)
         return state, mean
 
     def evaluate_local(state, data, prompts, seeds, step):
-        # prompts [m, n_classes, cond_dim] -> samples [m, n_classes, n_samples, *x_shape]
+        # prompts [m, n_classes, n_samples, cond_dim] -> samples [m, n_classes, n_samples, *x_shape]
         ec = cfg.eval
         def one(st, dat, pr, seed):
             key = jax.random.fold_in(member_keys(seed)["sample"], step)
-            cond = jnp.repeat(pr, ec.n_samples, axis=0)
             params = eval_params(st)
-            x = diffusion.sample(apply_fn, cfg.model, params, cond, key, x_shape=spec.x_shape,
-                                 n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec))
-            vl = val_loss(cfg, spec, apply_fn, params, dat, jax.random.fold_in(key, 1))
-            return x.reshape(pr.shape[0], ec.n_samples, *spec.x_shape), vl
+            x = diffusion.sample(apply_fn, cfg.model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
+                                 n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec),
+                                 output=ec.sampler_output)
+            vl = eval_loss(cfg, spec, apply_fn, params, dat["x_val"], dat["c_val"], jax.random.fold_in(key, 1))
+            tl = eval_loss(cfg, spec, apply_fn, params, dat["x_test"], dat["c_test"], jax.random.fold_in(key, 2))
+            return x.reshape(*pr.shape[:2], *spec.x_shape), vl, tl
         return sw._map(one, state, data, prompts, seeds)
 
+    return init_local, advance_local, evaluate_local
+
+
+def _compile(sw: Sweep):
+    """The jitted functions of a sweep (cached per static sweep)."""
+    init_local, advance_local, evaluate_local = _local_fns(sw)
     sh = sw.sharding()
     init = jax.jit(sw._sharded(init_local, 2), out_shardings=sh)
-    advance = jax.jit(sw._sharded(advance_local, 2), donate_argnums=0)
+    advance = jax.jit(sw._sharded(advance_local, 3), donate_argnums=0)
     evaluate = jax.jit(sw._sharded(evaluate_local, 4))
     return init, advance, evaluate
 
 
+# --------------------------------------------------------------------------------------------
+# Choosing the stacking strategy by memory
+# --------------------------------------------------------------------------------------------
+def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
+    """Bytes one device may use, and where the figure comes from: ``train.memory_budget`` when
+    set, else the device's free memory (its allocator's limit less what is in use), else (CPU)
+    the host's available memory shared among the local devices."""
+    if cfg.train.memory_budget:
+        return float(cfg.train.memory_budget), "train.memory_budget"
+    device = device or jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        pass
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"free memory of {device.device_kind}"
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 16 << 30
+    return float(avail) / max(1, jax.local_device_count()), "available host memory per device"
+
+
+def step_memory(sw: Sweep) -> float:
+    """Peak bytes one device needs for ``advance`` (XLA's compiled memory analysis: arguments,
+    outputs and temporaries, less donated buffers), from shapes alone."""
+    init_local, advance_local, _ = _local_fns(sw)
+    per_dev = len(sw.padded) // sw.mesh.size
+    seeds = jax.ShapeDtypeStruct((per_dev,), jnp.int32)
+    dp = jax.eval_shape(lambda: stacked_data_params(sw, sw.padded[:per_dev]))
+    state, data = jax.eval_shape(init_local, seeds, dp)
+    batches = _abstract_batches(sw, per_dev)
+    compiled = jax.jit(advance_local, donate_argnums=0).lower(state, data, batches, jnp.int32(1)).compile()
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - getattr(m, "alias_size_in_bytes", 0))
+
+
+def plan(sw: Sweep) -> tuple[str, int, str]:
+    """Resolve ``train.strategy="auto"``: the fastest stacking whose step fits in memory.
+
+    Preference: "vmap" (on CPU, "unroll" for conv nets: XLA:CPU's grouped convolutions are slow),
+    then "map" in chunks of half as many members, and so on down to one member at a time.
+    Returns (strategy, chunk, reason).
+    """
+    per_dev = len(sw.padded) // sw.mesh.size
+    first = "unroll" if diffusion.python_loop(sw.cfg.model) else "vmap"
+    if per_dev == 1:
+        return first, 1, "one member per device: nothing to chunk"
+    budget, source = memory_budget(sw.cfg)
+    cands = [(first, per_dev)]
+    c = per_dev
+    while c > 1:
+        c = -(-c // 2)
+        cands.append(("map", c))
+    if cands[-1] != ("map", 1) and per_dev > 1:
+        cands.append(("map", 1))
+    tried = []
+    for strategy, chunk in cands:
+        need = step_memory(dataclasses.replace(sw, strategy=strategy, chunk=chunk))
+        tried.append(f"{strategy}{'/' + str(chunk) if strategy == 'map' else ''} {need / 2**20:.0f} MiB")
+        if not need > HEADROOM * budget:  # NaN (no analysis) counts as fitting
+            return strategy, chunk, (f"{per_dev} member(s) per device need {need / 2**20:.0f} MiB of "
+                                     f"{budget / 2**20:.0f} MiB ({source}, {HEADROOM:.0%} planned); tried "
+                                     + ", ".join(tried))
+    raise RunError(f"one member's training step needs {need / 2**20:.0f} MiB, more than {HEADROOM:.0%} of the "
+                   f"{budget / 2**20:.0f} MiB available ({source}); use a smaller model or train.batch_size, "
+                   "or more devices")
+
+
+def _abstract_batches(sw: Sweep, m: int):
+    """ShapeDtypeStructs of one call's host-fed batches for m members (None when not host-fed)."""
+    if not sw.host_fed:
+        return None
+    k, b = steps_per_call(sw.cfg), sw.cfg.train.batch_size
+    x_dtype = D.host_dtype(sw.spec)
+    return {"x": jax.ShapeDtypeStruct((m, k, b, *sw.spec.x_shape), x_dtype),
+            "c": jax.ShapeDtypeStruct((m, k, b, sw.spec.cond_dim), jnp.float32),
+            "n": jax.ShapeDtypeStruct((m, k), jnp.int32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Public API of the stacked state
+# --------------------------------------------------------------------------------------------
 def init(sw: Sweep, members=None):
     """Stacked train state and per-member datasets, rendered on device, sharded over the mesh.
 
-    ``members`` (default: the sweep's own) may name other member configs of the same count and
-    shapes, reusing the compiled function (e.g. to initialise one member at a time).
+    ``members`` (default: the sweep's own, padded) may name other member configs of the same
+    count and shapes, reusing the compiled function (e.g. to initialise one member at a time).
     """
     init_fn, _, _ = sw.fns
-    sh = sw.sharding()
-    seeds = jax.device_put(seeds_array(sw, members), sh)
-    dparams = jax.device_put(stacked_data_params(sw, members), sh)
-    return init_fn(seeds, dparams)
+    seeds = _put(sw, seeds_array(sw, members))
+    dparams = jax.tree.map(lambda a: _put(sw, a), stacked_data_params(sw, members))
+    state, data = init_fn(seeds, dparams)
+    if sw.host_fed:  # held-back sets from the host; the training set streams (``data.host_feed``)
+        data = {k: _put(sw, v) for k, v in D.host_eval_data(sw.spec, members or sw.padded).items()}
+    return state, data
 
 
-def advance(sw: Sweep, state, data, n: int):
-    """Advance every member ``n`` <= ``steps_per_call(cfg)`` steps. Returns (state, mean loss [M])."""
+def advance(sw: Sweep, state, data, n: int, batches=None):
+    """Advance every member ``n`` <= ``steps_per_call(cfg)`` steps. Returns (state, mean loss [M]).
+
+    ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}."""
     _, adv, _ = sw.fns
     assert 0 < n <= steps_per_call(sw.cfg)
-    return adv(state, data, jnp.asarray(n, jnp.int32))
+    if batches is not None:
+        batches = jax.tree.map(lambda a: _put(sw, a), batches)
+    return adv(state, data, batches, jnp.asarray(n, jnp.int32))
+
+
+@functools.lru_cache(maxsize=8)
+def _prompts_host(sw: Sweep) -> np.ndarray:
+    """Evaluation prompts of every (padded) member, drawn once per member: [M, n_classes, n, cond_dim]."""
+    ec = sw.cfg.eval
+    out = [D.eval_prompts(sw.spec, D.params(m.data), jax.random.fold_in(member_keys(m.seeds[0])["data"], 1),
+                          ec.n_samples, ec.prompts) for m in sw.padded]
+    return np.stack([np.asarray(p) for p in out])
 
 
 def evaluate(sw: Sweep, state, data, step: int):
-    """Samples of every class at its class-mean prompt and validation loss, for every member.
+    """Samples of every class and the validation and held-out losses, for every (padded) member.
 
-    Returns (samples [M, n_classes, n_samples, *x_shape], prompts [M, n_classes, cond_dim], val [M]).
+    Returns (samples [M, n_classes, n_samples, *x_shape], prompts [M, n_classes, n_samples,
+    cond_dim], val [M], test [M]) as global arrays (``host`` gathers them).
     """
     _, _, ev = sw.fns
+    prompts = _put(sw, _prompts_host(sw))
+    seeds = _put(sw, np.asarray(seeds_array(sw)))
+    samples, val, test = ev(state, data, prompts, seeds, jnp.asarray(step, jnp.int32))
+    return samples, prompts, val, test
+
+
+def _put(sw: Sweep, a):
+    """A host array with a leading (padded) model axis as a global array sharded over the mesh;
+    every process passes the same full array and places its own devices' rows."""
+    a = np.asarray(a)
     sh = sw.sharding()
-    prompts = jax.device_put(jax.vmap(lambda p: D.prompts(sw.spec, p))(stacked_data_params(sw)), sh)
-    seeds = jax.device_put(seeds_array(sw), sh)
-    samples, val = ev(state, data, prompts, seeds, jnp.asarray(step, jnp.int32))
-    return samples, prompts, val
+    if jax.process_count() == 1:
+        return jax.device_put(a, sh)
+    return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
 
 
-def _host(x):
-    """A (possibly multi-host) global array as a numpy array on every host."""
+def host(x):
+    """A (possibly multi-host) global array as a numpy array on every host. Every process must
+    call it (it is a collective when there are several)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -286,16 +499,6 @@ def _host(x):
 # --------------------------------------------------------------------------------------------
 # A run on disk: train with evaluation, checkpoints and resume
 # --------------------------------------------------------------------------------------------
-def _check_run_dir(cfg: C.Config, run_dir: Path) -> None:
-    p = run_dir / "config.json"
-    if p.exists():
-        old, new = _flat(json.loads(p.read_text())), _flat(C.to_dict(cfg))
-        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        if diffs:
-            raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
-                           "use another --out, or the same config to resume")
-
-
 def _flat(d: dict, prefix="") -> dict:
     out = {}
     for k, v in d.items():
@@ -303,12 +506,57 @@ def _flat(d: dict, prefix="") -> dict:
     return out
 
 
+def _config_diffs(old: dict, cfg: C.Config) -> list[str]:
+    old, new = _flat(old), _flat(C.to_dict(cfg))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _prepare_run_dir(cfg: C.Config, run_dir: Path) -> None:
+    """Check ``run_dir`` can hold this run (nothing written yet): a directory or nothing, under a
+    writable directory, holding no other run."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"--out {run_dir}: {parent} is a file, not a directory")
+        if parent.exists():
+            break
+    for name, what in (("config.json", "the run's config"), ("checkpoints/config.json", "a copy of the config")):
+        p = run_dir / name
+        if p.exists():
+            try:
+                old = rundir.read_json(p, what)
+            except rundir.RunDirError as exc:
+                raise RunError(str(exc)) from None
+            diffs = _config_diffs(old, cfg) if isinstance(old, dict) else ["(not a config)"]
+            if diffs:
+                raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
+                               "use another --out, or the same config to resume")
+    if not (run_dir / "config.json").exists() and any(
+            (run_dir / n).exists() for n in ("checkpoints", "samples", "params", "metrics.jsonl")):
+        if not (run_dir / "checkpoints" / "config.json").exists():
+            raise RunError(f"{run_dir} holds training files but no config.json, so the config they were "
+                           "trained with is unknown; restore config.json, or use another --out")
+
+
+def _write_run_files(sw: Sweep, run_dir: Path) -> None:
+    """config.json (once; both copies), members.json (when missing or unreadable). Process 0."""
+    for p in (run_dir / "config.json", run_dir / "checkpoints" / "config.json"):
+        if not p.exists():
+            rundir.write_json(p, C.to_dict(sw.cfg), indent=2)
+    try:
+        ok = len(rundir.load_members(run_dir)) == sw.size
+    except rundir.RunDirError:
+        ok = False
+    if not ok:
+        rundir.write_json(run_dir / "members.json", _members_json(sw))
+
+
 def _members_json(sw: Sweep) -> list[dict]:
     out = []
     for i, m in enumerate(sw.members):
         sig = D.concept_signal(m.data)
         out.append({"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-                    "m": list(m.data.m), "s": list(m.data.s), "signal": {k: float(v) for k, v in sig.items()}})
+                    "m": list(m.data.m), "s": list(m.data.s), "attributes": list(m.data.attributes),
+                    "signal": {k: float(v) for k, v in sig.items()}})
     return out
 
 
@@ -316,7 +564,8 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     """Train the sweep ``cfg`` into ``run_dir`` with evaluation, checkpoints and resume.
 
     Running the same command again continues from the newest readable checkpoint and ends with
-    the same parameters and samples as an uninterrupted run.
+    the same parameters and samples as an uninterrupted run. Only process 0 writes files; every
+    process runs this function (multi-host sweeps).
 
     Args:
       cfg: the (sweep) config.
@@ -325,26 +574,48 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
       devices: devices for the model axis (default: all).
       stop_after: stop (after checkpointing) once this step is reached; for tests and budgets.
     Returns:
-      (sweep, final stacked state).
+      (sweep, final stacked state) — the state holds the padded members.
+    Raises:
+      RunError: the directory holds another run, is locked by another process, or cannot be written.
     """
+    run_dir = Path(run_dir)
+    _prepare_run_dir(cfg, run_dir)
+    lead = jax.process_index() == 0
+    try:
+        if lead:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with rundir.lock(run_dir) if lead else _nothing():
+            return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after)
+    except rundir.RunDirError as exc:
+        raise RunError(str(exc)) from None
+    except OSError as exc:
+        raise RunError(f"cannot write the run directory {run_dir}: {exc.strerror or exc} "
+                       f"({exc.filename or run_dir})") from None
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _train(cfg, run_dir, *, progress, devices, stop_after):
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    _check_run_dir(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
     sw = build(cfg, devices)
-    if jax.process_index() == 0:
-        C.save(cfg, run_dir / "config.json")
-        if not (run_dir / "members.json").exists():
-            (run_dir / "members.json").write_text(json.dumps(_members_json(sw), indent=1) + "\n")
-
+    if lead:
+        _write_run_files(sw, run_dir)
     state, data = init(sw)
-    mngr = checkpoint.manager(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-    start, restored = checkpoint.restore_latest(mngr, state)
+    mngr, start, restored = restore(sw, run_dir / "checkpoints", state)
     if restored is not None:
         state = restored
     start = start or 0
-    _truncate_metrics(run_dir, start)
+    if lead:
+        rundir.reconcile_metrics(run_dir, start)
+    feed = D.host_feed(sw.spec, sw.padded) if sw.host_fed else None
 
     tc, total = cfg.train, cfg.train.steps
     evals = [s for s in C.eval_steps(cfg) if s > start or (s == 0 and start == 0)]
@@ -362,12 +633,13 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
         losses = []
         while step < stop:
             n = min(steps_per_call(cfg), stop - step)
-            state, loss = advance(sw, state, data, n)
+            batches = None if feed is None else feed(step, steps_per_call(cfg))
+            state, loss = advance(sw, state, data, n, batches)
             losses.append((n, loss))
             step += n
             bar.update(n)
-        loss = sum(n * _host(lv) for n, lv in losses) / sum(n for n, _ in losses)
-        alive = _host(state["alive"])
+        loss = sw.real(sum(n * host(lv) for n, lv in losses) / sum(n for n, _ in losses))
+        alive = sw.real(host(state["alive"]))
         rate = (step - start) / max(time.time() - t0, 1e-9)
         bar.set_postfix({"loss": f"{np.nanmean(np.where(alive, loss, np.nan)):.3f}",
                          "model-steps/s": f"{rate * sw.size:.1f}"})
@@ -379,47 +651,70 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
         record = {"step": step, "train_loss": [float(v) for v in loss], "frozen": [bool(not a) for a in alive],
                   "steps_per_s": rate}
         if step in evals:
-            record["val_loss"] = _evaluate_and_save(sw, state, data, step, run_dir, cfg)
-        _append_metrics(run_dir, record)
+            record["val_loss"], record["test_loss"] = _evaluate_and_save(sw, state, data, step, run_dir, cfg)
+        if lead:
+            rundir.append_metrics(run_dir, record)
         if step % tc.checkpoint_every == 0 or step == total or step == stop_after:
-            checkpoint.save(mngr, step, state)
+            save(sw, mngr, step, state)
     bar.close()
+    mngr.close()
     return sw, state
 
 
 def _evaluate_and_save(sw, state, data, step, run_dir, cfg):
-    samples, prompts, val = evaluate(sw, state, data, step)
+    samples, prompts, val, test = evaluate(sw, state, data, step)
+    samples, prompts = sw.real(host(samples)), sw.real(host(prompts))  # every process gathers
+    val, test = sw.real(host(val)), sw.real(host(test))
+    params = jax.tree.map(lambda a: sw.real(host(a)), eval_params(state)) if cfg.eval.save_params else None
     if jax.process_index() == 0:
-        rundir.save_samples(run_dir, step, _host(samples), _host(prompts))
-        if cfg.eval.save_params:
-            rundir.save_params(run_dir, step, jax.tree.map(_host, eval_params(state)))
-    return [float(v) for v in _host(val)]
+        rundir.save_samples(run_dir, step, samples, prompts)
+        if params is not None:
+            rundir.save_params(run_dir, step, params)
+    return [float(v) for v in val], [float(v) for v in test]
 
 
-def _append_metrics(run_dir: Path, record: dict) -> None:
-    if jax.process_index() == 0:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+# --------------------------------------------------------------------------------------------
+# Checkpoints of the real members (the padding depends on the device count)
+# --------------------------------------------------------------------------------------------
+def save(sw: Sweep, mngr, step: int, state) -> None:
+    """Checkpoint the real members' rows of ``state`` (every process calls this)."""
+    real = state if len(sw.padded) == sw.size else jax.tree.map(lambda a: a[: sw.size], state)
+    checkpoint.save(mngr, step, real)
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines past the restored step (they will be recomputed identically)."""
-    keep = [r for r in rundir.load_metrics(run_dir) if r["step"] <= step]
-    if jax.process_index() == 0:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+def restore(sw: Sweep, directory, like):
+    """Restore the newest readable checkpoint into the (padded, sharded) layout of ``like``.
+
+    Returns (manager, step, state) as ``checkpoint.restore_latest``."""
+    if len(sw.padded) == sw.size:
+        return checkpoint.restore_latest(directory, sw.cfg.train.keep_checkpoints, like)
+    # restore the real members on the host, then pad with copies of the last and place them
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((sw.size, *a.shape[1:]), a.dtype, sharding=cpu), like)
+    mngr, step, real = checkpoint.restore_latest(directory, sw.cfg.train.keep_checkpoints, abstract)
+    if real is None:
+        return mngr, None, None
+    n_pad = len(sw.padded) - sw.size
+
+    def pad(a):
+        a = np.asarray(a)
+        return _put(sw, np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]))
+    return mngr, step, jax.tree.map(pad, real)
 
 
 def _describe(m: C.Config) -> str:
     d = m.data
     if d.kind == "images":
         return f"sep_col={d.sep_col}, sep_size={d.sep_size}, seed={m.seeds[0]}"
+    if d.kind == "celeba":
+        return f"attributes={list(d.attributes)}, seed={m.seeds[0]}"
     return f"m={list(d.m)}, s={list(d.s)}, seed={m.seeds[0]}"
 
 
 def load_state_params(run_dir, step):
-    """Stacked parameters saved at evaluation ``step`` of a run, with the structure of the model."""
+    """Stacked parameters (real members) saved at evaluation ``step`` of a run."""
     cfg = rundir.load_config(run_dir)
-    sw = build(cfg)
+    sw = build(cfg, jax.devices()[:1])
     like = jax.eval_shape(jax.vmap(lambda s: diffusion.init_params(sw.net, cfg.model, sw.spec,
                                                                    member_keys(s)["init"])), seeds_array(sw))
     return rundir.load_params(run_dir, step, like)

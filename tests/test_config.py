@@ -18,7 +18,9 @@ def test_presets_match_spec():
 
 def test_eval_steps_sqrt_spaced():
     steps = C.eval_steps(C.preset("2x2"))
-    assert steps[0] == 100 and steps[-1] == 20000 and len(steps) == 60
+    assert steps[0] == 500 and steps[-1] == 20000 and len(steps) == 60  # the reference's schedule
+    # truncated, not rounded, as the reference's (linspace(sqrt(500), sqrt(20000), 60)**2).astype(int)
+    assert steps[1] == 594 and steps[2] == 696
     roots = [s ** 0.5 for s in steps]
     gaps = [b - a for a, b in zip(roots, roots[1:])]
     assert max(gaps) - min(gaps) < 0.05 * max(gaps) + 0.1
@@ -68,6 +70,36 @@ def test_file_roundtrip_and_preset_key(tmp_path):
     ("eval.first=0", "eval.first"),
     ("eval.steps=[5,3]", "eval.steps"),
     ("data.masked=[\"smell\"]", "data.masked"),
+    ("train.lr=NaN", "train.lr"),
+    ("train.weight_decay=Infinity", "train.weight_decay"),
+    ("train.grad_clip=NaN", "train.grad_clip"),
+    ("model.init_scale=NaN", "model.init_scale"),
+    ("model.gamma_max=Infinity", "model.gamma_max"),
+    ("model.data_noise=NaN", "model.data_noise"),
+    ("eval.w_cfg=NaN", "eval.w_cfg"),
+    ("data.blur_sigma=Infinity", "data.blur_sigma"),
+    ("data.pixel_noise=NaN", "data.pixel_noise"),
+    ("data.sep_col=NaN", "data.sep_col"),
+    ("data.sep_col=[]", "data.sep_col"),
+    ("data.sep_size=[]", "data.sep_size"),
+    ("seeds=[2147483648]", "seeds"),
+    ("seeds=[]", "seeds"),
+    ("seeds=[true]", "seeds"),
+    ("name=[1]", "name"),
+    ("name=3", "name"),
+    ("data.values=[true,2]", "data.values"),
+    ("data.held_out=[true]", "data.held_out"),
+    ("model.ch_mult=[1,true]", "model.ch_mult"),
+    ("eval.steps=[true]", "eval.steps"),
+    ("train.steps=true", "train.steps"),
+    ("train.strategy=\"fast\"", "train.strategy"),
+    ("train.batches=\"random\"", "train.batches"),
+    ("eval.sampler_output=\"x\"", "eval.sampler_output"),
+    ("eval.prompts=\"some\"", "eval.prompts"),
+    ("eval.vector_band=-1", "eval.vector_band"),
+    ("train.memory_budget=-5", "train.memory_budget"),
+    ("data.n_per_class=100000000", "data.n_per_class"),
+    ("data.concepts=[1]", "data.concepts"),
     ("nonsense", "KEY=VALUE"),
 ])
 def test_invalid_configs_name_the_field(assignment, field):
@@ -83,6 +115,14 @@ def test_overrides_apply_together():
 def test_vector_validation():
     with pytest.raises(C.ConfigError, match=r"data\.m"):
         C.override(C.preset("vec2x2"), ["data.m=[1,2,3]"])
+    for bad in ("data.m=[NaN,1]", "data.s=[1,Infinity]", "data.m=[]", "data.s=[[0.1,0.1],[true,0.1]]"):
+        with pytest.raises(C.ConfigError, match=r"data\.[ms]"):
+            C.override(C.preset("vec2x2"), [bad])
+    with pytest.raises(C.ConfigError, match=r"data\.dim"):  # a space too large to render
+        C.override(C.preset("vec2x2"), ["data.dim=40", "data.m=[" + ",".join(["1"] * 40) + "]",
+                                        "data.s=[" + ",".join(["1"] * 40) + "]"])
+    with pytest.raises(C.ConfigError, match=r"data\.train_classes"):
+        C.override(C.preset("vec2x2"), ["data.train_classes=[true]"])
     with pytest.raises(C.ConfigError, match=r"data\.held_out"):
         C.override(C.preset("vec2x2"), ["data.held_out=[4]"])
     with pytest.raises(C.ConfigError, match=r"data\.nuisance"):

@@ -158,9 +158,34 @@ def test_guidance_combines_conditional_and_null_predictions():
 
     z, cond = jnp.zeros((3, 3)), jnp.full((3, 4), 2.0)
     eps = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 3.0, D.null_cond(SPEC))
-    np.testing.assert_allclose(eps, (1 + 3.0) * 2.0 - 3.0 * (-1.0))
-    plain = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 0.0, None)
+    np.testing.assert_allclose(eps, -1.0 + 3.0 * (2.0 - (-1.0)))  # the reference: null + w (cond - null)
+    plain = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 1.0, None)
     np.testing.assert_allclose(plain, 2.0)
+    uncond = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 0.0, D.null_cond(SPEC))
+    np.testing.assert_allclose(uncond, -1.0)
+
+
+def test_sampler_returns_z0_as_the_reference_or_the_decoder_mean():
+    params = _params()
+    cond = jnp.zeros((4, SPEC.cond_dim))
+    kw = dict(x_shape=SPEC.x_shape, n_steps=4)
+    z0 = diffusion.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), **kw)
+    mean = diffusion.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), output="mean", **kw)
+    alpha0 = np.sqrt(1 / (1 + np.exp(float(diffusion.gamma(params, 0.0)))))
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(z0) / alpha0, rtol=1e-5)
+    assert abs(1 / alpha0 - 1) > 1e-3  # the two differ (0.34 % at gamma_0 = -5)
+
+
+def test_eval_loss_uses_guidance_like_the_reference():
+    def fake(p, z, t, c, train, k):
+        return jnp.broadcast_to(c[:, :1], z.shape)
+    x, c = jnp.zeros((4, 3)), jnp.full((4, 4), 2.0)
+    kw = dict(train=False, null_cond=D.null_cond(SPEC))
+    plain = diffusion.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), **kw)["diffusion"]
+    guided = diffusion.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), w_cfg=3.0, **kw)["diffusion"]
+    assert not np.allclose(plain, guided)
+    again = diffusion.loss_terms(fake, M, _schedule(), x, jnp.full((4, 4), 8.0), jax.random.PRNGKey(0), **kw)
+    np.testing.assert_allclose(guided, again["diffusion"], rtol=1e-6)  # -1 + 3 (2 + 1) = 8
 
 
 def test_sampler_deterministic_given_key():

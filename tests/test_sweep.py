@@ -11,11 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("jaxconcept.diffusion", reason="needs the diffusion module")
-pytest.importorskip("jaxconcept.nets.unet", reason="needs the networks")
-
-from jaxconcept import config as C, rundir  # noqa: E402
-from jaxconcept import sweep  # noqa: E402
+from jaxconcept import config as C, rundir
+from jaxconcept import sweep
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
        "data.n_per_class=16"]
@@ -87,7 +84,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     s = rundir.load_samples(tmp_path / "run", 6)
     assert s["samples"].shape == (2, spec.n_classes, cfg.eval.n_samples, *spec.x_shape)
     assert np.isfinite(s["samples"]).all()
-    assert s["prompts"].shape == (2, spec.n_classes, spec.cond_dim)
+    assert s["prompts"].shape == (2, spec.n_classes, cfg.eval.n_samples, spec.cond_dim)
     metrics = rundir.load_metrics(tmp_path / "run")
     assert [r["step"] for r in metrics] == [3, 6] and all(len(r["val_loss"]) == 2 for r in metrics)
     members = json.loads((tmp_path / "run" / "members.json").read_text())
@@ -163,20 +160,99 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "emptied"])
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(tmp_path, damage):
     cfg = C.override(C.preset("vec_tiny"), VEC)
-    sweep.train(cfg, tmp_path, progress=False, stop_after=8)
-    ckpts = tmp_path / "checkpoints"
-    # write a step-12 checkpoint, then corrupt its files
     sweep.train(cfg, tmp_path, progress=False)
-    latest = ckpts / "12"
-    assert latest.exists()
+    final = dict(np.load(tmp_path / "params" / "step_0000012.npz"))
+    latest = tmp_path / "checkpoints" / "12"
     for f in latest.rglob("*"):
         if f.is_file():
-            f.write_bytes(b"garbage")
-    from jaxconcept import checkpoint
-    sw = sweep.build(cfg)
-    state, _ = sweep.init(sw)
-    with pytest.warns(UserWarning, match="step 12"):
-        step, _ = checkpoint.restore_latest(checkpoint.manager(ckpts, 3), state)
-    assert step == 8
+            if damage == "garbage":
+                f.write_bytes(b"garbage")
+            else:
+                f.unlink()
+    with pytest.warns(UserWarning, match="step 12 is unreadable") as record:
+        sweep.train(cfg, tmp_path, progress=False)  # falls back to step 8, trains 8 -> 12, saves 12 again
+    assert len([w for w in record if "step 12" in str(w.message)]) == 1  # one line, not a storage dump
+    assert (tmp_path / "checkpoints.bad" / "12").is_dir()  # kept for inspection
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [8, 12]
+    again = np.load(tmp_path / "params" / "step_0000012.npz")
+    for k in final:
+        np.testing.assert_array_equal(final[k], again[k])
+    assert [r["step"] for r in rundir.load_metrics(tmp_path)] == [4, 8, 12]
+
+
+def test_epoch_batches_read_every_example_once_and_the_last_batch_is_short():
+    tc = C.override(C.preset("vec_tiny"), ["train.batch_size=8"]).train
+    n = 21  # 3 batches per epoch: 8, 8, 5
+    data = {"x_train": jnp.arange(n, dtype=jnp.float32)[:, None], "c_train": jnp.zeros((n, 2))}
+    key = jax.random.PRNGKey(0)
+    seen, sizes = [], []
+    for step in range(3):
+        x, _, nv = sweep.draw_batch(tc, data, key, jnp.int32(step))
+        sizes.append(int(nv))
+        seen += np.asarray(x[: int(nv), 0]).astype(int).tolist()
+    assert sizes == [8, 8, 5] and sorted(seen) == list(range(n))
+    nxt = [np.asarray(sweep.draw_batch(tc, data, key, jnp.int32(s))[0][:, 0]) for s in (3, 4)]
+    assert sorted(np.concatenate(nxt).astype(int).tolist()) != sorted(seen[:16])  # a new shuffle per epoch
+    x, _, nv = sweep.draw_batch(C.override(C.preset("vec_tiny"), ['train.batches="replacement"']).train, data, key, 0)
+    assert nv is None and x.shape == (32, 1)
+
+
+def test_validation_loss_is_the_mean_of_batch_means_over_the_whole_set():
+    from jaxconcept import data as D, diffusion
+
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["train.batch_size=4"])
+    sw = sweep.build(cfg, jax.devices()[:1])
+    state, data = sweep.init(sw)
+    params = jax.tree.map(lambda a: a[0], state["params"])
+    x, c = data["x_val"][0], data["c_val"][0]  # 3 classes x 2 validation examples: batches of 4 + 2
+    assert x.shape[0] == 6
+    key = jax.random.PRNGKey(4)
+    got = sweep.eval_loss(cfg, sw.spec, sw.apply_fn, params, x, c, key)
+    kw = dict(train=False, null_cond=D.null_cond(sw.spec))
+    first = diffusion.loss_fn(sw.apply_fn, cfg.model, params, x[:4], c[:4], jax.random.fold_in(key, 0), **kw)[0]
+    # the short last batch: 2 real rows, padded to 4 with rows that must not count (garbage here)
+    xs, cs = jnp.concatenate([x[4:], 1e3 * jnp.ones_like(x[:2])]), jnp.concatenate([c[4:], c[:2]])
+    last = diffusion.loss_fn(sw.apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, 1), n_valid=2, **kw)[0]
+    np.testing.assert_allclose(got, (first + last) / 2, rtol=1e-5)
+    with_4 = sweep.eval_loss(C.override(cfg, ["eval.val_batches=4"]), sw.spec, sw.apply_fn, params, x, c, key)
+    assert np.isfinite(with_4) and not np.isclose(with_4, got)  # random batches are another estimate
+
+
+def test_padding_keeps_every_device_and_changes_nothing():
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4]"])
+    sw1, s1, _ = _run_steps(cfg, 4, devices=jax.devices()[:1])
+    sw3, s3, _ = _run_steps(cfg, 4, devices=jax.devices()[:3])
+    sw8, s8, _ = _run_steps(cfg, 4)
+    assert (sw3.mesh.size, len(sw3.padded), sw8.mesh.size, len(sw8.padded)) == (3, 6, 5, 5)
+    for s in (s3, s8):
+        _leaves_close(s1["params"], jax.tree.map(lambda a: a[:5], s["params"]), rtol=1e-6, atol=1e-7)
+
+
+def test_padded_run_writes_only_real_members_and_resumes_on_other_devices(tmp_path):
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4]"])
+    sweep.train(cfg, tmp_path, progress=False, devices=jax.devices()[:3], stop_after=8)  # padded to 6
+    assert rundir.load_samples(tmp_path, 4)["samples"].shape[0] == 5
+    _, state = sweep.train(cfg, tmp_path, progress=False, devices=jax.devices()[:1])  # resumed unpadded
+    full = tmp_path / "full"
+    _, ref = sweep.train(cfg, full, progress=False, devices=jax.devices()[:1])
+    _leaves_close(state["params"], ref["params"], rtol=1e-6, atol=1e-7)
+
+
+def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4,5,6,7]", "model.hidden=[128]"])
+    dev = jax.devices()[:1]
+    need = sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="vmap"']), dev))
+    chunk2 = sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="map"', "train.map_batch_size=2"]), dev))
+    assert chunk2 < need
+    budget = (chunk2 + need) / 2 / sweep.HEADROOM  # vmap of 8 does not fit, chunks of 2 do
+    auto = sweep.build(C.override(cfg, [f"train.memory_budget={budget}"]), dev)
+    assert auto.strategy == "auto" and auto.resolved.strategy == "map" and auto.resolved.chunk <= 2
+    assert sweep.step_memory(auto.resolved) <= sweep.HEADROOM * budget
+    _, a, _ = _run_steps(C.override(cfg, [f"train.memory_budget={budget}"]), 4, dev)
+    _, b, _ = _run_steps(C.override(cfg, ['train.strategy="vmap"']), 4, dev)
+    _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(sweep.RunError, match="more than"):
+        _ = sweep.build(C.override(cfg, ["train.memory_budget=1000"]), dev).resolved

@@ -11,6 +11,8 @@ Interface (dispatching on ``spec.kind``):
     dataset(spec, params, key) -> dict(x_train, c_train, y_train, x_val, c_val, y_val)
     render_all(spec, params, key, n_per_class) -> (x, cond, labels), every class incl. held-out
     prompts(spec, params) -> cond [n_classes, cond_dim] at the class means
+    eval_prompts(spec, params, key, n, mode) -> cond [n_classes, n, cond_dim] for evaluation samples
+    train_view(spec, x, key) -> x as the network sees a training batch (augmentation, if any)
     null_cond(spec) -> cond [cond_dim], the classifier-free-guidance "no conditioning" vector
     concept_signal(cfg, key, n) -> dict concept -> sigma_i = E||dG/dz_i||
 """
@@ -38,6 +40,7 @@ class DataSpec:
     held_out: tuple
     n_train: int  # training examples per training class
     n_val: int  # validation examples per training class
+    n_test: int = 32  # test examples per held-out class (the held-out loss)
     extra: tuple = ()  # kind-specific static settings as (key, value) pairs
 
     def class_values(self, c: int) -> tuple:
@@ -55,9 +58,14 @@ class DataSpec:
 def _mod(kind):
     if kind == "images":
         from jaxconcept.data import images as m
+    elif kind == "celeba":
+        from jaxconcept.data import celeba as m
     else:
         from jaxconcept.data import vector as m
     return m
+
+
+HOST_FED = ("celeba",)  # kinds whose training data streams from the host instead of being rendered on device
 
 
 def spec(cfg) -> DataSpec:
@@ -87,17 +95,62 @@ def render_all(spec: DataSpec, params, key, n_per_class: int):
 
 
 def dataset(spec: DataSpec, params, key):
-    """Training classes only: n_train + n_val per class, shuffled, split train/validation."""
+    """Training classes: n_train + n_val per class, shuffled, split train/validation; held-out
+    classes: n_test each (x_test, c_test), never seen in training, for the held-out loss."""
     n = spec.n_train + spec.n_val
     train = jnp.asarray(spec.train_classes)
     labels = jnp.repeat(train, n)
-    k_sample, k_perm = jax.random.split(key)
+    k_sample, k_perm, k_test = jax.random.split(key, 3)
     x, cond = sample(spec, params, k_sample, labels)
     # the split is per class so every training class has the same share in both parts
     idx = jnp.arange(len(train))[:, None] * n + jax.random.permutation(k_perm, n)[None, :]
     tr, va = idx[:, : spec.n_train].reshape(-1), idx[:, spec.n_train:].reshape(-1)
+    y_test = jnp.repeat(jnp.asarray(spec.held_out, jnp.int32), spec.n_test)
+    x_test, c_test = sample(spec, params, k_test, y_test)
     return dict(x_train=x[tr], c_train=cond[tr], y_train=labels[tr],
-                x_val=x[va], c_val=cond[va], y_val=labels[va])
+                x_val=x[va], c_val=cond[va], y_val=labels[va], x_test=x_test, c_test=c_test, y_test=y_test)
+
+
+def eval_prompts(spec: DataSpec, params, key, n: int, mode: str = "random"):
+    """Prompts of the samples drawn at evaluation: [n_classes, n, cond_dim].
+
+    Held-out classes get their class-mean prompt (``prompts``); training classes, with mode
+    "random", the conditioning of fresh draws of their class (inside its box, as the reference
+    draws them), with mode "mean" their class-mean prompt too.
+    """
+    mean = jnp.repeat(prompts(spec, params)[:, None, :], n, axis=1)  # [n_classes, n, cond_dim]
+    if mode == "mean" or spec.kind in HOST_FED:  # host-fed kinds: one-hot prompts, nothing to draw
+        return mean
+    labels = jnp.repeat(jnp.arange(spec.n_classes), n)
+    _, cond = sample(spec, params, key, labels)
+    held = jnp.isin(jnp.arange(spec.n_classes), jnp.asarray(spec.held_out, jnp.int32))[:, None, None]
+    return jnp.where(held, mean, cond.reshape(spec.n_classes, n, -1))
+
+
+def train_view(spec: DataSpec, x, key):
+    """A batch as the network sees it (float32): host-fed kinds convert their stored dtype and,
+    with a key, augment (flips, colour jitter); ``key=None`` converts only (evaluation)."""
+    fn = getattr(_mod(spec.kind), "train_view", None)
+    return x if fn is None else fn(spec, x, key)
+
+
+# --- host-fed kinds (HOST_FED): the training set stays on the host and streams in batches ---
+def host_dtype(spec: DataSpec):
+    """dtype of the examples a host-fed kind sends to the device (e.g. uint8 images)."""
+    return _mod(spec.kind).host_dtype(spec)
+
+
+def host_feed(spec: DataSpec, members):
+    """For host-fed kinds: ``feed(step, k) -> {x [M, k, B, ...], c [M, k, B, cond_dim], n [M, k]}``
+    (numpy), the training batches of steps step .. step+k-1 of every member, a pure function of
+    (member, step) so that a resumed run sees the same batches."""
+    return _mod(spec.kind).host_feed(spec, members)
+
+
+def host_eval_data(spec: DataSpec, members) -> dict:
+    """For host-fed kinds: the held-back sets kept on the device, numpy [M, N, ...]:
+    x_val, c_val, x_test, c_test (x in ``host_dtype``)."""
+    return _mod(spec.kind).host_eval_data(spec, members)
 
 
 def concept_signal(cfg, key=None, n: int = 256) -> dict:

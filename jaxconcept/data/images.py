@@ -57,7 +57,7 @@ def spec(cfg) -> DataSpec:
     return DataSpec(kind="images", x_shape=(cfg.image_size, cfg.image_size, 3), cond_dim=11, n_classes=n_classes,
                     concepts=concepts, values=values, value_names=value_names, class_names=tuple(names),
                     train_classes=tuple(c for c in range(n_classes) if c not in held), held_out=held,
-                    n_train=cfg.n_per_class - n_val, n_val=n_val, extra=extra)
+                    n_train=cfg.n_per_class - n_val, n_val=n_val, n_test=cfg.n_test, extra=extra)
 
 
 def params(cfg) -> dict:

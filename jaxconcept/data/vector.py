@@ -80,7 +80,7 @@ def spec(cfg) -> DataSpec:
         kind="vector", x_shape=(d + cfg.dim_nuisance,), cond_dim=cond_dim, n_classes=n_classes,
         concepts=concepts, values=(k,) * d, value_names=tuple(tuple(str(j) for j in range(k)) for _ in concepts),
         class_names=tuple("-".join(str(int(v)) for v in g) for g in _grid(d, k)),
-        train_classes=train, held_out=held, n_train=n_train, n_val=n_val, extra=extra)
+        train_classes=train, held_out=held, n_train=n_train, n_val=n_val, n_test=cfg.n_test, extra=extra)
 
 
 def _mask(spec: DataSpec) -> np.ndarray:
