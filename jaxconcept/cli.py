@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jaxconcept import config as C
 
@@ -21,6 +22,30 @@ def _config(args) -> C.Config:
     return C.resolve(args.preset, args.config, args.sets)
 
 
+class CLIError(Exception):
+    """A bad command-line input: reported as one line, exit code 2."""
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (0.0 < v <= 1.0):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed a number in (0, 1]")
+    return v
+
+
+def _output_file(path: str, flag: str) -> Path:
+    """A file the command will write: its directory must exist, it must not be a directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise CLIError(f"{flag} {path}: the directory {str(p.parent)!r} does not exist")
+    return p
+
+
 def cmd_data(args):
     import jax
     import numpy as np
@@ -29,26 +54,29 @@ def cmd_data(args):
 
     cfg = _config(args)
     if not (args.out or args.show):
-        print("jaxconcept data: give --out FILE.npz and/or --show FILE.png", file=sys.stderr)
-        return 2
-    if args.n_per_class < 1:
-        print(f"jaxconcept data: --n-per-class={args.n_per_class} is invalid: allowed a positive integer", file=sys.stderr)
-        return 2
+        raise CLIError("give --out FILE.npz and/or --show FILE.png")
+    if not 1 <= args.n_per_class <= 100_000:
+        raise CLIError(f"--n-per-class={args.n_per_class} is invalid: allowed an integer in [1, 100000]")
+    out = _output_file(args.out, "--out") if args.out else None
+    show = _output_file(args.show, "--show") if args.show else None
+    if cfg.data.kind in D.HOST_FED:
+        raise CLIError(f"data.kind={cfg.data.kind!r} has no generating process to render; it reads a dataset")
     m = C.members(cfg)[0].data
     if len(C.members(cfg)) > 1:
         print("jaxconcept data: the config is a sweep; rendering its first member", file=sys.stderr)
     spec, params = D.spec(m), D.params(m)
     x, cond, labels = D.render_all(spec, params, jax.random.PRNGKey(args.seed), args.n_per_class)
     signal = D.concept_signal(m)
-    if args.out:
-        np.savez(args.out, images=np.asarray(x, np.float32), cond=np.asarray(cond), labels=np.asarray(labels),
-                 class_names=np.array(spec.class_names), **{f"signal_{k}": v for k, v in signal.items()})
-        print(f"wrote {args.out}: {x.shape[0]} examples of {spec.n_classes} classes; signal {signal}")
-    if args.show:
+    if out:
+        with open(out, "wb") as f:
+            np.savez(f, images=np.asarray(x, np.float32), cond=np.asarray(cond), labels=np.asarray(labels),
+                     class_names=np.array(spec.class_names), **{f"signal_{k}": v for k, v in signal.items()})
+        print(f"wrote {out}: {x.shape[0]} examples of {spec.n_classes} classes; signal {signal}")
+    if show:
         from jaxconcept import plots
 
-        plots.data_grid(spec, np.asarray(x), np.asarray(labels), args.show)
-        print(f"wrote {args.show}")
+        plots.data_grid(spec, np.asarray(x), np.asarray(labels), show)
+        print(f"wrote {show}")
     return 0
 
 
@@ -74,34 +102,65 @@ def cmd_info(args):
     return 0
 
 
+def _distributed(args) -> None:
+    """jax.distributed.initialize from the flags, else the JAX_* environment variables, else the
+    cluster environment JAX detects (SLURM, Open MPI, TPU pods); one clear error otherwise."""
+    import os
+
+    import jax
+
+    coord = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    nproc = args.num_processes if args.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    given = [v is not None for v in (coord, nproc, pid)]
+    if any(given) and not all(given):
+        raise CLIError("--coordinator, --num-processes and --process-id go together (or JAX_COORDINATOR_ADDRESS, "
+                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    kw = {}
+    if all(given):
+        try:
+            nproc, pid = int(nproc), int(pid)
+        except ValueError:
+            raise CLIError(f"--num-processes={nproc!r}, --process-id={pid!r}: allowed integers") from None
+        if nproc < 1 or not 0 <= pid < nproc:
+            raise CLIError(f"--num-processes={nproc}, --process-id={pid}: allowed N >= 1 and 0 <= I < N")
+        if ":" not in str(coord):
+            raise CLIError(f"--coordinator={coord!r} is invalid: allowed HOST:PORT, e.g. 10.0.0.1:1234")
+        kw = dict(coordinator_address=coord, num_processes=nproc, process_id=pid)
+    try:
+        jax.distributed.initialize(**kw)
+    except (ValueError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not kw:
+            raise CLIError("--distributed needs to know its peers: give --coordinator HOST:PORT --num-processes N "
+                           "--process-id I (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), "
+                           f"or run under a launcher JAX detects (SLURM, Open MPI, a TPU pod) [{msg}]") from None
+        raise CLIError(f"jax.distributed.initialize failed: {msg}") from None
+
+
 def cmd_train(args):
     cfg = _config(args)
     from jaxconcept import sweep
 
-    if args.distributed:  # multi-host (TPU pod, several GPU hosts): every host runs this command
-        import jax
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
+        _distributed(args)  # multi-host (TPU pod, several GPU hosts): every host runs this command
+    import jax
 
-        jax.distributed.initialize()
+    lead = jax.process_index() == 0
     n = len(C.members(cfg))
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
-    print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
-    try:
-        sweep.train(cfg, args.out, progress=not args.no_progress)
-    except sweep.RunError as exc:
-        print(f"jaxconcept train: {exc}", file=sys.stderr)
-        return 2
-    print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
+    if lead:
+        print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
+    sweep.train(cfg, args.out, progress=not args.no_progress)
+    if lead:
+        print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
     return 0
 
 
 def cmd_analyze(args):
-    from jaxconcept import dynamics, plots, probe, rundir
+    from jaxconcept import dynamics, plots
 
-    try:
-        analysis = dynamics.analyze_run(args.run_dir, args.threshold)
-    except (rundir.RunDirError, probe.ProbeError) as exc:
-        print(f"jaxconcept analyze: {exc}", file=sys.stderr)
-        return 2
+    analysis = dynamics.analyze_run(args.run_dir, args.threshold)
     figs = plots.all_figures(analysis, args.run_dir)
     print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints, "
           f"threshold {args.threshold}")
@@ -111,19 +170,19 @@ def cmd_analyze(args):
             lt = ", ".join(f"{k} {'-' if v is None else round(v)}" for k, v in m["learning_time"][name].items())
             t = m["turn"][name]
             turn = f"turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn"
-            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; {turn}")
+            frozen = f"; frozen (diverged) at step {m['frozen_at']}" if m.get("frozen_at") is not None else ""
+            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; {turn}{frozen}")
+    for m in analysis["members"]:
+        if m.get("nan_samples"):
+            print(f"  member {m['index']}: {m['nan_samples']} non-finite sample(s) counted as wrong")
     print(f"jaxconcept analyze: wrote {args.run_dir}/analysis.json and " + ", ".join(str(f) for f in figs))
     return 0
 
 
 def cmd_elicit(args):
-    from jaxconcept import elicit, probe, rundir
+    from jaxconcept import elicit
 
-    try:
-        out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept)
-    except (rundir.RunDirError, probe.ProbeError) as exc:
-        print(f"jaxconcept elicit: {exc}", file=sys.stderr)
-        return 2
+    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept)
     for m in out["members"]:
         print(f"member {m['index']}: emergence naive {m['emergence_step']['naive']}, "
               f"overprompting {m['concept']} {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
@@ -137,6 +196,13 @@ def cmd_demo(args):
 
     demo.run(args.out, progress=not args.no_progress, extra_sets=args.sets)
     return 0
+
+
+def _known_errors() -> tuple:
+    """Errors that are the user's to fix: reported in one line, exit code 2."""
+    from jaxconcept import probe, rundir, sweep
+
+    return (CLIError, C.ConfigError, rundir.RunDirError, probe.ProbeError, sweep.RunError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,17 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (resumes if it holds the same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; run on every host)")
+                   help="multi-process training: call jax.distributed.initialize() first (run on every host)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0 (implies --distributed; or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in all (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1 (or JAX_PROCESS_ID)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("analyze", help="concept-space analysis of a run: analysis.json and figures")
     p.add_argument("run_dir")
-    p.add_argument("--threshold", type=float, default=0.8, help="accuracy that counts as learned")
+    p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("elicit", help="hidden capabilities: overprompting and latent interventions")
     p.add_argument("run_dir")
-    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
     p.add_argument("--concept", default=None,
                    help="concept to overprompt and steer (default: the weakest concept signal)")
     p.set_defaults(fn=cmd_elicit)
@@ -191,6 +261,15 @@ def main(argv=None):
     except C.ConfigError as exc:
         print(f"jaxconcept {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # missing or read-only directories, files in the way, full disks
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"jaxconcept {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - only the known kinds below are reported without a traceback
+        if isinstance(exc, _known_errors()):
+            print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

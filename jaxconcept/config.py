@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, SPEC A1 order
 
@@ -478,10 +478,14 @@ def load(path, base: Config | None = None) -> Config:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a file")
     try:
         d = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
     if isinstance(d, dict):  # top-level keys starting with "_" are comments
         d = {k: v for k, v in d.items() if not k.startswith("_")}
     if isinstance(d, dict) and "preset" in d:

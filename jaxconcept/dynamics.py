@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,18 @@ def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
     """
     samples = np.asarray(samples, np.float32)
     n_cls, n_s = samples.shape[:2]
-    z = P.coordinates(probe, samples.reshape(n_cls * n_s, *samples.shape[2:])).reshape(n_cls, n_s, -1)
-    return z, z.mean(axis=1)
+    finite = _finite(samples)  # [n_cls, n_s]
+    z = P.coordinates(probe, np.where(finite[..., None], samples.reshape(n_cls, n_s, -1), 0).reshape(
+        n_cls * n_s, *samples.shape[2:])).reshape(n_cls, n_s, -1)
+    z = np.where(finite[..., None], z, np.nan)  # non-finite samples have no coordinates
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class with no finite sample: NaN
+        return z, np.nanmean(z, axis=1)
+
+
+def _finite(samples) -> np.ndarray:
+    """[n_classes, n_samples, *x_shape] -> [n_classes, n_samples]: the sample is all finite."""
+    return np.isfinite(samples.reshape(*samples.shape[:2], -1)).all(-1)
 
 
 def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +85,10 @@ def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, n
     samples = np.asarray(samples, np.float32)
     n_cls, n_s = samples.shape[:2]
     target = np.repeat(np.asarray(class_values), n_s, axis=0)  # [n_cls * n_s, n_concepts]
-    ok = P.correct(probe, samples.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
+    finite = _finite(samples)
+    clean = np.where(finite.reshape(n_cls, n_s, *([1] * (samples.ndim - 2))), samples, 0)
+    ok = P.correct(probe, clean.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
+    ok &= finite[..., None]  # a non-finite sample is wrong whatever the probe makes of it
     return ok.mean(axis=1), ok.all(axis=-1).mean(axis=1)
 
 
@@ -144,6 +158,16 @@ def sudden_turn(steps, traj, train_corners, *, min_chord: float = 0.15, tol: flo
       into train_corners), approach_step, min_distance (closest approach to that corner).
     """
     steps, traj = np.asarray(steps), np.asarray(traj, np.float64)
+    keep = np.isfinite(traj).all(-1)  # checkpoints whose samples were all non-finite have no point
+    if not keep.all():
+        idx = np.flatnonzero(keep)
+        if not len(idx):
+            return {"step": None, "index": None, "angle": None, "turned": False, "nearest": 0,
+                    "approach_step": None, "min_distance": None}
+        out = sudden_turn(steps[keep], traj[keep], train_corners, min_chord=min_chord, tol=tol, min_angle=min_angle)
+        if out["index"] is not None:
+            out["index"] = int(idx[out["index"]])
+        return out
     d_all = np.linalg.norm(traj[:, None, :] - np.asarray(train_corners, np.float64)[None], axis=-1)  # [T, K]
     nearest = int(d_all.min(axis=0).argmin())
     d = d_all[:, nearest]
@@ -256,13 +280,17 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
         raise rundir.RunDirError(f"{run_dir} has no samples (samples/step_*.npz): train it first, "
                                  "or wait for the first evaluation point")
     member_cfgs = C.members(cfg)
-    mpath = run_dir / "members.json"
-    members = rundir.load_members(run_dir) if mpath.exists() else [
-        {"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-         "m": list(m.data.m), "s": list(m.data.s), "signal": {}} for i, m in enumerate(member_cfgs)]
+    try:
+        members = rundir.load_members(run_dir)
+    except rundir.RunDirError:  # missing or unreadable: what matters can be recomputed from the config
+        members = [{"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
+                    "m": list(m.data.m), "s": list(m.data.s), "signal": D.concept_signal(m.data)}
+                   for i, m in enumerate(member_cfgs)]
     if len(members) != len(member_cfgs):
-        raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}")
-    spec = D.spec(cfg.data)
+        raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}; "
+                                 "delete members.json to have it rebuilt")
+    frozen_at = _frozen_at(run_dir, len(members))
+    spec = D.spec(member_cfgs[0].data)
     table = P.class_value_table(spec)
     names = spec.class_names
     train_corners = corners(spec.values, table)[list(spec.train_classes)]
@@ -279,12 +307,14 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
     coords = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
     acc = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
     joint = np.zeros((n_m, n_t, spec.n_classes))
+    nan_samples = np.zeros(n_m, int)
     for t, step in enumerate(steps):
         samples = rundir.load_samples(run_dir, step)["samples"]  # [M, n_classes, n_samples, *x_shape]
         if samples.shape[0] != n_m or samples.shape[1] != spec.n_classes:
             raise rundir.RunDirError(f"{run_dir}: samples at step {step} have shape {samples.shape}, expected "
                                      f"[{n_m}, {spec.n_classes}, n_samples, ...]")
         for i in range(n_m):
+            nan_samples[i] += int((~_finite(samples[i])).sum())
             pr = probes[member_probe[i]]
             coords[i, t] = class_coordinates(pr, samples[i])[1]
             acc[i, t], joint[i, t] = class_accuracy(pr, samples[i], table)
@@ -303,7 +333,8 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
                 tr["nearest"] = names[spec.train_classes[tr["nearest"]]]
                 turns[name] = tr
         records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
-                        "signal": m.get("signal", {}), "probe": member_probe[i], "learning_time": lt,
+                        "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
+                        "nan_samples": int(nan_samples[i]), "learning_time": lt,
                         "turn": turns, "accuracy": accd, "coords": crd})
 
     summary = {name: {con: summarize_times(records, name, con) for con in (*spec.concepts, "joint")}
@@ -320,5 +351,15 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
         "members": records, "summary": summary,
     }
     if write:
-        (run_dir / "analysis.json").write_text(json.dumps(out, indent=1) + "\n")
+        rundir.write_json(run_dir / "analysis.json", out)
+    return out
+
+
+def _frozen_at(run_dir, n: int) -> list:
+    """Per member, the first logged step at which training had frozen it (diverged), or None."""
+    out = [None] * n
+    for r in rundir.load_metrics(run_dir):
+        for i, f in enumerate(r.get("frozen", [])[:n]):
+            if f and out[i] is None:
+                out[i] = r["step"]
     return out

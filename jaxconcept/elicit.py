@@ -13,7 +13,6 @@ Emergence step of each = first step with joint accuracy >= threshold (``dynamics
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -70,7 +69,10 @@ def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, 
     acc = {"naive": [], "over": [], "latent": []}
 
     def joint(x):
-        return P.correct(probe, np.asarray(x), target).all(-1).mean()
+        x = np.asarray(x)
+        finite = np.isfinite(x.reshape(len(x), -1)).all(-1)  # a non-finite sample is wrong
+        ok = P.correct(probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0), target).all(-1)
+        return (ok & finite).mean()
 
     for step in sorted(params_by_step):
         p = params_by_step[step]
@@ -96,13 +98,23 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
     members = C.members(cfg)
-    info = rundir.load_members(run_dir)
+    if not D.spec(members[0].data).held_out:
+        raise rundir.RunDirError(f"{run_dir}: its config holds no class out (data.held_out is empty and every class "
+                                 "is trained); elicitation measures how a held-out class emerges — train with "
+                                 "data.held_out=[...]")
+    try:
+        info = rundir.load_members(run_dir)
+    except rundir.RunDirError:
+        info = [{"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
+                 "m": list(m.data.m), "s": list(m.data.s)} for i, m in enumerate(members)]
     stacked = {s: sweep.load_state_params(run_dir, s) for s in steps}
     analysis_path = run_dir / "analysis.json"
     turns = {}
     if analysis_path.exists():
-        for m in json.loads(analysis_path.read_text())["members"]:
-            turns[m["index"]] = m.get("turn")
+        analysis = rundir.read_json(analysis_path, "written by `jaxconcept analyze`; run it again")
+        for m in analysis.get("members", []) if isinstance(analysis, dict) else []:
+            if isinstance(m, dict) and "index" in m:
+                turns[m["index"]] = m.get("turn")
     out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "over_strengths": list(OVER_STRENGTHS),
            "latent_strengths": list(LATENT_STRENGTHS), "members": []}
     for i, m in enumerate(members):
@@ -124,7 +136,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
                                "concept": name, "accuracy": acc, "emergence_step": emerge, "turn_step": turn_step,
                                "emergence_minus_turn": rel, "steps_earlier_than_naive": early})
     if write:
-        (run_dir / "elicit.json").write_text(json.dumps(out, indent=1) + "\n")
+        rundir.write_json(run_dir / "elicit.json", out)
         from jaxconcept import plots
 
         plots.elicit_figure(out, run_dir / "figures" / "elicit.png")

@@ -530,8 +530,9 @@ def _prepare_run_dir(cfg: C.Config, run_dir: Path) -> None:
             if diffs:
                 raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
                                "use another --out, or the same config to resume")
-    if not (run_dir / "config.json").exists() and any(
-            (run_dir / n).exists() for n in ("checkpoints", "samples", "params", "metrics.jsonl")):
+    trained = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) or any(
+        rundir.steps_with(run_dir, sub) for sub in ("samples", "params")) or bool(rundir.load_metrics(run_dir))
+    if trained and not (run_dir / "config.json").exists():
         if not (run_dir / "checkpoints" / "config.json").exists():
             raise RunError(f"{run_dir} holds training files but no config.json, so the config they were "
                            "trained with is unknown; restore config.json, or use another --out")
@@ -583,7 +584,7 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     lead = jax.process_index() == 0
     try:
         if lead:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
         with rundir.lock(run_dir) if lead else _nothing():
             return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after)
     except rundir.RunDirError as exc:
@@ -607,6 +608,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
     lead = jax.process_index() == 0
     sw = build(cfg, devices)
     if lead:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
         _write_run_files(sw, run_dir)
     state, data = init(sw)
     mngr, start, restored = restore(sw, run_dir / "checkpoints", state)

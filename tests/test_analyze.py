@@ -104,7 +104,6 @@ def test_analyze_vector_run(tmp_path):
 
 
 def test_analyze_image_run(tmp_path, monkeypatch):
-    pytest.importorskip("jaxconcept.data.images")
     monkeypatch.setenv("JAXCONCEPT_CACHE", str(tmp_path / "cache"))
     cfg, rest_ends = C.preset("tiny"), [5]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
@@ -132,9 +131,6 @@ def test_cli_analyze_refuses_non_runs(tmp_path, capsys):
 
 def test_end_to_end_tiny_vector_run(tmp_path):
     """A real (20-step) training run, then the analysis: well-formed, whatever the model learned."""
-    pytest.importorskip("jaxconcept.diffusion")
-    if not hasattr(pytest.importorskip("jaxconcept.nets"), "build"):
-        pytest.skip("jaxconcept.nets.build not written yet")
     from jaxconcept import sweep
 
     cfg = C.preset("vec_tiny")

@@ -5,11 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("jaxconcept.diffusion", reason="needs the diffusion module")
-pytest.importorskip("jaxconcept.nets.unet", reason="needs the networks")
-
-from jaxconcept import config as C, rundir  # noqa: E402
-from jaxconcept import sweep  # noqa: E402
+from jaxconcept import config as C, rundir
+from jaxconcept import sweep
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.json"))
 

@@ -131,7 +131,6 @@ def test_cache_key_ignores_what_does_not_change_samples():
 # The real image probe (needs jaxconcept.data.images)
 # --------------------------------------------------------------------------------------------
 def test_image_probe_for_tiny_config_meets_bar_and_is_cached(tmp_path, monkeypatch):
-    pytest.importorskip("jaxconcept.data.images")
     monkeypatch.setenv("JAXCONCEPT_CACHE", str(tmp_path))
     cfg = C.preset("tiny").data
     probe = P.probe_for(cfg)
@@ -146,7 +145,6 @@ def test_image_probe_for_tiny_config_meets_bar_and_is_cached(tmp_path, monkeypat
 
 
 def test_image_probe_undertrained_refuses(tmp_path, monkeypatch):
-    pytest.importorskip("jaxconcept.data.images")
     monkeypatch.setenv("JAXCONCEPT_CACHE", str(tmp_path))
     with pytest.raises(P.ProbeError, match="refuses"):
         P.probe_for(C.preset("tiny").data, max_steps=1, seed=3)

@@ -1,0 +1,299 @@
+"""Nothing lost, nothing silently wrong: kills at every write point, damaged run files, concurrent
+writers, multi-process training, and hostile inputs that must end in one clear message."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from jaxconcept import cli, rundir, sweep
+from jaxconcept import config as C
+
+SETS = ["train.steps=24", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[8,16,24]",
+        "data.n_per_class=16", "model.hidden=[32]", "seeds=[0,1]"]
+OPT0 = "--xla_backend_optimization_level=0"  # tiny networks: compiling fast beats running fast
+ENV1 = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {OPT0}", PYTHONUNBUFFERED="1")
+
+
+def _cmd(out, sets=SETS):
+    args = [a for s in sets for a in ("--set", s)]
+    return [sys.executable, "-m", "jaxconcept", "train", "--preset", "vec_tiny", "--no-progress", *args, "--out", str(out)]
+
+
+def _same_run(a, b):
+    assert rundir.steps_with(a) == rundir.steps_with(b) == [8, 16, 24]
+    for step in (8, 16, 24):
+        np.testing.assert_array_equal(rundir.load_samples(a, step)["samples"], rundir.load_samples(b, step)["samples"])
+    pa, pb = np.load(a / "params" / "step_0000024.npz"), np.load(b / "params" / "step_0000024.npz")
+    for k in pa.files:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    ma, mb = rundir.load_metrics(a), rundir.load_metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [8, 16, 24]
+    assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]
+
+
+# --------------------------------------------------------------------------------------------
+# Kills at every write point
+# --------------------------------------------------------------------------------------------
+KILLER = textwrap.dedent('''
+    """Run `jaxconcept train`, SIGKILLing itself at the N-th write of one kind (KILL_AT=kind:N)."""
+    import contextlib, os, signal, sys
+    from pathlib import Path
+    from jaxconcept import checkpoint, cli, rundir
+
+    kind, n = os.environ["KILL_AT"].split(":")
+    calls = {"n": 0}
+
+    def hit():
+        calls["n"] += 1
+        if calls["n"] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic = rundir.atomic
+
+    @contextlib.contextmanager
+    def killing_atomic(path, mode="w"):
+        with atomic(path, mode) as f:
+            yield f
+            f.flush()
+            mine = {"samples": "samples", "params": "params", "reconcile": "metrics.jsonl"}.get(kind)
+            if mine and mine in str(path):
+                hit()  # killed with the temporary file written and the final name untouched
+
+    rundir.atomic = killing_atomic
+    if kind == "metrics":
+        def half_line(run_dir, record):
+            line = rundir.json.dumps(record) + "\\n"
+            with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+                f.write(line if calls["n"] + 1 < int(n) else line[: len(line) // 2])
+                f.flush()
+            hit()
+        rundir.append_metrics = half_line
+    if kind == "checkpoint":
+        save = checkpoint.save
+
+        def cut_short(mngr, step, state):
+            save(mngr, step, state)
+            if calls["n"] + 1 == int(n):  # as if the write had stopped before orbax committed it
+                (Path(mngr.directory) / str(step) / "_CHECKPOINT_METADATA").unlink()
+            hit()
+        checkpoint.save = cut_short
+    sys.exit(cli.main(sys.argv[1:]))
+''')
+
+
+def test_kills_at_each_write_point_leave_a_resumable_complete_run(tmp_path):
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    full, run = tmp_path / "full", tmp_path / "run"
+    subprocess.run(_cmd(full), check=True, env=ENV1, capture_output=True)
+    # each start resumes from the newest good checkpoint and dies at the next write of one kind (the
+    # parameter files share the samples' writer, rundir.atomic)
+    for point in ("samples:2", "metrics:2", "checkpoint:1", "reconcile:1"):
+        cmd = [sys.executable, str(killer), *_cmd(run)[3:]]
+        proc = subprocess.run(cmd, env=dict(ENV1, KILL_AT=point), capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
+        leftovers = list(run.rglob(".*.tmp"))
+        assert leftovers or point in ("metrics:2", "checkpoint:1"), point  # the kill left a half-written file
+    done = subprocess.run(_cmd(run), env=ENV1, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_run(full, run)
+    assert (run / "checkpoints.bad").is_dir()  # the cut-short checkpoint was moved aside, not lost
+    assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (jax.distributed on 127.0.0.1)
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(out, wait_for=None):
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                           "--process-id", str(i)], env=ENV1, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    if wait_for is not None:  # kill both as soon as the first checkpoint is committed
+        deadline = time.time() + 180
+        while time.time() < deadline and not (out / "checkpoints" / "8" / "_CHECKPOINT_METADATA").exists():
+            time.sleep(0.05)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    env2 = dict(ENV1, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {OPT0}")  # the same 2-device layout
+    subprocess.run(_cmd(one), check=True, env=env2, capture_output=True)
+    codes, outs = _two_processes(two, wait_for=8)
+    assert codes == [-signal.SIGKILL] * 2, outs
+    assert rundir.steps_with(two) != [8, 16, 24], "the run finished before it was killed"
+    codes, outs = _two_processes(two)
+    assert codes == [0, 0], [o[1][-2000:] for o in outs]
+    _same_run(one, two)
+    assert "jaxconcept train: done" in outs[0][0] and "jaxconcept train: done" not in outs[1][0]  # process 0 speaks
+
+
+def test_distributed_without_peers_is_one_clear_message(capsys, monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["train", "--preset", "vec_tiny", "--out", "/tmp/never", "--num-processes", "2"]) == 2
+    assert "go together" in capsys.readouterr().err
+    args = ["train", "--preset", "vec_tiny", "--out", "/tmp/never", "--coordinator", "nohost", "--num-processes", "2",
+            "--process-id", "0"]
+    assert cli.main(args) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert cli.main(args[:-6] + ["--coordinator", "1.2.3.4:5", "--num-processes", "2", "--process-id", "2"]) == 2
+    assert "0 <= I < N" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# One run directory, one writer; damaged files
+# --------------------------------------------------------------------------------------------
+def _cfg(*more):
+    return C.override(C.preset("vec_tiny"), [*SETS, "train.steps=8", "eval.steps=[8]", *more])
+
+
+def test_a_second_train_on_a_locked_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    with rundir.lock(tmp_path / "run"):
+        with pytest.raises(sweep.RunError, match=f"in use by pid {os.getpid()}"):
+            sweep.train(_cfg(), tmp_path / "run", progress=False)
+        assert cli.main(["train", "--preset", "vec_tiny", "--out", str(tmp_path / "run")] +
+                        [a for s in SETS for a in ("--set", s)]) == 2
+        assert "in use by" in capsys.readouterr().err
+    sweep.train(_cfg(), tmp_path / "run", progress=False)  # released: a stale lock file is taken over
+    assert rundir.steps_with(tmp_path / "run") == [8]
+
+
+def test_damaged_run_files_are_repaired_or_refused_with_one_message(tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg()
+    sweep.train(cfg, run, progress=False)
+    # members.json lost or garbled: rewritten
+    (run / "members.json").write_text("{garbage")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "train_lo')  # a half line from a kill
+    (run / "samples" / ".step_0000016.npz.1234.tmp").write_bytes(b"partial")  # a leftover temporary file
+    sweep.train(cfg, run, progress=False)
+    assert len(rundir.load_members(run)) == 2
+    assert [r["step"] for r in rundir.load_metrics(run)] == [8]  # the half line is gone
+    assert rundir.steps_with(run) == [8]
+    # config.json lost: the same config resumes (and rewrites it), another one is refused
+    (run / "config.json").unlink()
+    with pytest.raises(sweep.RunError, match=r"train\.lr"):
+        sweep.train(C.override(cfg, ["train.lr=0.01"]), run, progress=False)
+    sweep.train(cfg, run, progress=False)
+    assert C.load(run / "config.json") == cfg
+    (run / "config.json").unlink()
+    (run / "checkpoints" / "config.json").unlink()
+    with pytest.raises(sweep.RunError, match="no config.json"):
+        sweep.train(cfg, run, progress=False)
+
+
+def test_analyze_and_elicit_name_damaged_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    sweep.train(_cfg("eval.steps=[4,8]"), run, progress=False)
+    (run / "samples" / "step_0000004.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert cli.main(["analyze", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "step_0000004.npz is damaged" in err and "Traceback" not in err
+    (run / "samples" / "step_0000004.npz").unlink()
+    assert cli.main(["analyze", str(run)]) == 0
+    json.loads((run / "analysis.json").read_text())
+    (run / "analysis.json").write_text('{"members": [')  # truncated
+    assert cli.main(["elicit", str(run)]) == 2
+    assert "analysis.json is unreadable" in capsys.readouterr().err
+    (run / "params" / "step_0000008.npz").write_bytes(b"\x00" * 50)
+    (run / "analysis.json").unlink()
+    assert cli.main(["elicit", str(run)]) == 2
+    assert "step_0000008.npz is damaged" in capsys.readouterr().err
+
+
+def test_analyze_counts_nan_samples_as_wrong_and_marks_frozen_members(tmp_path):
+    from jaxconcept import dynamics
+
+    run = tmp_path / "run"
+    cfg = _cfg("eval.steps=[4,8]")
+    sweep.train(cfg, run, progress=False)
+    s = rundir.load_samples(run, 8)
+    samples = s["samples"].copy()
+    samples[1, 0, :5] = np.nan  # member 1, class 0: five samples diverged
+    rundir.save_samples(run, 8, samples, s["prompts"])
+    recs = rundir.load_metrics(run)
+    recs[-1]["frozen"] = [False, True]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    a = dynamics.analyze_run(run)
+    assert a["members"][1]["nan_samples"] == 5 and a["members"][0]["nan_samples"] == 0
+    assert a["members"][1]["frozen_at"] == 8 and a["members"][0]["frozen_at"] is None
+    acc = a["members"][1]["accuracy"]["0-0"]["joint"][-1]
+    assert acc <= 1 - 5 / cfg.eval.n_samples + 1e-9
+    text = (run / "analysis.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: one message, exit code 2, no traceback, nothing written
+# --------------------------------------------------------------------------------------------
+def _bad_inputs(tmp):
+    f = tmp / "afile"
+    f.write_text("x")
+    binary = tmp / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    other = tmp / "other_run"
+    other.mkdir()
+    C.save(C.override(C.preset("vec_tiny"), ["train.lr=0.5"]), other / "config.json")
+    noheld = tmp / "noheld"
+    noheld.mkdir()
+    C.save(C.override(C.preset("vec_tiny"), ["data.train_classes=[0,1,2,3]"]), noheld / "config.json")
+    (noheld / "params").mkdir()
+    (noheld / "params" / "step_0000001.npz").write_bytes(b"")
+    t = ["train", "--preset", "vec_tiny", "--out"]
+    return [
+        (["train", "--config", str(binary), "--out", str(tmp / "r")], "not valid JSON"),
+        (["train", "--config", str(tmp), "--out", str(tmp / "r")], "not a file"),
+        (t + [str(tmp / "r"), "--set", "seeds=[4294967296]"], "seeds"),
+        (t + [str(tmp / "r"), "--set", "data.m=[]"], "data.m"),
+        (t + [str(tmp / "r"), "--set", "train.lr=NaN"], "train.lr"),
+        (t + [str(tmp / "r"), "--set", "name=[1,2]"], "name"),
+        (t + [str(f)], "is a file"),
+        (t + [str(f / "sub")], "is a file"),
+        (["data", "--preset", "vec_tiny", "--out", str(tmp / "missing" / "d.npz")], "does not exist"),
+        (["data", "--preset", "vec_tiny", "--show", str(tmp)], "is a directory"),
+        (["demo", "--out", str(other), "--set", "train.steps=2"], "different config"),
+        (["elicit", str(noheld)], "held-out"),
+        (["analyze", str(f)], "not a directory"),
+    ]
+
+
+def test_hostile_inputs_end_in_one_message(tmp_path, capsys):
+    cases = _bad_inputs(tmp_path)
+    for argv, needle in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # nothing written
+    for threshold in ("2", "-1", "nan", "0"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["analyze", str(tmp_path), "--threshold", threshold])
+        assert exc.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+
+
+def test_storage_that_refuses_writes_is_one_message(capsys):
+    # /sys refuses new directories even to root: a stand-in for read-only storage
+    assert cli.main(["train", "--preset", "vec_tiny", "--out", "/sys/jaxconcept_run"]) == 2
+    err = capsys.readouterr().err
+    assert "not permitted" in err and "/sys/jaxconcept_run" in err and len(err.strip().splitlines()) == 1
