@@ -42,13 +42,14 @@ def test_rendered_distribution_matches_spec():
     img = np.asarray(I.render(jnp.asarray(z), jax.random.PRNGKey(0)))
     np.testing.assert_allclose(img[16, 16], red, atol=0.02)
     np.testing.assert_allclose(img[0, 0], [0.9, 0.9, 0.9], atol=0.01)
-    # area of the (unblurred-equivalent) mask ~ pi size^2; the triangle has the circle's area
+    # area of the mask (the blur keeps it) ~ pi size^2; the reference's triangle: base s, height s
     def area(shape):
         zz = z.copy(); zz[0:2] = shape; zz[4:7] = 0.0; zz[8:11] = 1.0
         im = np.asarray(I.render(jnp.asarray(zz), jax.random.PRNGKey(0), pixel_noise=0.0))
         return (1 - im[..., 0]).sum() * (2 / 31) ** 2
     assert abs(area([1, 0]) - np.pi * 0.3 ** 2) < 0.03
-    assert abs(area([0, 1]) - area([1, 0])) < 0.03
+    side = 0.3 * np.sqrt(4 * np.pi / np.sqrt(3))
+    assert abs(area([0, 1]) - side ** 2 / 2) < 0.03
     bg = x[:, 0, 0]  # corners are background: U(0.8, 1) per channel
     assert bg.min() > 0.79 and bg.max() < 1.01
 
@@ -70,15 +71,61 @@ def test_jit_vmap_and_seeds():
         np.testing.assert_allclose(xs[i], D.sample(sp, pp, k, labels)[0], atol=1e-6)
 
 
-def test_signal_grows_with_separation_and_g_is_differentiable():
-    sig = [D.concept_signal(C.override(C.preset("2x2"), [f"data.sep_col={s}"]).data)["colour"] for s in (0.1, 0.4, 0.8)]
-    assert sig[0] < sig[1] < sig[2]
-    sz = [D.concept_signal(C.override(C.preset("2x2"), [f"data.sep_size={s}"]).data)["size"] for s in (0.1, 0.2, 0.4)]
-    assert sz[0] < sz[1] < sz[2]
-    z = jnp.array([1, 0, 0.1, -0.1, 0.6, 0.4, 0.4, 0.3, 0.9, 0.9, 0.9], jnp.float32)
-    g = jax.jacfwd(lambda zz: I.render(zz, jax.random.PRNGKey(0), pixel_noise=0.0))(z)  # [S, S, 3, 11]
+def test_signal_grows_with_separation_both_ways_and_the_soft_g_is_differentiable():
+    def sig(sets, concept, **kw):
+        return D.concept_signal(C.override(C.preset("2x2"), sets).data, n=64, **kw)[concept]
+    for method in ("difference", "autodiff"):
+        col = [sig([f"data.sep_col={s}"], "colour", method=method) for s in (0.1, 0.4, 0.8)]
+        assert col[0] < col[1] < col[2], (method, col)
+        sz = [sig([f"data.sep_size={s}"], "size", method=method) for s in (0.1, 0.2, 0.4)]
+        assert sz[0] < sz[1] < sz[2], (method, sz)
+    # the difference is that of the images themselves: colour enters G linearly, so the L2 distance
+    # between the two colours' images of one latent is ||mask|| * ||blue - red|| = ||mask|| sqrt(2) sep_col
+    cfg = C.override(C.preset("2x2"), ["data.sep_col=0.4"]).data
+    z = jnp.array([1, 0, 0.1, -0.1, 0.5, 0.5, 0.5, 0.3, 0.9, 0.9, 0.9], jnp.float32)
+    img = lambda col: I.render(z.at[4:7].set(col), jax.random.PRNGKey(0), pixel_noise=0.0)  # noqa: E731
+    red, blue = jnp.array([0.7, 0.3, 0.3]), jnp.array([0.3, 0.3, 0.7])
+    mask = (img(jnp.array([0.0, 0.0, 0.0])) - img(jnp.array([1.0, 1.0, 1.0])))[..., 0] * -1
+    np.testing.assert_allclose(float(jnp.linalg.norm(img(blue) - img(red))),
+                               float(jnp.linalg.norm(mask)) * np.sqrt(2) * 0.4, rtol=1e-4)
+    del cfg
+    g = jax.jacfwd(lambda zz: I.render(zz, jax.random.PRNGKey(0), pixel_noise=0.0, soft_edge=True))(z)
     norms = np.linalg.norm(np.asarray(g).reshape(-1, 11), axis=0)
     assert np.isfinite(norms).all() and norms[4] > 0 and norms[7] > 0 and norms[2] > 0
+    hard = jax.jacfwd(lambda zz: I.render(zz, jax.random.PRNGKey(0), pixel_noise=0.0))(z)
+    assert np.linalg.norm(np.asarray(hard)[..., 7]) == 0  # the hard mask has no derivative in size
+
+
+def _reference_g(z, size=32, sigma=1.0):
+    """G as the reference specifies it (SPEC A1), in numpy + scipy, noise-free: a hard mask on the
+    ij grid linspace(-1, 1), blurred by scipy.ndimage.gaussian_filter (reflect, truncate 4)."""
+    from scipy import ndimage
+
+    g = np.linspace(-1.0, 1.0, size)
+    dx, dy = g[:, None] - z[2], g[None, :] - z[3]
+    if z[0] == 1:
+        mask = np.hypot(dx, dy) < z[7]
+    else:  # base s (at dy = -s sqrt3/6), height s: edges dy = +-2 dx + (1 - sqrt3/6) s
+        s = np.sqrt(4 * np.pi / np.sqrt(3)) * z[7]
+        top = (1 - np.sqrt(3) / 6) * s
+        mask = (dy > -s * np.sqrt(3) / 6) & (dy < 2 * dx + top) & (dy < -2 * dx + top)
+    m = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="reflect", truncate=4.0)[..., None]
+    return np.clip(m * z[4:7] + (1 - m) * z[8:11], 0, 1)
+
+
+def test_rendering_matches_scipy_gaussian_filter_including_objects_at_the_border():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for i in range(24):
+        shape = [1, 0] if i % 2 == 0 else [0, 1]
+        pos = rng.uniform(-0.5, 0.5, 2) if i < 12 else rng.choice([-1.0, -0.95, 0.95, 1.0], 2)  # half at the border
+        z = np.array([*shape, *pos, *rng.uniform(0, 1, 3), rng.uniform(0.1, 0.8), *rng.uniform(0, 1, 3)], np.float32)
+        got = np.asarray(I.render(jnp.asarray(z), jax.random.PRNGKey(0), pixel_noise=0.0))
+        worst = max(worst, np.abs(got - _reference_g(z.astype(np.float64))).max())
+    assert worst < 1e-5, worst
+    z = np.array([1, 0, 0.9, 0.9, 1, 0, 0, 0.3, 0, 0, 1], np.float32)  # touches two edges
+    assert np.abs(np.asarray(I.render(jnp.asarray(z), jax.random.PRNGKey(0), pixel_noise=0.0))
+                  - _reference_g(z.astype(np.float64))).max() < 1e-5
 
 
 def test_masking_zeroes_conditioning():

@@ -106,7 +106,8 @@ def dataset(spec: DataSpec, params, key):
     idx = jnp.arange(len(train))[:, None] * n + jax.random.permutation(k_perm, n)[None, :]
     tr, va = idx[:, : spec.n_train].reshape(-1), idx[:, spec.n_train:].reshape(-1)
     y_test = jnp.repeat(jnp.asarray(spec.held_out, jnp.int32), spec.n_test)
-    x_test, c_test = sample(spec, params, k_test, y_test)
+    draw = getattr(_mod(spec.kind), "test_sample", sample)  # images: at the class means, as the reference
+    x_test, c_test = draw(spec, params, k_test, y_test)
     return dict(x_train=x[tr], c_train=cond[tr], y_train=labels[tr],
                 x_val=x[va], c_val=cond[va], y_val=labels[va], x_test=x_test, c_test=c_test, y_test=y_test)
 
@@ -153,5 +154,7 @@ def host_eval_data(spec: DataSpec, members) -> dict:
     return _mod(spec.kind).host_eval_data(spec, members)
 
 
-def concept_signal(cfg, key=None, n: int = 256) -> dict:
-    return _mod(cfg.kind).concept_signal(cfg, key if key is not None else jax.random.PRNGKey(0), n)
+def concept_signal(cfg, key=None, n: int = 256, **kw) -> dict:
+    """{concept: signal}: how strongly G's output changes with each concept (see each kind's
+    ``concept_signal``; images: the finite difference of G between a concept's values)."""
+    return _mod(cfg.kind).concept_signal(cfg, key if key is not None else jax.random.PRNGKey(0), n, **kw)

@@ -79,33 +79,60 @@ def params(cfg) -> dict:
     return {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi)}
 
 
-def _blur_kernel(sigma: float):
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / max(sigma, 1e-6)) ** 2)
-    return jnp.asarray(k / k.sum(), jnp.float32)
+def _blur_kernel(sigma: float, truncate: float = 4.0):
+    """scipy.ndimage.gaussian_filter's 1-D kernel: radius int(truncate sigma + 0.5), normalised."""
+    r = int(truncate * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    return k / k.sum()
 
 
-def render(z, key, image_size: int = 32, blur_sigma: float = 1.0, pixel_noise: float = 0.001):
+def _blur(m, sigma: float):
+    """Separable Gaussian blur of a mask [S, S] as scipy.ndimage.gaussian_filter(m, sigma) does it:
+    mode "reflect" (the edge pixel repeated: d c b a | a b c d | d c b a), truncate 4.0."""
+    k = _blur_kernel(sigma)
+    r = len(k) // 2
+    for axis in (0, 1):
+        n = m.shape[axis]
+        idx = np.arange(-r, n + r)
+        while idx.min() < 0 or idx.max() >= n:  # reflect until in range (kernels wider than the image)
+            idx = np.where(idx < 0, -idx - 1, idx)
+            idx = np.where(idx >= n, 2 * n - idx - 1, idx)
+        mp = jnp.take(m, jnp.asarray(idx), axis=axis)  # [S + 2r, S] or [S, S + 2r]
+        taps = [jax.lax.slice_in_dim(mp, i, i + n, axis=axis) for i in range(len(k))]
+        m = sum(float(w) * t for w, t in zip(k, taps))
+    return m
+
+
+def _masks(dx, dy, size, soft: float):
+    """Circle and triangle masks of the reference's G: circle r < size; triangle (the reference's,
+    of side s = sqrt(4 pi / sqrt(3)) size: base s at dy = -s sqrt(3)/6, apex s above it, edges of
+    slope +-2). ``soft`` > 0: a linear edge of that width (concept-space units) instead of a step."""
+    def inside(d):  # d > 0 inside
+        return (d > 0).astype(jnp.float32) if not soft else jnp.clip(d / soft + 0.5, 0.0, 1.0)
+    circle = inside(size - jnp.sqrt(dx ** 2 + dy ** 2 + 1e-12))
+    side = size * math.sqrt(4 * math.pi / math.sqrt(3))
+    inc = side * math.sqrt(3) / 6
+    b = (1 - math.sqrt(3) / 6) * side
+    dist = jnp.minimum(jnp.minimum(dy + inc, (2 * dx + b - dy) / math.sqrt(5)), (-2 * dx + b - dy) / math.sqrt(5))
+    return circle, inside(dist)
+
+
+def render(z, key, image_size: int = 32, blur_sigma: float = 1.0, pixel_noise: float = 0.001, soft_edge: bool = False):
     """G(z): one image [S, S, 3] in [0, 1]; axis 0 is the x coordinate (ij grid on [-1, 1]).
 
-    The object mask has a one-pixel linear edge (instead of a hard step) so G is differentiable
-    in position and size; after the sigma = 1 px blur the difference from a hard mask is small.
+    As the reference: a hard object mask (circle ``r < size``, or its triangle), blurred like
+    scipy.ndimage.gaussian_filter(mask, blur_sigma) (reflect at the border, radius 4 sigma), then
+    mask * colour + (1 - mask) * background + N(0, pixel_noise^2), clipped to [0, 1].
+    ``soft_edge``: a one-pixel linear edge instead of the step, so G is differentiable in position
+    and size (for ``concept_signal(..., method="autodiff")``); the data never use it.
     """
     g = jnp.linspace(-1.0, 1.0, image_size)
     px = 2.0 / (image_size - 1)
     dx, dy = g[:, None] - z[2], g[None, :] - z[3]  # [S, S]
-    size = z[7]
-    circle = jnp.clip((size - jnp.sqrt(dx ** 2 + dy ** 2 + 1e-12)) / px + 0.5, 0.0, 1.0)
-    side = size * math.sqrt(4 * math.pi / math.sqrt(3))  # equilateral triangle of the circle's area
-    r_in = side / (2 * math.sqrt(3))
-    ang = jnp.deg2rad(jnp.array([-90.0, 30.0, 150.0]))  # outward edge normals; apex points to +y
-    d = jnp.max(jnp.cos(ang)[:, None, None] * dx[None] + jnp.sin(ang)[:, None, None] * dy[None], axis=0) - r_in
-    triangle = jnp.clip(-d / px + 0.5, 0.0, 1.0)
+    circle, triangle = _masks(dx, dy, z[7], px if soft_edge else 0.0)
     m = z[0] * circle + z[1] * triangle
     if blur_sigma > 0:
-        k = _blur_kernel(blur_sigma)
-        m = jax.vmap(lambda row: jnp.convolve(row, k, mode="same"))(m)
-        m = jax.vmap(lambda col: jnp.convolve(col, k, mode="same"), in_axes=1, out_axes=1)(m)
+        m = _blur(m, blur_sigma)
     m = m[..., None]
     img = m * z[None, None, 4:7] + (1.0 - m) * z[None, None, 8:11] + pixel_noise * jax.random.normal(key, (image_size, image_size, 3))
     return jnp.clip(img, 0.0, 1.0)
@@ -129,6 +156,15 @@ def sample(spec: DataSpec, params, key, labels):
     return _render_batch(spec, z, k_img), _cond(spec, z)
 
 
+def test_sample(spec: DataSpec, params, key, labels):
+    """The reference's test images of a class: colour, size and background at the class mean,
+    the position random; conditioning = the class-mean prompt. (x [N,S,S,3], cond [N,11])."""
+    k_pos, k_img = jax.random.split(key)
+    z = class_means(spec, params)[labels]
+    z = z.at[:, 2:4].set(jax.random.uniform(k_pos, (labels.shape[0], 2), minval=-0.5, maxval=0.5))
+    return _render_batch(spec, z, k_img), _cond(spec, class_means(spec, params)[labels])
+
+
 def class_means(spec: DataSpec, params):
     """z at each class's mean (position at the centre): [n_classes, 11]."""
     z = 0.5 * (params["lo"] + params["hi"])
@@ -147,29 +183,42 @@ def render_prompts(spec: DataSpec, params, key, n_per_class: int):
     return _render_batch(spec, z, key), labels
 
 
-def concept_signal(cfg, key, n: int = 256) -> dict:
-    """sigma_i = E ||dG/du_i||: u_i moves concept i from its first value's mean (u=0) to its second's
-    (u=1) with every other entry drawn from the data distribution; u ~ U(0, 1); noise-free G.
+def concept_signal(cfg, key, n: int = 256, method: str = "difference") -> dict:
+    """The signal of each concept: how much G's image changes when the concept changes value.
 
-    The separation sets the length of the move, so sigma_colour grows with sep_col and
-    sigma_size with sep_size.
+    "difference" (default, true to the rendered data): sigma_i = E ||G(z | concept i at its second
+    value's mean) - G(z | at its first value's mean)||, the L2 distance between the two images per
+    one step of the concept's value, the other entries of z (position, the other concepts,
+    background) drawn from the data distribution, noise-free G with its hard mask; averaged over
+    neighbouring value pairs for concepts with more than two values.
+    "autodiff": E ||dG/du_i|| for u_i in [0, 1] moving the concept from the first value's mean to
+    the second's, through G with a one-pixel soft edge (the hard mask has no derivative in size).
+
+    Both grow with the separation: sigma_colour with sep_col, sigma_size with sep_size.
     """
+    if method not in ("difference", "autodiff"):
+        raise ValueError(f"method={method!r} is invalid: allowed difference, autodiff")
     sp, p = spec(cfg), params(cfg)
     k_lab, k_z, k_u = jax.random.split(key, 3)
     labels = jax.random.randint(k_lab, (n,), 0, sp.n_classes)
     lo, hi = p["lo"][labels], p["hi"][labels]
     z = lo + (hi - lo) * jax.random.uniform(k_z, lo.shape)
     u = jax.random.uniform(k_u, (n,))
+    size, sigma = sp.opt("image_size"), sp.opt("blur_sigma")
     out = {}
     for c, v in zip(sp.concepts, sp.values):
-        a = np.mean(_value_box(c, 0, v, cfg.sep_col, cfg.sep_size), axis=0)
-        b = np.mean(_value_box(c, 1, v, cfg.sep_col, cfg.sep_size), axis=0)
         sl = SLOTS[c]
+        means = [np.mean(_value_box(c, k, v, cfg.sep_col, cfg.sep_size), axis=0) for k in range(v)]
+        pairs = []
+        for a, b in zip(means[:-1], means[1:]):
+            def g(uu, zz, a=a, b=b):
+                zz = zz.at[sl].set(jnp.asarray(a) + uu * jnp.asarray(b - a))
+                return render(zz, jax.random.PRNGKey(0), size, sigma, 0.0, soft_edge=method == "autodiff")
 
-        def g(uu, zz):
-            zz = zz.at[sl].set(jnp.asarray(a) + uu * jnp.asarray(b - a))
-            return render(zz, jax.random.PRNGKey(0), sp.opt("image_size"), sp.opt("blur_sigma"), 0.0)
-
-        norms = jax.vmap(lambda uu, zz: jnp.linalg.norm(jax.jvp(lambda q: g(q, zz), (uu,), (jnp.ones(()),))[1]))(u, z)
-        out[c] = float(jnp.mean(norms))
+            if method == "difference":
+                norms = jax.vmap(lambda zz: jnp.linalg.norm(g(1.0, zz) - g(0.0, zz)))(z)
+            else:
+                norms = jax.vmap(lambda uu, zz: jnp.linalg.norm(jax.jvp(lambda q: g(q, zz), (uu,), (jnp.ones(()),))[1]))(u, z)
+            pairs.append(float(jnp.mean(norms)))
+        out[c] = float(np.mean(pairs))
     return out
