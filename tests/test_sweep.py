@@ -82,6 +82,17 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     assert s["prompts"].shape == (2, spec.n_classes, cfg.eval.n_samples, spec.cond_dim)
     metrics = rundir.load_metrics(tmp_path / "run")
     assert [r["step"] for r in metrics] == [3, 6] and all(len(r["val_loss"]) == 2 for r in metrics)
+    assert all(len(r["test_loss"]) == 2 and np.isfinite(r["test_loss"]).all() for r in metrics)  # held-out loss
+    # prompts: training classes drawn at random inside their boxes (as the reference), held-out at its mean
+    from jaxconcept import data as D
+    p = D.params(sw.members[1].data)
+    pr = s["prompts"][1]  # [n_classes, n_samples, 11]
+    lo, hi = np.asarray(p["lo"]) * spec.opt("cond_mask"), np.asarray(p["hi"]) * spec.opt("cond_mask")
+    for c in spec.train_classes:
+        assert np.all((pr[c] >= lo[c] - 1e-6) & (pr[c] <= hi[c] + 1e-6)) and np.ptp(pr[c][:, 4:8], axis=0).min() > 0
+    np.testing.assert_allclose(pr[3], np.repeat(np.asarray(D.prompts(spec, p))[3:4], cfg.eval.n_samples, 0), atol=1e-6)
+    mean_prompts = D.eval_prompts(spec, p, jax.random.PRNGKey(0), 4, "mean")
+    np.testing.assert_allclose(mean_prompts[0], np.repeat(np.asarray(D.prompts(spec, p))[:1], 4, 0))
     members = json.loads((tmp_path / "run" / "members.json").read_text())
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
