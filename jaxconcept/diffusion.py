@@ -94,9 +94,9 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     n = b if n_valid is None else n_valid
 
     # [B], stratified over [0, 1) across the n real examples
-    t = draws.get("t", jnp.mod(jax.random.uniform(k_t, ()) + jnp.arange(b) / n, 1.0))
+    t = draws["t"] if "t" in draws else jnp.mod(jax.random.uniform(k_t, ()) + jnp.arange(b) / n, 1.0)
     g_t = gamma(params, t)  # [B]
-    eps = draws.get("eps", jax.random.normal(k_eps, x.shape))
+    eps = draws["eps"] if "eps" in draws else jax.random.normal(k_eps, x.shape)
     z_t = _bcast(jnp.sqrt(jax.nn.sigmoid(-g_t)), x) * x + _bcast(jnp.sqrt(jax.nn.sigmoid(g_t)), x) * eps
     eps_hat = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), cond, train, k_net)
     if not train and w_cfg != 1.0:
@@ -111,7 +111,8 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     latent = 0.5 * jnp.sum(var_1 + (1.0 - var_1) * x ** 2 - jnp.log(var_1) - 1.0, axis=axes)
 
     # z_0 / alpha_0 = x + (sigma_0 / alpha_0) eps_0 and sigma_0 / alpha_0 = exp(gamma_0 / 2)
-    err = jnp.exp(0.5 * gamma(params, jnp.float32(0.0))) * draws.get("eps_0", jax.random.normal(k_0, x.shape))
+    eps_0 = draws["eps_0"] if "eps_0" in draws else jax.random.normal(k_0, x.shape)
+    err = jnp.exp(0.5 * gamma(params, jnp.float32(0.0))) * eps_0
     s = model_cfg.data_noise
     recon = jnp.sum(0.5 * (err / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi), axis=axes)
 

@@ -194,8 +194,9 @@ class Sweep:
         if self.strategy != "auto":
             return self
         strategy, chunk, why = plan(self)
-        print(f"jaxconcept: stacking strategy {strategy}" + (f" (chunks of {chunk})" if strategy == "map" else "")
-              + f": {why}", flush=True)
+        if jax.process_index() == 0:
+            print(f"jaxconcept: stacking strategy {strategy}" + (f" (chunks of {chunk})" if strategy == "map" else "")
+                  + f": {why}", flush=True)
         return dataclasses.replace(self, strategy=strategy, chunk=chunk)
 
     @functools.cached_property
