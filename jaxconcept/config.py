@@ -599,8 +599,34 @@ def _p_vec_tiny():
                    eval=EvalConfig(n_points=2, first=10, n_samples=16, sampler_steps=8))
 
 
+def _p_celeba():
+    """SPEC A5, the reference's CelebA runs: Male x Smiling with smiling women (0, 1) held out, 64x64
+    faces, U-Net 64/128/256 (2 ResNet blocks, mid attention, GroupNorm of 4 groups), AdamW lr 1e-3
+    and weight decay 1e-5, batch 64, 2 M steps, 60 evaluation points spaced in sqrt(step), 30,000
+    images per training combination (5 % of them kept back for the validation loss)."""
+    return Config(
+        name="celeba",
+        data=DataConfig(kind="celeba", attributes=("Male", "Smiling"), held_out=(1,), source="celeb_a", image_size=64,
+                        n_per_class=30000, val_frac=0.05, n_test=32),
+        model=ModelConfig(ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, mid_attention=True, norm_groups=4,
+                          gamma_min=-5.0, gamma_max=10.0, data_noise=1e-3),
+        train=TrainConfig(steps=2_000_000, batch_size=64, lr=1e-3, weight_decay=1e-5, checkpoint_every=10_000),
+        eval=EvalConfig(n_points=60, first=500, n_samples=32),
+    )
+
+
+def _p_celeba_tiny():
+    """A few-second CelebA-kind config for tests: 16x16, a small U-Net, 40 images per combination."""
+    c = _p_celeba()
+    return replace(c, name="celeba_tiny", data=replace(c.data, image_size=16, n_per_class=40, n_test=8),
+                   model=ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_heads=2, norm_groups=4,
+                                     time_embed_dim=16, embed_dim=32),
+                   train=replace(c.train, steps=20, batch_size=8, steps_per_call=5, checkpoint_every=10),
+                   eval=EvalConfig(n_points=2, first=10, n_samples=4, sampler_steps=4))
+
+
 PRESETS = {"2x2": _p_2x2, "2x2x2": _p_2x2x2, "vec2x2": _p_vec2x2, "vec2x2x2": _p_vec2x2x2,
-           "tiny": _p_tiny, "vec_tiny": _p_vec_tiny}
+           "tiny": _p_tiny, "vec_tiny": _p_vec_tiny, "celeba": _p_celeba, "celeba_tiny": _p_celeba_tiny}
 
 
 def preset(name: str) -> Config:

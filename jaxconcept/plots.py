@@ -118,7 +118,7 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     _concept_axes(ax, analysis)
     last = analysis["steps"][-1]
-    if analysis["kind"] == "images":  # thumbnails of each class's final samples, outside its corner
+    if analysis["kind"] != "vector":  # thumbnails of each class's final samples, outside its corner
         samples = _member_samples(analysis, run_dir, last, member, 4)
         for c, (x, y) in enumerate(_xy(analysis["corners"])):
             mosaic = _grid_image(samples[c])
@@ -211,7 +211,7 @@ def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40
     frames = sorted(set(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int).tolist()))
     colours, _ = _colour_map(analysis)
     names = analysis["class_names"]
-    images = analysis["kind"] == "images"
+    images = analysis["kind"] != "vector"
     shown = [_member_samples(analysis, run_dir, steps[t], member, 6 if images else 256) for t in frames]
     if not images:
         shown = [_xy(_vector_coords(run_dir, member, s)) for s in shown]

@@ -29,9 +29,9 @@ def build(model_cfg, spec) -> nn.Module:
       An unbound Flax module.
     """
     m = model_cfg
-    want = {"unet": "images", "mlp": "vector"}[m.arch]
-    if spec.kind != want:
-        raise ValueError(f"model.arch={m.arch!r} needs data.kind={want!r}, got {spec.kind!r}")
+    want = {"unet": ("images", "celeba"), "mlp": ("vector",)}[m.arch]
+    if spec.kind not in want:
+        raise ValueError(f"model.arch={m.arch!r} needs data.kind in {want}, got {spec.kind!r}")
     if m.arch == "mlp":
         return MLP(hidden=tuple(m.hidden), time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim,
                    dtype=DTYPES[m.dtype])
