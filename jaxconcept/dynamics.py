@@ -214,7 +214,7 @@ def summarize_times(members: list[dict], cls: str, concept: str) -> list[dict]:
     """
     groups: dict = {}
     for m in members:
-        key = json.dumps([m.get("sep_col"), m.get("sep_size"), m.get("m"), m.get("s")])
+        key = json.dumps([m.get("sep_col"), m.get("sep_size"), m.get("m"), m.get("s"), m.get("attributes")])
         groups.setdefault(key, []).append(m)
     out = []
     sig_name = concept if concept != "joint" else None
@@ -332,7 +332,7 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
                 tr = sudden_turn(steps, coords[i, :, c], train_corners, **(turn_kw or {}))
                 tr["nearest"] = names[spec.train_classes[tr["nearest"]]]
                 turns[name] = tr
-        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
+        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes")},
                         "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
                         "nan_samples": int(nan_samples[i]), "learning_time": lt,
                         "turn": turns, "accuracy": accd, "coords": crd})
