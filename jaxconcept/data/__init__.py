@@ -1,4 +1,5 @@
-"""Data-generating processes: images (SPEC A1) and vectors (SPEC A6), behind one interface.
+"""Data: generated images (SPEC A1) and vectors (SPEC A6), and attribute-labelled photographs
+streamed from the host (CelebA, SPEC A5: ``celeba``), behind one interface.
 
 Everything a sweep varies (separations, spreads) lives in ``params(cfg)``, a pytree of arrays
 with the same shapes for every member, so datasets for a stack of configs render in one
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 class DataSpec:
     """Static description shared by all members of a sweep (hashable: usable as a jit static)."""
 
-    kind: str  # "images" | "vector"
+    kind: str  # "images" | "vector" | "celeba"
     x_shape: tuple  # (H, W, 3) or (d + dim_nuisance,)
     cond_dim: int
     n_classes: int

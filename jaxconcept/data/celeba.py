@@ -345,8 +345,10 @@ def _tfds_builder(cfg):
         builder = tfds.builder(cfg.source, data_dir=root)
     except Exception as exc:  # noqa: BLE001 - TFDS raises several kinds for an unknown or unreadable name
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"data.source={cfg.source!r}: no such TFDS dataset in {root} [{line}]; "
-                        f"{_missing_message(cfg, root)}") from None
+        raise DataError(f"data.source={cfg.source!r}: no TFDS dataset of that name is registered or prepared in {root} "
+                        f"[{line}]; allowed 'celeb_a' (the default), another TFDS dataset with an image feature and "
+                        f"boolean attributes, or 'folder' with data.data_dir holding the images and "
+                        f"{ATTR_FILE}") from None
     if not builder.is_prepared():
         raise DataError(_missing_message(cfg, root))
     return tf, tfds, builder, root
@@ -529,8 +531,8 @@ def select_probe(idx: Index, cfg, per_class: int = PROBE_PER_CLASS, test_per_cla
             te, tr = rest[:n_te], rest[n_te: n_te + per_class]
         if len(te) < 1 or len(tr) < 1:
             raise DataError(f"the attribute probe needs images of every combination that the diffusion data do not "
-                            f"use, and {sp.class_names[c]} has {len(rest)} left in {idx.describe()}; lower "
-                            "data.n_per_class or data.n_test")
+                            f"use, for training and for testing, and {sp.class_names[c]} has {len(tr)} and {len(te)} "
+                            f"left in {idx.describe()}; lower data.n_per_class or data.n_test")
         for name, p in (("train", tr), ("test", te)):
             out[name][0].append(p)
             out[name][1].append(np.full(len(p), c, np.int32))
