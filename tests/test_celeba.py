@@ -120,6 +120,21 @@ def test_feed_reads_epochs_without_replacement_resumes_and_never_shows_the_held_
             np.testing.assert_array_equal(got[key][:, 0], out[key][:, step])
 
 
+def test_feed_and_held_back_sets_of_a_padded_sweep_and_batches_with_replacement(folder):
+    sw = sweep.build(cfg_for(folder, "seeds=[0,1,2]"), jax.devices()[:2])  # 3 members padded to 4
+    assert len(sw.padded) == 4
+    out = D.host_feed(sw.spec, sw.padded)(5, 2)
+    assert out["x"].shape[:2] == (4, 2)
+    for key in ("x", "c", "n"):  # the inert copy gets the last member's batches
+        np.testing.assert_array_equal(out[key][3], out[key][2])
+    held = D.host_eval_data(sw.spec, sw.padded)
+    assert held["x_val"].shape == (4, 3 * sw.spec.n_val, 16, 16, 3) and held["x_val"].dtype == np.uint8
+    assert held["x_test"].shape == (4, sw.spec.n_test, 16, 16, 3)
+    np.testing.assert_array_equal(held["c_test"], np.broadcast_to([1, 0, 0, 1], (4, 8, 4)))
+    rep = D.host_feed(sw.spec, C.members(cfg_for(folder, 'train.batches="replacement"')))(0, 20)
+    assert (rep["n"] == 8).all() and not (celeba.class_labels(F.decode(rep["x"])[..., :2]) == 1).any()
+
+
 def test_train_view_converts_flips_and_jitters_on_device(folder):
     cfg = cfg_for(folder)
     sp = D.spec(cfg.data)
