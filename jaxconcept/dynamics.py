@@ -186,7 +186,8 @@ def sudden_turn(steps, traj, train_corners, *, min_chord: float = 0.15, tol: flo
             break
         i = near[0]  # one stray checkpoint (i + 1 away, i + 2 back) does not end a rest
         rest.append(i)
-    return {**out, "step": int(steps[i]), "index": i, "angle": float(ang[i]), "turned": bool(ang[i] >= min_angle)}
+    # the angle is the peak's; the step is where the trajectory leaves the rest that follows it
+    return {**out, "step": int(steps[i]), "index": i, "angle": float(ang[best]), "turned": bool(ang[best] >= min_angle)}
 
 
 # --------------------------------------------------------------------------------------------

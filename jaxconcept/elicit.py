@@ -13,6 +13,7 @@ Emergence step of each = first step with joint accuracy >= threshold (``dynamics
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -40,13 +41,29 @@ def target_concept(member: C.Config, cls: int, concept: str | None = None) -> in
     return min(cand, key=lambda i: (signal[spec.concepts[i]], i))
 
 
+@functools.lru_cache(maxsize=16)
+def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec):
+    """The jitted plain and latent-steered samplers of a model and data shape, compiled once and
+    shared by every member and checkpoint (prompts, strengths and keys are arguments)."""
+    net = nets.build(model_cfg, spec)
+    n = eval_cfg.n_samples
+    kw = dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg, null_cond=D.null_cond(spec),
+              output=eval_cfg.sampler_output)
+    plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), model_cfg, p, c, kk, **kw))
+
+    def steered(p, cond_from, cond_to, alpha, kk):
+        edits = I.steering_edits(net, spec, p["net"], cond_from, cond_to, alpha)
+        return diffusion.sample(I.intervene(net, edits), model_cfg, p, jnp.repeat(cond_to[None], n, 0), kk, **kw)
+
+    return plain, jax.jit(jax.vmap(steered, in_axes=(None, None, None, 0, None)))
+
+
 def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, key, *,
                   over=OVER_STRENGTHS, latent=LATENT_STRENGTHS, concept: str | None = None) -> dict:
     """Accuracy curves (joint, held-out class) of one member: {"naive", "over", "latent"} -> [T].
     ``concept`` names the concept to push (default: ``target_concept``)."""
     spec = D.spec(member.data)
     dp = D.params(member.data)
-    net = nets.build(cfg.model, spec)
     h = spec.held_out[0]
     k = target_concept(member, h, concept)
     vals = list(spec.class_values(h))
@@ -54,18 +71,10 @@ def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, 
     ref_vals[k] = 0
     ref = int(np.ravel_multi_index(ref_vals, spec.values))
     prompts = D.prompts(spec, dp)
-    n, ec = cfg.eval.n_samples, cfg.eval
+    n = cfg.eval.n_samples
     target = np.tile(np.asarray(vals)[None], (n, 1))
     conds = jnp.concatenate([prompts[h][None], I.overprompts(spec, dp, h, k, over)])  # [1 + L, cond_dim]
-    kw = dict(x_shape=spec.x_shape, n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec))
-    plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), cfg.model, p, c, kk, **kw))
-
-    def steered(p, alpha, kk):
-        edits = I.steering_edits(net, spec, p["net"], prompts[ref], prompts[h], alpha)
-        apply_fn = I.intervene(net, edits)
-        return diffusion.sample(apply_fn, cfg.model, p, jnp.repeat(prompts[h][None], n, 0), kk, **kw)
-
-    steered_all = jax.jit(jax.vmap(steered, in_axes=(None, 0, None)))
+    plain, steered_all = _samplers(cfg.model, cfg.eval, spec)
     acc = {"naive": [], "over": [], "latent": []}
 
     def joint(x):
@@ -81,7 +90,7 @@ def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, 
         a = [joint(xi) for xi in x]
         acc["naive"].append(float(a[0]))
         acc["over"].append(float(max(a[1:])))
-        xs = np.asarray(steered_all(p, jnp.asarray(latent, jnp.float32), kk))
+        xs = np.asarray(steered_all(p, prompts[ref], prompts[h], jnp.asarray(latent, jnp.float32), kk))
         acc["latent"].append(float(max(joint(xi) for xi in xs)))
     return acc
 

@@ -100,3 +100,11 @@ def test_summarize_times_groups_seeds():
     assert rows[0]["mean"] == pytest.approx(1100) and rows[0]["std"] == pytest.approx(100)
     assert rows[1]["n"] == 2 and rows[1]["n_learned"] == 1 and rows[1]["mean"] == pytest.approx(500)
     assert rows[0]["signal"] == pytest.approx(2.0)
+
+
+def test_turn_angle_is_the_peak_even_when_the_rest_runs_to_the_last_checkpoint():
+    # the peak (a back-step at index 2) is followed by one stray checkpoint and a rest that lasts to
+    # the end, where no outgoing chord exists: the reported angle must still be the peak's
+    traj = np.array([[0.0, 0.0], [0.25, 0.0], [0.5, 0.0], [0.3, 0.0], [0.5, 0.01], [0.5, 0.0]])
+    out = Dy.sudden_turn(np.arange(6) * 10, traj, np.array([[1.0, 0.0]]))
+    assert out["index"] == 5 and out["angle"] is not None and out["angle"] > 170 and out["turned"]
