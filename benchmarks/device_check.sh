@@ -36,8 +36,6 @@ REFERENCE=${REFERENCE:-}
 PY=${PYTHON:-python3}
 
 mkdir -p "$OUT" || exit 2
-exec > >(tee -a "$OUT/log.txt") 2>&1
-
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(date +%s) + START )); }
@@ -55,47 +53,51 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxconcept_ja
 export JAXCONCEPT_CACHE=${JAXCONCEPT_CACHE:-/tmp/jaxconcept_probes}
 mkdir -p "$JAX_COMPILATION_CACHE_DIR" "$JAXCONCEPT_CACHE"
 
-stage "device_check.sh: OUT=$OUT RUN_DIR=$RUN_DIR TOTAL_S=$TOTAL_S CHECK_S=$CHECK_S ANALYZE_S=$ANALYZE_S"
-date -u
-git log -1 --format='commit %H %s' 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-$PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1
+main() {
+    stage "device_check.sh: OUT=$OUT RUN_DIR=$RUN_DIR TOTAL_S=$TOTAL_S CHECK_S=$CHECK_S ANALYZE_S=$ANALYZE_S"
+    date -u
+    git log -1 --format='commit %H %s' 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    $PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1
 
-# 1. the device check (its own budget; `timeout` only as a backstop)
-stage "1/3 device_check (budget ${CHECK_S} s)"
-ref=()
-[ -n "$REFERENCE" ] && ref=(--reference "$REFERENCE")
-# shellcheck disable=SC2086  # CHECK_ARGS is word-split on purpose
-timeout --kill-after=10 $(( CHECK_S + 60 )) $PY benchmarks/device_check.py --budget-s "$CHECK_S" --out "$OUT" \
-    ${ref[@]+"${ref[@]}"} $CHECK_ARGS
-status device_check $?
+    # 1. the device check (its own budget; `timeout` only as a backstop)
+    stage "1/3 device_check (budget ${CHECK_S} s)"
+    ref=()
+    [ -n "$REFERENCE" ] && ref=(--reference "$REFERENCE")
+    # shellcheck disable=SC2086  # CHECK_ARGS is word-split on purpose
+    timeout --kill-after=10 $(( CHECK_S + 60 )) $PY benchmarks/device_check.py --budget-s "$CHECK_S" --out "$OUT" \
+        ${ref[@]+"${ref[@]}"} $CHECK_ARGS
+    status device_check $?
 
-# 2. the mini colour sweep, for what is left less the analysis' share
-train_s=$(( $(left) - ANALYZE_S ))
-stage "2/3 train $CONFIG for ${train_s} s"
-if [ "$train_s" -gt 30 ]; then
-    # shellcheck disable=SC2086
-    timeout --kill-after=15 "$train_s" $PY -m jaxconcept train --config "$CONFIG" --out "$RUN_DIR" --no-progress \
-        $TRAIN_ARGS
-    status train $?
-else
-    echo "=== skipped: only $(left) s left"
-fi
-tail -n 3 "$RUN_DIR/metrics.jsonl" 2>/dev/null | cut -c1-400
+    # 2. the mini colour sweep, for what is left less the analysis' share
+    train_s=$(( $(left) - ANALYZE_S ))
+    stage "2/3 train $CONFIG for ${train_s} s"
+    if [ "$train_s" -gt 30 ]; then
+        # shellcheck disable=SC2086
+        timeout --kill-after=15 "$train_s" $PY -m jaxconcept train --config "$CONFIG" --out "$RUN_DIR" --no-progress \
+            $TRAIN_ARGS
+        status train $?
+    else
+        echo "=== skipped: only $(left) s left"
+    fi
+    tail -n 3 "$RUN_DIR/metrics.jsonl" 2>/dev/null | cut -c1-400
 
-# 3. analysis of what was written
-analyze_s=$(( $(left) - 5 ))
-stage "3/3 analyze $RUN_DIR (${analyze_s} s)"
-if [ "$analyze_s" -gt 10 ] && ls "$RUN_DIR"/samples/step_*.npz >/dev/null 2>&1; then
-    timeout --kill-after=10 "$analyze_s" $PY -m jaxconcept analyze "$RUN_DIR"
-    status analyze $?
-else
-    echo "=== skipped: $(left) s left, or no evaluation samples in $RUN_DIR/samples"
-fi
+    # 3. analysis of what was written
+    analyze_s=$(( $(left) - 5 ))
+    stage "3/3 analyze $RUN_DIR (${analyze_s} s)"
+    if [ "$analyze_s" -gt 10 ] && ls "$RUN_DIR"/samples/step_*.npz >/dev/null 2>&1; then
+        timeout --kill-after=10 "$analyze_s" $PY -m jaxconcept analyze "$RUN_DIR"
+        status analyze $?
+    else
+        echo "=== skipped: $(left) s left, or no evaluation samples in $RUN_DIR/samples"
+    fi
 
-# what comes back: few, small files
-for f in analysis.json metrics.jsonl; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
-if ls "$RUN_DIR"/figures/*.png >/dev/null 2>&1; then mkdir -p "$OUT/figures" && cp "$RUN_DIR"/figures/*.png "$OUT/figures/"; fi
-stage "done in $(elapsed) s; in $OUT:"
-ls -la "$OUT" "$OUT/figures" 2>/dev/null
+    # what comes back: few, small files
+    for f in analysis.json metrics.jsonl; do [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT/"; done
+    if ls "$RUN_DIR"/figures/*.png >/dev/null 2>&1; then mkdir -p "$OUT/figures" && cp "$RUN_DIR"/figures/*.png "$OUT/figures/"; fi
+    stage "done in $(elapsed) s; in $OUT:"
+    ls -la "$OUT" "$OUT/figures" 2>/dev/null
+}
+
+main 2>&1 | tee -a "$OUT/log.txt"  # the pipeline waits for tee: the log is whole when the script ends
 exit 0

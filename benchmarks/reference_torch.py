@@ -25,7 +25,7 @@ import types
 def available() -> str | None:
     """None when torch can be imported, else the reason it cannot."""
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401 - importable is all that is asked
     except Exception as exc:  # noqa: BLE001 - any import failure means "no baseline"
         return f"torch is not importable ({type(exc).__name__}: {exc})"
     return None
@@ -37,7 +37,7 @@ def _stub_lightning():
     if "lightning" in sys.modules:
         return
     try:
-        import lightning  # noqa: F401
+        import lightning
         return
     except ImportError:
         pass
@@ -58,8 +58,8 @@ def _import(reference: str):
     if path not in sys.path:
         sys.path.insert(0, path)
     _stub_lightning()
-    from mltools.networks import networks
     import models
+    from mltools.networks import networks
     return networks, models
 
 
@@ -71,9 +71,7 @@ def device_name(device: str | None = None) -> str:
 
 def build_unet(reference: str, model_cfg, image_size: int, cond_dim: int, device: str | None = None):
     """The reference's GenVDiff around its CUNet, sized as ``model_cfg`` (a jaxconcept
-    ``ModelConfig``; the 2x2 preset is the reference's own model), with its AdamW optimiser."""
-    import torch
-
+    ``ModelConfig``; the 2x2 preset is the reference's own model)."""
     networks, models = _import(reference)
     m = model_cfg
     net = networks.CUNet(shape=(3, image_size, image_size), chs=[m.ch * k for k in m.ch_mult],
@@ -81,7 +79,7 @@ def build_unet(reference: str, model_cfg, image_size: int, cond_dim: int, device
                          t_conditioning=True, t_embedding_dim=m.time_embed_dim, init_scale=m.init_scale,
                          num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups, mid_attn=m.mid_attention,
                          n_attention_heads=m.num_heads, dropout_prob=m.dropout)
-    beta = dict(type="logsnr", noise_schedule="learned_linear", gamma_min=m.gamma_min, gamma_max=m.gamma_max)
+    beta = {"type": "logsnr", "noise_schedule": "learned_linear", "gamma_min": m.gamma_min, "gamma_max": m.gamma_max}
     model = models.GenVDiff(net=net, beta_settings=beta, data_noise=m.data_noise).to(device_name(device))
     return model
 
@@ -92,7 +90,7 @@ def build_mlp(reference: str, model_cfg, x_dim: int, cond_dim: int, device: str 
     m = model_cfg
     net = networks.CMLP(in_dim=x_dim, h_dims=list(m.hidden), t_conditioning=True,
                         t_embedding_dim=m.time_embed_dim, v_conditioning_dims=[cond_dim])
-    beta = dict(type="logsnr", noise_schedule="learned_linear", gamma_min=m.gamma_min, gamma_max=m.gamma_max)
+    beta = {"type": "logsnr", "noise_schedule": "learned_linear", "gamma_min": m.gamma_min, "gamma_max": m.gamma_max}
     return models.GenVDiff(net=net, beta_settings=beta, data_noise=m.data_noise).to(device_name(device))
 
 

@@ -7,16 +7,27 @@ each stack size, and the speed-up over the loop baseline measured in the same ru
     python benchmarks/train_bench.py --preset vec2x2 --members 64
     python benchmarks/train_bench.py --strategy vmap,unroll          # CPU: grouped convs vs unrolled
     python benchmarks/train_bench.py --strategy vmap,map --dtype bfloat16   # on an accelerator
+    python benchmarks/train_bench.py --preset vec2x2 --members 64 --steps 20 --reference /tmp/reference
+
+``--reference PATH`` (a checkout of the reference, with PyTorch installed; never a dependency of
+this project) also times the reference's own training step of one model, as its training loop
+runs it (its network and VDM, AdamW lr/weight decay of the config, gradient clipping, one
+``loss.item()`` per step), before and after the JAX measurements of the same run, and prints
+every rate as a ratio to it. On a CPU it is timed with PyTorch's default intra-op threads and
+with one thread, and the faster counts (on a busy machine PyTorch's spinning workers can be
+many times slower than one thread).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
-import numpy as np
 
-from jaxconcept import config as C, diffusion, sweep
+from jaxconcept import config as C
+from jaxconcept import diffusion, sweep
 
 
 def _time_advance(sw, state, data, k, reps):
@@ -49,6 +60,40 @@ def bench(cfg: C.Config, n_members: int, k: int, reps: int, loop: bool):
     return n_members / _time_advance(sw, state, data, k, reps)
 
 
+def reference_rate(reference: str, cfg: C.Config, min_time: float) -> dict:
+    """Steps/s of the reference's PyTorch training step of one model (see the module docstring)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import reference_torch as R
+    import torch
+
+    from jaxconcept import data as D
+
+    why = R.available()
+    if why:
+        raise RuntimeError(why)
+    spec = D.spec(cfg.data)
+    if cfg.model.arch == "mlp":
+        model = R.build_mlp(reference, cfg.model, spec.x_shape[0], spec.cond_dim)
+        x_shape = spec.x_shape
+    else:
+        model = R.build_unet(reference, cfg.model, spec.x_shape[0], spec.cond_dim)
+        h, w, c = spec.x_shape
+        x_shape = (c, h, w)
+    tc = cfg.train
+    threads = [torch.get_num_threads()]
+    if R.device_name() == "cpu" and threads[0] > 1:
+        threads.append(1)
+    by = {}
+    for n in threads:
+        torch.set_num_threads(n)
+        by[n] = R.train_rate(model, x_shape, spec.cond_dim, tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
+                             clip=tc.grad_clip, min_time=min_time)["steps_per_s"]
+    torch.set_num_threads(threads[0])
+    best = max(by, key=by.get)
+    return {"steps_per_s": by[best], "threads": best, "by_threads": by, "device": R.device_name(),
+            "torch": torch.__version__}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2x2")
@@ -59,6 +104,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-loop", action="store_true", help="skip the Python-loop baseline")
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--reference", default=None, help="a checkout of the reference: time its PyTorch step too")
+    ap.add_argument("--reference-s", type=float, default=5.0, help="seconds per reference measurement")
     a = ap.parse_args()
     strategies = a.strategy.split(",")
     cfg = C.override(C.preset(a.preset), [f"model.dtype=\"{a.dtype}\"", *a.sets])
@@ -66,15 +113,41 @@ def main():
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} x{len(jax.devices())} ({jax.default_backend()}); preset {a.preset}, "
           f"batch {cfg.train.batch_size}, {a.dtype}; {flops / 1e9:.2f} GFLOP per model-step (XLA)")
-    print(f"{'members':>8} {'mode':>12} {'model-steps/s':>14} {'GFLOP/s':>10} {'vs loop':>8}")
+    refs = []
+
+    def measure_reference(when):
+        r = reference_rate(a.reference, cfg, a.reference_s)
+        refs.append(r["steps_per_s"])
+        th = ", ".join(f"{k} thread(s) {v:.2f}" for k, v in r["by_threads"].items())
+        print(f"reference ({when}; PyTorch {r['torch']}, {r['device']}, float32, 1 model): "
+              f"{r['steps_per_s']:.3f} steps/s ({th})", flush=True)
+
+    if a.reference:
+        measure_reference("before")
+    rows = []
     for n in [int(x) for x in a.members.split(",")]:
-        base = None if a.no_loop else bench(cfg, n, a.steps, a.reps, loop=True)
-        if base is not None:
-            print(f"{n:>8} {'loop':>12} {base:>14.3f} {base * flops / 1e9:>10.1f} {1.0:>8.2f}", flush=True)
+        if not a.no_loop:
+            rows.append((n, "loop", bench(cfg, n, a.steps, a.reps, loop=True)))
+            print(f"  {n} members, loop: {rows[-1][2]:.3f} model-steps/s", flush=True)
         for st in strategies:
-            rate = bench(C.override(cfg, [f"train.strategy=\"{st}\""]), n, a.steps, a.reps, loop=False)
-            ratio = f"{rate / base:>8.2f}" if base else f"{'-':>8}"
-            print(f"{n:>8} {'stack-' + st:>12} {rate:>14.3f} {rate * flops / 1e9:>10.1f} {ratio}", flush=True)
+            rows.append((n, "stack-" + st, bench(C.override(cfg, [f"train.strategy=\"{st}\""]), n, a.steps, a.reps,
+                                                 loop=False)))
+            print(f"  {n} members, stack-{st}: {rows[-1][2]:.3f} model-steps/s", flush=True)
+    if a.reference:
+        measure_reference("after")
+    ref = sum(refs) / len(refs) if refs else None
+    print()
+    print(f"{'members':>8} {'mode':>12} {'model-steps/s':>14} {'GFLOP/s':>10} {'vs loop':>8} {'vs ref':>8}")
+    if ref:
+        print(f"{1:>8} {'reference':>12} {ref:>14.3f} {ref * flops / 1e9:>10.1f} {'-':>8} {1.0:>8.2f}")
+    for n, mode, rate in rows:
+        base = next((r for m, md, r in rows if m == n and md == "loop"), None)
+        vs_loop = f"{rate / base:>8.2f}" if base else f"{'-':>8}"
+        vs_ref = f"{rate / ref:>8.2f}" if ref else f"{'-':>8}"
+        print(f"{n:>8} {mode:>12} {rate:>14.3f} {rate * flops / 1e9:>10.1f} {vs_loop} {vs_ref}")
+    if ref:
+        print(f"(reference: mean of {len(refs)} measurements in this run, {', '.join(f'{r:.2f}' for r in refs)} "
+              "steps/s; the PyTorch step is timed with the config's batch, float32)")
 
 
 if __name__ == "__main__":
