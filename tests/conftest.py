@@ -5,6 +5,14 @@ import os
 # save at run time (about half the suite's time).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the session and the subprocesses it starts: the experiment
+# configs, shrunk, and the restarted runs of the kill tests compile the same programs again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconcept_test_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

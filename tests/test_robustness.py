@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,10 @@ from jaxconcept import config as C
 SETS = ["train.steps=24", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[8,16,24]",
         "data.n_per_class=16", "model.hidden=[32]", "seeds=[0,1]"]
 OPT0 = "--xla_backend_optimization_level=0"  # tiny networks: compiling fast beats running fast
-ENV1 = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {OPT0}", PYTHONUNBUFFERED="1")
+ROOT = str(Path(__file__).resolve().parent.parent)
+# the killer script runs from a temporary directory: the package must import from this checkout
+ENV1 = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {OPT0}", PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
 
 
 def _cmd(out, sets=SETS):
