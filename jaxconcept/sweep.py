@@ -105,7 +105,7 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
     """One AdamW step of one member, on ``batch`` when given (host-fed data), else on the batch
     ``draw_batch`` takes from its own training set.
 
-    A step whose loss or gradient is not finite is not applied and freezes the member for good.
+    A step whose loss, gradient or hyperparameters are not finite is not applied and freezes the member for good.
     Returns (new_state, loss).
     """
     tc = cfg.train
@@ -122,11 +122,14 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
                                  p_cfg=tc.p_cfg, null_cond=D.null_cond(spec), n_valid=n_valid)
 
     (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-    # Finite loss and gradients give a finite AdamW update (its hyperparameters are validated finite).
-    # Deciding from the gradients' norm (the clip computes it anyway) lets XLA fuse the keep-or-replace
-    # select below into the update's own pass: deciding from the update's norm needed a second pass
-    # over parameters and moments (about 20 % of a 64-member vector-MLP step on the CPU).
-    ok = state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
+    # Finite loss, gradients and hyperparameters (learning rate, weight decay) give a finite AdamW
+    # update of finite moments. Deciding from these, before the update, lets XLA fuse the
+    # keep-or-replace select below into the update's own pass: deciding from the update's norm
+    # needed a second pass over parameters and moments (about 20 % of a 64-member vector-MLP step on
+    # the CPU). The gradients' norm is the one the clip computes anyway.
+    hyper = jax.tree.leaves(state["opt"][1].hyperparams)  # optimizer(): chain(clip, adamw)
+    ok = (state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
+          & jnp.all(jnp.stack([jnp.isfinite(h).all() for h in hyper])))
     updates, opt = optimizer(tc).update(grads, state["opt"], state["params"])
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     params = optax.apply_updates(state["params"], updates)

@@ -5,14 +5,28 @@ import os
 # save at run time (about half the suite's time).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 # One persistent compilation cache for the session and the subprocesses it starts: the experiment
 # configs, shrunk, and the restarted runs of the kill tests compile the same programs again.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconcept_test_xla_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # created (and removed at exit) by the first process only
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxconcept_test_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory):
+    """One probe cache for the session: the tiny image probe is trained once (about 40 s), by the
+    first test that needs it, and read back by the others."""
+    return tmp_path_factory.mktemp("probe_cache")

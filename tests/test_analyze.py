@@ -103,8 +103,8 @@ def test_analyze_vector_run(tmp_path):
     _check_figures(plots.all_figures(a, tmp_path / "run"))
 
 
-def test_analyze_image_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXCONCEPT_CACHE", str(tmp_path / "cache"))
+def test_analyze_image_run(tmp_path, monkeypatch, probe_cache):
+    monkeypatch.setenv("JAXCONCEPT_CACHE", str(probe_cache))
     cfg, rest_ends = C.preset("tiny"), [5]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
     a = dynamics.analyze_run(tmp_path / "run")
