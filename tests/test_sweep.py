@@ -223,12 +223,15 @@ def test_padded_run_writes_only_real_members_and_resumes_on_other_devices(tmp_pa
 
 
 def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
-    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4,5,6,7]", "model.hidden=[128]"])
+    cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4,5,6,7]", "model.hidden=[128]",
+                                                   # activations, not the stacked state, must dominate (as in a U-Net)
+                                                   "train.batch_size=1024", "data.n_per_class=1024"])
     dev = jax.devices()[:1]
     need = sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="vmap"']), dev))
-    chunk2 = sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="map"', "train.map_batch_size=2"]), dev))
-    assert chunk2 < need
-    budget = (chunk2 + need) / 2 / sweep.HEADROOM  # vmap of 8 does not fit, chunks of 2 do
+    chunk = {c: sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="map"', f"train.map_batch_size={c}"]),
+                                               dev)) for c in (2, 4)}
+    assert chunk[2] < chunk[4] < need
+    budget = (chunk[2] + chunk[4]) / 2 / sweep.HEADROOM  # vmap of 8 and chunks of 4 do not fit, chunks of 2 do
     auto = sweep.build(C.override(cfg, [f"train.memory_budget={budget}"]), dev)
     assert auto.strategy == "auto" and auto.resolved.strategy == "map" and auto.resolved.chunk <= 2
     assert sweep.step_memory(auto.resolved) <= sweep.HEADROOM * budget
