@@ -105,7 +105,8 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dic
     """One AdamW step of one member, on ``batch`` when given (host-fed data), else on the batch
     ``draw_batch`` takes from its own training set.
 
-    A step whose loss, gradient or hyperparameters are not finite is not applied and freezes the member for good.
+    A step whose loss, gradient or hyperparameters are not finite is not applied and freezes the
+    member for good.
     Returns (new_state, loss).
     """
     tc = cfg.train
