@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxconcept import rundir
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
 
@@ -39,7 +40,7 @@ def move_aside(directory, step: int, why: str) -> Path:
     if jax.process_index() == 0 and src.exists():
         bad.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
-    warnings.warn(f"checkpoint at step {step} is unreadable ({why}); moved to {dst}", stacklevel=3)
+    rundir.warn(f"checkpoint at step {step} is unreadable ({why}); moved to {dst}")
     return dst
 
 

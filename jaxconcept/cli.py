@@ -103,39 +103,55 @@ def cmd_info(args):
 
 
 def _distributed(args) -> None:
-    """jax.distributed.initialize from the flags, else the JAX_* environment variables, else the
-    cluster environment JAX detects (SLURM, Open MPI, TPU pods); one clear error otherwise."""
+    """jax.distributed.initialize with what the flags (else the JAX_* environment variables) name;
+    whatever they leave out is detected by JAX from the launcher (SLURM, Open MPI, a TPU pod), so
+    partial overrides work (e.g. JAX_COORDINATOR_ADDRESS under Open MPI). Peers that do not all
+    join within ``--join-timeout`` seconds end the process with one message, not a silent wait."""
     import os
+    import threading
 
     import jax
 
     coord = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     nproc = args.num_processes if args.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
     pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
-    given = [v is not None for v in (coord, nproc, pid)]
-    if any(given) and not all(given):
-        raise CLIError("--coordinator, --num-processes and --process-id go together (or JAX_COORDINATOR_ADDRESS, "
-                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-    kw = {}
-    if all(given):
-        try:
-            nproc, pid = int(nproc), int(pid)
-        except ValueError:
-            raise CLIError(f"--num-processes={nproc!r}, --process-id={pid!r}: allowed integers") from None
-        if nproc < 1 or not 0 <= pid < nproc:
-            raise CLIError(f"--num-processes={nproc}, --process-id={pid}: allowed N >= 1 and 0 <= I < N")
-        if ":" not in str(coord):
-            raise CLIError(f"--coordinator={coord!r} is invalid: allowed HOST:PORT, e.g. 10.0.0.1:1234")
-        kw = dict(coordinator_address=coord, num_processes=nproc, process_id=pid)
     try:
-        jax.distributed.initialize(**kw)
+        nproc = None if nproc is None else int(nproc)
+        pid = None if pid is None else int(pid)
+    except ValueError:
+        raise CLIError(f"--num-processes={nproc!r}, --process-id={pid!r}: allowed integers") from None
+    if nproc is not None and nproc < 1 or pid is not None and not 0 <= pid < (nproc if nproc is not None else pid + 1):
+        raise CLIError(f"--num-processes={nproc}, --process-id={pid}: allowed N >= 1 and 0 <= I < N")
+    if coord is not None and ":" not in str(coord):
+        raise CLIError(f"--coordinator={coord!r} is invalid: allowed HOST:PORT, e.g. 10.0.0.1:1234")
+    if not args.join_timeout > 0:
+        raise CLIError(f"--join-timeout={args.join_timeout} is invalid: allowed a number of seconds > 0")
+    timeout = args.join_timeout
+    who = f"process {'?' if pid is None else pid} of {'?' if nproc is None else nproc}"
+    print(f"jaxconcept train: {who} waiting up to {timeout:.0f} s for its peers"
+          + (f" at {coord}" if coord else ""), file=sys.stderr, flush=True)
+
+    def give_up():  # JAX's own timeout aborts the process with a stack dump: say what happened first
+        print(f"jaxconcept train: {who}: not every process joined within {timeout:.0f} s (--join-timeout); "
+              "a peer did not start, or stopped before joining (e.g. on a bad config: see its output)",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coord, nproc, pid, initialization_timeout=int(timeout) + 60)
     except (ValueError, RuntimeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not kw:
-            raise CLIError("--distributed needs to know its peers: give --coordinator HOST:PORT --num-processes N "
-                           "--process-id I (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), "
-                           f"or run under a launcher JAX detects (SLURM, Open MPI, a TPU pod) [{msg}]") from None
+        missing = [f for f, v in (("--coordinator", coord), ("--num-processes", nproc), ("--process-id", pid))
+                   if v is None]
+        if missing:
+            raise CLIError("--coordinator, --num-processes and --process-id go together (or JAX_COORDINATOR_ADDRESS, "
+                           "JAX_NUM_PROCESSES, JAX_PROCESS_ID) unless a launcher JAX detects (SLURM, Open MPI, a TPU "
+                           f"pod) supplies the rest; missing {', '.join(missing)} [{msg}]") from None
         raise CLIError(f"jax.distributed.initialize failed: {msg}") from None
+    finally:
+        watchdog.cancel()
 
 
 def cmd_train(args):
@@ -231,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of process 0 (implies --distributed; or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in all (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1 (or JAX_PROCESS_ID)")
+    p.add_argument("--join-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds to wait for every process to join before giving up with a message (default 300)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("analyze", help="concept-space analysis of a run: analysis.json and figures")
@@ -254,8 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warnings() -> None:
+    """Print the library's run warnings (``rundir.RunWarning``) as one line each."""
+    import warnings
+
+    from jaxconcept import rundir
+
+    plain = warnings.formatwarning
+    if getattr(plain, "jaxconcept", False):
+        return
+
+    def fmt(message, category, *a, **kw):
+        if issubclass(category, rundir.RunWarning):
+            return f"jaxconcept: warning: {message}\n"
+        return plain(message, category, *a, **kw)
+    fmt.jaxconcept = True
+    warnings.formatwarning = fmt
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     try:
         return args.fn(args)
     except C.ConfigError as exc:

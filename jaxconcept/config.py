@@ -120,6 +120,7 @@ class EvalConfig:
     val_batches: int = 0  # 0 = the loss on the whole validation set (the reference); k = k random batches
     vector_band: float = 0.0  # vectors: also require |x - value| <= k std to count as correct (0 = nearest value only)
     save_params: bool = True  # keep parameters at every evaluation point (needed by `elicit`)
+    sample_dtype: str = "float32"  # samples/step_*.npz: "float32" as computed, or "float16" (refused per step when rounding could change a classification)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ _CHOICES = {
     "train.batches": ("epochs", "replacement"),
     "eval.sampler_output": ("z0", "mean"),
     "eval.prompts": ("random", "mean"),
+    "eval.sample_dtype": ("float32", "float16"),
 }
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +54,10 @@ def optimizer(tc: C.TrainConfig) -> optax.GradientTransformation:
 
 
 def member_keys(seed: int) -> dict:
-    """Every random stream of a member derives from its seed: init, data, batches, samples."""
+    """Every random stream of a member derives from its seed: init, data, batches, samples, and
+    elicitation's samples (``elicit``; a stream of its own, so its keys never meet the others')."""
     root = jax.random.PRNGKey(seed)
-    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "train", "sample"))}
+    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "train", "sample", "elicit"))}
 
 
 def init_member(cfg: C.Config, spec: D.DataSpec, net, seed) -> dict:
@@ -201,16 +201,22 @@ class Sweep:
         """This sweep with a concrete stacking strategy ("auto" planned by memory, ``plan``)."""
         if self.strategy != "auto":
             return self
-        strategy, chunk, why = plan(self)
+        chosen, why = plan(self)
         if jax.process_index() == 0:
-            print(f"jaxconcept: stacking strategy {strategy}" + (f" (chunks of {chunk})" if strategy == "map" else "")
-                  + f": {why}", flush=True)
-        return dataclasses.replace(self, strategy=strategy, chunk=chunk)
+            print(f"jaxconcept: stacking strategy {chosen.strategy}"
+                  + (f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else "") + f": {why}", flush=True)
+        return chosen
 
     @functools.cached_property
     def fns(self):
-        """The jitted (init, advance, evaluate) of this sweep, compiled once per Sweep object."""
-        return _compile(self.resolved)
+        """The jitted (init, advance, evaluate) of this sweep, compiled once per Sweep object
+        (for "auto", those of the planned sweep, whose advance the plan already compiled)."""
+        return self.resolved.fns if self.strategy == "auto" else _compile(self)
+
+    @functools.cached_property
+    def host_eval(self) -> dict | None:
+        """Host-fed kinds: the held-back sets of every (padded) member, numpy [M, N, ...], read once."""
+        return D.host_eval_data(self.spec, self.padded) if self.host_fed else None
 
     @property
     def size(self) -> int:
@@ -354,10 +360,41 @@ def _compile(sw: Sweep):
 # --------------------------------------------------------------------------------------------
 # Choosing the stacking strategy by memory
 # --------------------------------------------------------------------------------------------
+def host_available_memory(root: str = "/") -> tuple[float, str]:
+    """Bytes the host can still give this process, and where the figure comes from: the kernel's
+    MemAvailable (free pages plus reclaimable page cache; MemFree alone counts the cache as used),
+    lowered to what a cgroup limit leaves (its limit less its working set: usage less inactive
+    file pages), as container runtimes count it. ``root`` prefixes /proc and /sys (tests)."""
+    base = Path(root)
+    found = []
+    try:
+        info = dict(line.split(":", 1) for line in (base / "proc/meminfo").read_text().splitlines() if ":" in line)
+        found.append((float(info["MemAvailable"].split()[0]) * 1024, "MemAvailable"))
+    except (OSError, KeyError, ValueError):
+        pass
+    for limit_f, usage_f, stat_f in (("memory.max", "memory.current", "memory.stat"),  # cgroup v2, then v1
+                                     ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                      "memory/memory.stat")):
+        cg = base / "sys/fs/cgroup"
+        try:
+            limit = (cg / limit_f).read_text().strip()
+            if limit == "max" or float(limit) >= 2 ** 60:  # no limit
+                continue
+            stat = dict(line.split() for line in (cg / stat_f).read_text().splitlines() if len(line.split()) == 2)
+            used = float((cg / usage_f).read_text()) - float(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+            found.append((max(0.0, float(limit) - used), "the cgroup's memory limit less its working set"))
+            break
+        except (OSError, ValueError):
+            continue
+    if not found:
+        return float(16 << 30), "unknown (no /proc/meminfo): assumed 16 GiB"
+    return min(found)
+
+
 def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
     """Bytes one device may use, and where the figure comes from: ``train.memory_budget`` when
     set, else the device's free memory (its allocator's limit less what is in use), else (CPU)
-    the host's available memory shared among the local devices."""
+    the host's available memory (``host_available_memory``) shared among the local devices."""
     if cfg.train.memory_budget:
         return float(cfg.train.memory_budget), "train.memory_budget"
     device = device or jax.local_devices()[0]
@@ -368,60 +405,85 @@ def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
         pass
     if stats and stats.get("bytes_limit"):
         return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"free memory of {device.device_kind}"
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        avail = 16 << 30
-    return float(avail) / max(1, jax.local_device_count()), "available host memory per device"
+    avail, source = host_available_memory()
+    n = jax.local_device_count()
+    return avail / max(1, n), f"host memory available: {source}" + (f", shared by {n} devices" if n > 1 else "")
+
+
+def _abstract_inputs(sw: Sweep):
+    """ShapeDtypeStructs (with their shardings) of ``advance``'s arguments for a K-step call, as
+    ``init`` and ``advance`` make them: lowering the sweep's own jitted advance with these
+    compiles the very program the first real call runs (the compile is then reused)."""
+    m, sh = len(sw.padded), sw.sharding()
+    one = lambda seed, dp: (init_member(sw.cfg, sw.spec, sw.net, seed),  # noqa: E731 - shapes only
+                            {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"]))
+    state, data = jax.eval_shape(jax.vmap(one), jax.ShapeDtypeStruct((m,), jnp.int32),
+                                 jax.eval_shape(lambda: stacked_data_params(sw)))
+    if sw.host_fed:
+        data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sw.host_eval.items()}
+    put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
+    return (jax.tree.map(put, state), jax.tree.map(put, data), jax.tree.map(put, _abstract_batches(sw, m)),
+            jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def _memory(sw: Sweep) -> tuple[float, float]:
+    """(peak bytes, bytes that do not shrink with chunking: arguments + outputs - donated) one
+    device needs for ``advance`` of a sweep with a concrete strategy, from XLA's memory analysis of
+    its compiled program (compiled from shapes alone; the sweep's later calls reuse it)."""
+    m = sw.fns[1].lower(*_abstract_inputs(sw)).compile().memory_analysis()
+    if m is None:
+        return float("nan"), float("nan")
+    fixed = m.argument_size_in_bytes + m.output_size_in_bytes - getattr(m, "alias_size_in_bytes", 0)
+    return float(fixed + m.temp_size_in_bytes), float(fixed)
 
 
 def step_memory(sw: Sweep) -> float:
     """Peak bytes one device needs for ``advance`` (XLA's compiled memory analysis: arguments,
     outputs and temporaries, less donated buffers), from shapes alone."""
-    init_local, advance_local, _ = _local_fns(sw)
-    per_dev = len(sw.padded) // sw.mesh.size
-    seeds = jax.ShapeDtypeStruct((per_dev,), jnp.int32)
-    dp = jax.eval_shape(lambda: stacked_data_params(sw, sw.padded[:per_dev]))
-    state, data = jax.eval_shape(init_local, seeds, dp)
-    batches = _abstract_batches(sw, per_dev)
-    compiled = jax.jit(advance_local, donate_argnums=0).lower(state, data, batches, jnp.int32(1)).compile()
-    m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                 - getattr(m, "alias_size_in_bytes", 0))
+    return _memory(sw.resolved)[0]
 
 
-def plan(sw: Sweep) -> tuple[str, int, str]:
+def plan(sw: Sweep) -> tuple[Sweep, str]:
     """Resolve ``train.strategy="auto"``: the fastest stacking whose step fits in memory.
 
     Preference: "vmap" (on CPU, "unroll" for conv nets: XLA:CPU's grouped convolutions are slow),
-    then "map" in chunks of half as many members, and so on down to one member at a time.
-    Returns (strategy, chunk, reason).
+    then "map" in chunks of half as many members, and so on down to one member at a time; a chunk
+    is compiled only when a prediction from the plans measured so far (the memory chunking cannot
+    shrink, plus temporaries in proportion to the chunk) says it is smaller than every refused
+    plan and may fit. Each plan tried is compiled from shapes, and the chosen one's program is the
+    one training runs (compiled once).
+    Returns (the sweep with its strategy resolved, the reason).
+    Raises RunError naming each plan measured, the budget and its source, and what to change.
     """
     per_dev = len(sw.padded) // sw.mesh.size
-    first = "unroll" if diffusion.python_loop(sw.cfg.model) else "vmap"
+    first = dataclasses.replace(sw, strategy="unroll" if diffusion.python_loop(sw.cfg.model) else "vmap", chunk=1)
     if per_dev == 1:
-        return first, 1, "one member per device: nothing to chunk"
+        return first, "one member per device: nothing to chunk"
     budget, source = memory_budget(sw.cfg)
-    cands = [(first, per_dev)]
-    c = per_dev
+    limit = HEADROOM * budget
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    need, fixed = _memory(first)
+    tried = [f"{first.strategy} of {per_dev} members {mib(need)}"]
+    if not need > limit:  # NaN (no analysis) counts as fitting
+        return first, (f"{per_dev} member(s) per device need {mib(need)} of {mib(budget)} ({source}, "
+                       f"{HEADROOM:.0%} planned)")
+    smallest, temp, c = need, need - fixed, per_dev
     while c > 1:
         c = -(-c // 2)
-        cands.append(("map", c))
-    if cands[-1] != ("map", 1) and per_dev > 1:
-        cands.append(("map", 1))
-    tried = []
-    for strategy, chunk in cands:
-        need = step_memory(dataclasses.replace(sw, strategy=strategy, chunk=chunk))
-        tried.append(f"{strategy}{'/' + str(chunk) if strategy == 'map' else ''} {need / 2**20:.0f} MiB")
-        if not need > HEADROOM * budget:  # NaN (no analysis) counts as fitting
-            return strategy, chunk, (f"{per_dev} member(s) per device need {need / 2**20:.0f} MiB of "
-                                     f"{budget / 2**20:.0f} MiB ({source}, {HEADROOM:.0%} planned); tried "
-                                     + ", ".join(tried))
-    raise RunError(f"one member's training step needs {need / 2**20:.0f} MiB, more than {HEADROOM:.0%} of the "
-                   f"{budget / 2**20:.0f} MiB available ({source}); use a smaller model or train.batch_size, "
-                   "or more devices")
+        if fixed + temp * c / per_dev >= min(smallest, limit):
+            continue  # predicted no smaller than a refused plan, or over the budget: not compiled
+        cand = dataclasses.replace(sw, strategy="map", chunk=c)
+        got, _ = _memory(cand)
+        tried.append(f"map in chunks of {c} {mib(got)}")
+        if not got > limit:
+            return cand, (f"{per_dev} member(s) per device in chunks of {c} need {mib(got)} of {mib(budget)} "
+                          f"({source}, {HEADROOM:.0%} planned); tried " + ", ".join(tried))
+        smallest = min(smallest, got)
+    raise RunError(f"the training step of {per_dev} member(s) per device needs more than the {mib(limit)} planned "
+                   f"({HEADROOM:.0%} of {mib(budget)}, {source}): " + "; ".join(tried)
+                   + f" (at least {mib(fixed)} hold the stacked state and batches whatever the chunking); if more "
+                   "memory is free, say how much with train.memory_budget (bytes); else train fewer members per run "
+                   "(seeds, sweep lists), a smaller model or train.batch_size, or use more devices")
 
 
 def _abstract_batches(sw: Sweep, m: int):
@@ -449,7 +511,8 @@ def init(sw: Sweep, members=None):
     dparams = jax.tree.map(lambda a: _put(sw, a), stacked_data_params(sw, members))
     state, data = init_fn(seeds, dparams)
     if sw.host_fed:  # held-back sets from the host; the training set streams (``data.host_feed``)
-        data = {k: _put(sw, v) for k, v in D.host_eval_data(sw.spec, members or sw.padded).items()}
+        held = sw.host_eval if members is None else D.host_eval_data(sw.spec, members)
+        data = {k: _put(sw, v) for k, v in held.items()}
     return state, data
 
 
@@ -516,6 +579,10 @@ def _flat(d: dict, prefix="") -> dict:
 
 
 def _config_diffs(old: dict, cfg: C.Config) -> list[str]:
+    try:  # fields added since ``old`` was written take their defaults
+        old = C.to_dict(C.from_dict(old))
+    except (C.ConfigError, TypeError, AttributeError):
+        pass
     old, new = _flat(old), _flat(C.to_dict(cfg))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -589,6 +656,8 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
       RunError: the directory holds another run, is locked by another process, or cannot be written.
     """
     run_dir = Path(run_dir)
+    if jax.process_count() > 1:
+        check_processes_agree(cfg)
     _prepare_run_dir(cfg, run_dir)
     lead = jax.process_index() == 0
     try:
@@ -601,6 +670,39 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     except OSError as exc:
         raise RunError(f"cannot write the run directory {run_dir}: {exc.strerror or exc} "
                        f"({exc.filename or run_dir})") from None
+
+
+def check_processes_agree(cfg: C.Config) -> None:
+    """Every process of a multi-process run compares its resolved config and the versions of
+    jaxconcept and jax with every other's (a collective: all processes call it), and all refuse
+    together, naming the fields that differ, before anything is written.
+
+    Raises RunError naming, per differing process, each field with process 0's value and its own.
+    """
+    import json
+
+    from jax.experimental import multihost_utils
+
+    import jaxconcept
+
+    mine = {"config": C.to_dict(cfg), "jaxconcept": jaxconcept.__version__, "jax": jax.__version__}
+    blob = np.frombuffer(json.dumps(mine, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    runs = [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)]
+    problems = []
+    for i, other in enumerate(runs[1:], 1):
+        diffs = [f"{k} {runs[0][k]} vs {other[k]}" for k in ("jaxconcept", "jax") if other[k] != runs[0][k]]
+        flat0, flat = _flat(runs[0]["config"]), _flat(other["config"])
+        diffs += [f"{k} {flat0.get(k)!r} vs {flat.get(k)!r}" for k in sorted(set(flat0) | set(flat))
+                  if flat0.get(k) != flat.get(k)]
+        if diffs:
+            problems.append(f"process {i}: " + ", ".join(diffs))
+    if problems:
+        raise RunError(f"the {len(runs)} processes of this run disagree (process 0's value vs theirs): "
+                       + "; ".join(problems) + "; start every process with the same config and versions")
 
 
 class _nothing:
@@ -652,13 +754,13 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
         loss = sw.real(sum(n * host(lv) for n, lv in losses) / sum(n for n, _ in losses))
         alive = sw.real(host(state["alive"]))
         rate = (step - start) / max(time.time() - t0, 1e-9)
-        bar.set_postfix({"loss": f"{np.nanmean(np.where(alive, loss, np.nan)):.3f}",
+        bar.set_postfix({"loss": f"{np.mean(loss[alive]):.3f}" if alive.any() else "all frozen",
                          "model-steps/s": f"{rate * sw.size:.1f}"})
         for i in np.flatnonzero(~alive):
             if i not in frozen_reported:
                 frozen_reported.add(int(i))
-                warnings.warn(f"member {i} ({_describe(sw.members[i])}) diverged (non-finite loss) by step "
-                              f"{step}; it is frozen, the others carry on", stacklevel=2)
+                rundir.warn(f"member {i} ({_describe(sw.members[i])}) diverged (non-finite loss) by step "
+                            f"{step}; it is frozen, the others carry on")
         record = {"step": step, "train_loss": [float(v) for v in loss], "frozen": [bool(not a) for a in alive],
                   "steps_per_s": rate}
         if step in evals:
@@ -678,7 +780,8 @@ def _evaluate_and_save(sw, state, data, step, run_dir, cfg):
     val, test = sw.real(host(val)), sw.real(host(test))
     params = jax.tree.map(lambda a: sw.real(host(a)), eval_params(state)) if cfg.eval.save_params else None
     if jax.process_index() == 0:
-        rundir.save_samples(run_dir, step, samples, prompts)
+        tol = min(D.storage_tolerance(sw.spec, D.params(m.data)) for m in sw.members)
+        rundir.save_samples(run_dir, step, samples, prompts, cfg.eval.sample_dtype, tol)
         if params is not None:
             rundir.save_params(run_dir, step, params)
     return [float(v) for v in val], [float(v) for v in test]

@@ -136,6 +136,15 @@ def train_view(spec: DataSpec, x, key):
     return x if fn is None else fn(spec, x, key)
 
 
+def storage_tolerance(spec: DataSpec, params) -> float:
+    """The largest change of a stored sample that cannot change how it is classified, for the
+    float16 option of ``eval.sample_dtype``: vectors 1 % of the smallest class spread (the
+    probe's finest scale: its bands are multiples of it), images half an 8-bit level."""
+    if spec.kind == "vector":
+        return 0.01 * float(jnp.min(params["std"]))
+    return 0.5 / 255
+
+
 # --- host-fed kinds (HOST_FED): the training set stays on the host and streams in batches ---
 def host_dtype(spec: DataSpec):
     """dtype of the examples a host-fed kind sends to the device (e.g. uint8 images)."""

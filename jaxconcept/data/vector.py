@@ -156,7 +156,7 @@ def _nuisance(spec: DataSpec, key, n: int):
 def _onehot(spec: DataSpec, idx):
     """[N, dim] value indices -> [N, dim*perdim] per-dimension one-hot, concatenated."""
     oh = jax.nn.one_hot(idx, spec.opt("perdim"), dtype=jnp.float32)  # [N, dim, perdim]
-    return oh.reshape(idx.shape[0], -1)
+    return oh.reshape(idx.shape[0], idx.shape[1] * spec.opt("perdim"))  # explicit: N may be 0
 
 
 def sample(spec: DataSpec, params, key, labels):
