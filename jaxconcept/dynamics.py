@@ -347,7 +347,10 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
         "value_names": [list(v) for v in spec.value_names], "class_names": list(names),
         "train_classes": list(spec.train_classes), "held_out": list(spec.held_out),
         "corners": _round(corners(spec.values, table)), "colour_by": {"field": axis, "values": axis_values},
-        "probes": {k: {"kind": p.kind, "min_accuracy": float(np.min(p.accuracy)), "accuracy": _round(p.accuracy)}
+        "probes": {k: {"kind": p.kind, "min_accuracy": float(np.min(p.accuracy)), "accuracy": _round(p.accuracy),
+                       # the worst class and concept on draws at the corners of the class boxes (images)
+                       "corner_min_accuracy": None if p.corner_accuracy is None else float(np.min(p.corner_accuracy)),
+                       "corner_accuracy": None if p.corner_accuracy is None else _round(p.corner_accuracy)}
                    for k, p in probes.items()},
         "members": records, "summary": summary,
     }

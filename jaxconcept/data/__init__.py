@@ -89,6 +89,13 @@ def null_cond(spec: DataSpec):
     return -jnp.ones((spec.cond_dim,), jnp.float32)
 
 
+def corner_sample(spec: DataSpec, params, key, labels):
+    """Draws at the corners of each label's class box, where a class's legitimate extreme values
+    lie (``images.corner_sample``); None for kinds without a box of concept values."""
+    fn = getattr(_mod(spec.kind), "corner_sample", None)
+    return None if fn is None else fn(spec, params, key, labels)
+
+
 def render_all(spec: DataSpec, params, key, n_per_class: int):
     labels = jnp.repeat(jnp.arange(spec.n_classes), n_per_class)
     x, cond = sample(spec, params, key, labels)

@@ -156,6 +156,18 @@ def sample(spec: DataSpec, params, key, labels):
     return _render_batch(spec, z, k_img), _cond(spec, z)
 
 
+def corner_sample(spec: DataSpec, params, key, labels):
+    """Draws at the corners of each label's class box: every entry of z (colour channels, size,
+    background channels) at its box's low or high end, each chosen by a fair coin; the position
+    uniform as usual. The legitimate extreme draws of a class, where a probe is weakest.
+    Returns (x [N,S,S,3], cond [N,11])."""
+    k_c, k_pos, k_img = jax.random.split(key, 3)
+    lo, hi = params["lo"][labels], params["hi"][labels]  # [N, 11]
+    z = jnp.where(jax.random.bernoulli(k_c, 0.5, lo.shape), hi, lo)
+    z = z.at[:, 2:4].set(jax.random.uniform(k_pos, (labels.shape[0], 2), minval=-0.5, maxval=0.5))
+    return _render_batch(spec, z, k_img), _cond(spec, z)
+
+
 def test_sample(spec: DataSpec, params, key, labels):
     """The reference's test images of a class: colour, size and background at the class mean,
     the position random; conditioning = the class-mean prompt. (x [N,S,S,3], cond [N,11])."""
