@@ -127,7 +127,7 @@ def _distributed(args) -> None:
     if not args.join_timeout > 0:
         raise CLIError(f"--join-timeout={args.join_timeout} is invalid: allowed a number of seconds > 0")
     timeout = args.join_timeout
-    who = f"process {'?' if pid is None else pid} of {'?' if nproc is None else nproc}"
+    who = "this process" if pid is None or nproc is None else f"process {pid} of {nproc}"
     print(f"jaxconcept train: {who} waiting up to {timeout:.0f} s for its peers"
           + (f" at {coord}" if coord else ""), file=sys.stderr, flush=True)
 

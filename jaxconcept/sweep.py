@@ -265,8 +265,12 @@ class Sweep:
 
 def make_mesh(n_members: int, devices=None) -> Mesh:
     """A 1-D 'models' mesh over every device, or over one device per member when there are
-    fewer members than devices (the member count is then padded to a multiple of it)."""
+    fewer members than devices (the member count is then padded to a multiple of it). With
+    several processes every device stays in the mesh, so that every process holds members (the
+    few are padded with inert copies)."""
     devices = list(devices if devices is not None else jax.devices())
+    if jax.process_count() > 1:
+        return Mesh(np.array(devices), (AXIS,))
     return Mesh(np.array(devices[: max(1, min(len(devices), n_members))]), (AXIS,))
 
 
