@@ -171,6 +171,22 @@ def sample(model, params, cond, null, noise, *, n_steps: int, guidance: float, e
     return z
 
 
+def generate(model, params, cond, null, noise, *, n_steps: int, guidance: float, edits=(), chunk: int | None = None,
+             progress=None):
+    """Images of every text conditioning in ``cond`` from the *same* initial noise.
+
+    Args:
+      cond: [S, T, D] (e.g. one per overprompting strength); null: [T, D].
+      noise: [h, w, C] z_T shared by all S rows; the rest as ``sample``.
+    Returns:
+      [S, H, W, 3] float32 in [0, 1] (H = h times the VAE's upsampling factor).
+    """
+    z = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (cond.shape[0], *noise.shape))
+    z = sample(model, params, cond, null, z, n_steps=n_steps, guidance=guidance, edits=edits, chunk=chunk,
+               progress=progress)
+    return decode(model, params, z)
+
+
 @partial(jax.jit, static_argnums=0)
 def encode(model, params, ids, token_scale=None, edits=()):
     """Text conditioning [B, T, D] of token ids [B, T] (``token_scale`` [B, T]: see
