@@ -127,7 +127,7 @@ def run(a) -> int:
     tok = Tokenizer.from_folder(folder / "tokenizer", cfg.clip.max_position_embeddings)
     method = a.method or ("extrapolate" if a.ref else "weight")
     plan = overprompt.plan(tok, a.prompt, a.concept, method, strengths, a.ref)
-    model = pipeline.StableDiffusion(cfg, jnp.dtype(a.dtype))
+    model = pipeline.StableDiffusion(cfg, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype])
     if a.point and (method != "steer" or a.point not in overprompt.steer_points(model)):
         raise SDError(f"--point {a.point!r}: allowed with --method steer, one of "
                       f"{', '.join(overprompt.steer_points(model))}")

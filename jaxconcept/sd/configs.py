@@ -152,4 +152,10 @@ def from_folder(folder) -> SDConfig:
     folder = Path(folder)
     parts = {c: parse(c, read_json(folder / c / "config.json"), f"{folder / c / 'config.json'}")
              for c in ("text_encoder", "unet", "vae")}
+    if parts["unet"].cross_attention_dim != parts["text_encoder"].hidden_size:
+        raise SDError(f"{folder / 'unet' / 'config.json'}: cross_attention_dim={parts['unet'].cross_attention_dim} is "
+                      f"not the text encoder's hidden_size={parts['text_encoder'].hidden_size}")
+    if parts["unet"].in_channels != parts["vae"].latent_channels:
+        raise SDError(f"{folder / 'unet' / 'config.json'}: in_channels={parts['unet'].in_channels} is not the VAE's "
+                      f"latent_channels={parts['vae'].latent_channels}")
     return SDConfig(clip=parts["text_encoder"], unet=parts["unet"], vae=parts["vae"])

@@ -211,11 +211,21 @@ def decode(model, params, z):
     return jnp.clip((x + 1) / 2, 0.0, 1.0)
 
 
-def capture(model, params, ids, points, token_scale=None) -> dict:
-    """Text-encoder activations at ``points`` for ids [B, T]: {name: [B, T, D]}."""
+@partial(jax.jit, static_argnums=(0, 3))
+def _capture(model, params, ids, points, token_scale=None):
     got = {}
     with interventions.applying((), got, points):
-        model.apply({"params": params}, jnp.asarray(ids), token_scale, method=StableDiffusion.encode)
+        model.apply({"params": params}, ids, token_scale, method=StableDiffusion.encode)
+    return got
+
+
+def capture(model, params, ids, points, token_scale=None) -> dict:
+    """Text-encoder activations at ``points`` for ids [B, T]: {name: [B, T, D]}.
+
+    Raises:
+      ValueError: a point that is not a text-encoder tap.
+    """
+    got = _capture(model, params, jnp.asarray(ids), tuple(points), token_scale)
     missing = [p for p in points if p not in got]
     if missing:
         raise ValueError(f"no text-encoder activation at {missing}")

@@ -27,6 +27,7 @@ read must be used, with the shape the configs imply; anything else is an ``SDErr
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -155,14 +156,18 @@ def to_tree(component: str, tensors: dict, template: dict, where: str) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def template(cfg: C.SDConfig) -> dict:
+    """Our parameter tree's shapes for ``cfg`` (``jax.eval_shape`` of init: nothing computed)."""
+    return jax.eval_shape(lambda: StableDiffusion(cfg).init(jax.random.PRNGKey(0), *example_inputs(cfg))["params"])
+
+
 def load_params(folder, cfg: C.SDConfig, variant: str | None = None) -> dict:
     """Our float32 parameters {"text_encoder", "unet", "vae"} from the folder's safetensors."""
-    template = jax.eval_shape(
-        lambda: StableDiffusion(cfg).init(jax.random.PRNGKey(0), *example_inputs(cfg))["params"])
     params = {}
     for comp in COMPONENTS:
         files = safetensors_files(Path(folder) / comp, variant)
-        params[comp] = to_tree(comp, read_tensors(files), template[comp], f"{Path(folder) / comp}")
+        params[comp] = to_tree(comp, read_tensors(files), template(cfg)[comp], f"{Path(folder) / comp}")
     return jax.tree.map(jnp.asarray, params)
 
 
