@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import interventions
-from jaxconcept.nets.layers import Tap
+from jaxconcept.nets.layers import tap_calls
 from jaxconcept.sd.clip import CLIPTextEncoder
 from jaxconcept.sd.configs import SDConfig
 from jaxconcept.sd.unet import UNet
@@ -66,19 +66,7 @@ def init(model: StableDiffusion, key, latent: int = 8) -> dict:
 
 def tap_names(model: StableDiffusion) -> list[str]:
     """Every tap point's name, in call order (traced with ``jax.eval_shape``: nothing computed)."""
-    names = []
-
-    def record(next_fun, args, kwargs, ctx):
-        if isinstance(ctx.module, Tap) and ctx.method_name == "__call__":
-            names.append("/".join(ctx.module.path))
-        return next_fun(*args, **kwargs)
-
-    def run():
-        with nn.intercept_methods(record):
-            return model.init(jax.random.PRNGKey(0), *example_inputs(model.cfg))
-
-    jax.eval_shape(run)
-    return list(dict.fromkeys(names))
+    return tap_calls(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(model.cfg)))
 
 
 def alphas_cumprod() -> np.ndarray:

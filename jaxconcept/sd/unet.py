@@ -115,25 +115,24 @@ class Block(nn.Module):
     returns (h, []).
     """
 
+    cfg: UNetConfig
     ch: int
     layers: int
     heads: int
     resample: bool
-    groups: int
-    eps: float
-    t_layers: int = 1
     dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, h, temb, context, skips=None):
-        up = skips is not None
+        c, up = self.cfg, skips is not None
         kept = []
         for j in range(self.layers):
             if up:
                 h = jnp.concatenate([h, skips[-1 - j]], axis=-1)  # [B, H, W, C + C_skip]
-            h = ResnetBlock(self.ch, self.groups, self.eps, self.dtype, name=f"resnets_{j}")(h, temb)
+            h = ResnetBlock(self.ch, c.norm_num_groups, c.norm_eps, self.dtype, name=f"resnets_{j}")(h, temb)
             if self.heads:
-                h = Transformer2D(self.heads, self.groups, self.t_layers, self.dtype, name=f"attentions_{j}")(h, context)
+                h = Transformer2D(self.heads, c.norm_num_groups, c.transformer_layers_per_block, self.dtype,
+                                  name=f"attentions_{j}")(h, context)
             kept.append(h)
         if self.resample and up:
             h = Upsample(self.dtype, name="upsamplers_0")(h)
@@ -146,18 +145,16 @@ class Block(nn.Module):
 class MidBlock(nn.Module):
     """``resnets_0`` - ``attentions_0`` - ``resnets_1`` (diffusers' ``UNetMidBlock2DCrossAttn``)."""
 
-    heads: int
-    groups: int
-    eps: float
-    t_layers: int = 1
+    cfg: UNetConfig
     dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, h, temb, context):
-        c = h.shape[-1]
-        h = ResnetBlock(c, self.groups, self.eps, self.dtype, name="resnets_0")(h, temb)
-        h = Transformer2D(self.heads, self.groups, self.t_layers, self.dtype, name="attentions_0")(h, context)
-        return ResnetBlock(c, self.groups, self.eps, self.dtype, name="resnets_1")(h, temb)
+        c, ch = self.cfg, h.shape[-1]
+        h = ResnetBlock(ch, c.norm_num_groups, c.norm_eps, self.dtype, name="resnets_0")(h, temb)
+        h = Transformer2D(c.heads[-1], c.norm_num_groups, c.transformer_layers_per_block, self.dtype,
+                          name="attentions_0")(h, context)
+        return ResnetBlock(ch, c.norm_num_groups, c.norm_eps, self.dtype, name="resnets_1")(h, temb)
 
 
 class UNet(nn.Module):
@@ -182,20 +179,19 @@ class UNet(nn.Module):
         ch0 = c.block_out_channels[0]
         temb = timestep_embedding(t, ch0, c.flip_sin_to_cos, c.freq_shift).astype(dt)  # [B, ch0]
         temb = TimestepEmbedding(4 * ch0, dt, name="time_embedding")(temb)  # [B, 4 ch0]
-        kw = dict(groups=c.norm_num_groups, eps=c.norm_eps, t_layers=c.transformer_layers_per_block, dtype=dt)
         h = conv(ch0, name="conv_in", dtype=dt)(x.astype(dt))  # [B, h, w, ch0]
         skips = [h]
         for i, (kind, ch) in enumerate(zip(c.down_block_types, c.block_out_channels)):
             heads = c.heads[i] if kind.startswith("CrossAttn") else 0
-            h, kept = Block(ch, c.layers_per_block, heads, i < n - 1, name=f"down_blocks_{i}", **kw)(h, temb, context)
+            h, kept = Block(c, ch, c.layers_per_block, heads, i < n - 1, dt, name=f"down_blocks_{i}")(h, temb, context)
             skips += kept
-        h = MidBlock(c.heads[-1], name="mid_block", **kw)(h, temb, context)
+        h = MidBlock(c, dt, name="mid_block")(h, temb, context)
         heads_up = tuple(reversed(c.heads))
         for i, (kind, ch) in enumerate(zip(c.up_block_types, reversed(c.block_out_channels))):
             heads = heads_up[i] if kind.startswith("CrossAttn") else 0
             k = c.layers_per_block + 1
             skips, mine = skips[:-k], tuple(skips[-k:])
-            h, _ = Block(ch, k, heads, i < n - 1, name=f"up_blocks_{i}", **kw)(h, temb, context, mine)
+            h, _ = Block(c, ch, k, heads, i < n - 1, dt, name=f"up_blocks_{i}")(h, temb, context, mine)
         assert not skips and h.shape[:3] == x.shape[:3], h.shape
         h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", dtype=dt)(h))
         return conv(c.out_channels, name="conv_out", dtype=dt)(h).astype(jnp.float32)  # [B, h, w, out]
