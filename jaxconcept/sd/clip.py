@@ -26,6 +26,8 @@ def quick_gelu(x):
 
 
 class Embeddings(nn.Module):
+    """token_embedding(ids) [x token_scale] -> tap ``tokens``, + position_embedding: [B, T, D]."""
+
     cfg: CLIPConfig
     dtype: object = jnp.float32
 
@@ -42,6 +44,8 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with q/k/v/out projections (biases): [B, T, D] -> same."""
+
     heads: int
     dtype: object = jnp.float32
 
@@ -53,6 +57,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """fc1 - activation (``hidden_act``) - fc2."""
+
     cfg: CLIPConfig
     dtype: object = jnp.float32
 
@@ -64,6 +70,8 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
+    """Pre-LayerNorm transformer layer (attention, then MLP, each residual); tap ``out``."""
+
     cfg: CLIPConfig
     dtype: object = jnp.float32
 
@@ -76,6 +84,8 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
+    """``num_hidden_layers`` layers, ``layers_i``."""
+
     cfg: CLIPConfig
     dtype: object = jnp.float32
 

@@ -79,7 +79,7 @@ _FIXED = {
              "mid_block_scale_factor": 1, "timestep_post_act": None, "attention_type": "default",
              "resnet_out_scale_factor": 1.0, "num_class_embeds": None, "projection_class_embeddings_input_dim": None,
              "downsample_padding": 1},
-    "vae": {"act_fn": "silu", "mid_block_add_attention": True, "use_post_quant_conv": True},
+    "vae": {"act_fn": "silu", "mid_block_add_attention": True, "use_post_quant_conv": True, "shift_factor": None},
     "text_encoder": {"hidden_act": ("quick_gelu", "gelu")},
 }
 _BLOCKS = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -82,7 +82,7 @@ def plan(tok: Tokenizer, prompt: str, concept: str, method: str, strengths, ref:
     if method in NEEDS_REF:
         if not ref or not ref.strip():
             raise SDError(f"--method {method} needs --ref WORD: a word of as many tokens as {concept!r}")
-        ref_prompt = word_pattern(concept).sub(ref.strip(), prompt)
+        ref_prompt = word_pattern(concept).sub(lambda m: ref.strip(), prompt)
         n, n_ref = len(tok.tokens(prompt)), len(tok.tokens(ref_prompt))
         if n != n_ref:
             raise SDError(f"the reference {ref!r} is misaligned: {ref_prompt!r} has {n_ref} tokens, the prompt {n} "

@@ -50,6 +50,8 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GEGLU to 4x the width (``net_0``), then back (``net_2``)."""
+
     dtype: object = jnp.float32
 
     @nn.compact

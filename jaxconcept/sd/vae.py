@@ -16,6 +16,8 @@ EPS = 1e-6
 
 
 class MidBlock(nn.Module):
+    """``resnets_0`` - single-head self-attention ``attentions_0`` - ``resnets_1``."""
+
     groups: int
     dtype: object = jnp.float32
 
@@ -28,6 +30,8 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
+    """``layers`` ResNet blocks to width ``ch``, then ``upsamplers_0`` when ``upsample``."""
+
     ch: int
     layers: int
     upsample: bool
@@ -42,6 +46,8 @@ class UpBlock(nn.Module):
 
 
 class Decoder(nn.Module):
+    """conv_in, mid_block, up_blocks_i (widths reversed), GN-SiLU-conv_out."""
+
     cfg: VAEConfig
     dtype: object = jnp.float32
 
