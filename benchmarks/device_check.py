@@ -19,7 +19,11 @@ after every stage, so a run stopped from outside keeps what it had):
 4. the stacked training step for every (dtype, members, stacking) asked for: ``vmap`` over the
    members, or ``map`` (``lax.map`` over chunks of ``--map-chunk`` vmapped members):
    model-steps/s, TFLOP/s, MFU, peak device memory, compile seconds;
-5. the sampler (50 steps, 4 classes x 32 samples per member) for the largest stack trained.
+5. the sampler (50 steps, 4 classes x 32 samples per member) for the largest stack trained;
+6. Stable Diffusion 1.x (``benchmarks/sd_bench.py``): full-size SD-1.x shapes with random
+   weights, 512 px, 4 images per call, the 50-step DDIM sampler with guidance and the VAE
+   decoder per dtype: guided UNet steps/s, images/s, TFLOP/s, MFU (``--tiny``: the test
+   fixture's tiny model at 32 px, 2 steps).
 
 Only the engine's public API is used for training (``sweep.build``, ``sweep.init``,
 ``sweep.advance``, ``sweep.steps_per_call``); the compiled step is read through the sweep's
@@ -72,7 +76,7 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.data = {"schema": SCHEMA, **head, "ceiling": None, "flops_per_model_step": None, "reference": None,
-                     "train": [], "sampler": None, "skipped": [], "errors": [], "complete": False}
+                     "train": [], "sampler": None, "sd": [], "skipped": [], "errors": [], "complete": False}
 
     def skip(self, what: str, why: str):
         self.data["skipped"].append({"what": what, "why": why})
@@ -335,6 +339,10 @@ def parse(argv):
     ap.add_argument("--sampler-steps", type=int, default=None, help="sampler steps (50; tiny 4)")
     ap.add_argument("--sampler-per-class", type=int, default=None, help="samples per class per member (32; tiny 4)")
     ap.add_argument("--no-sampler", action="store_true")
+    ap.add_argument("--no-sd", action="store_true", help="skip the Stable Diffusion stage")
+    ap.add_argument("--sd-size", type=int, default=None, help="SD image size in pixels (512; tiny 32)")
+    ap.add_argument("--sd-batch", type=int, default=None, help="SD images per sampler call (4; tiny 1)")
+    ap.add_argument("--sd-steps", type=int, default=None, help="SD DDIM steps (50; tiny 2)")
     ap.add_argument("--reference", default=None, help="a checkout of the reference, for its PyTorch step")
     ap.add_argument("--matmul-n", type=int, default=None, help="ceiling matrix size (8192 on accelerators)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config overrides KEY=VALUE")
@@ -346,6 +354,8 @@ def parse(argv):
     a.measure_s = a.measure_s if a.measure_s is not None else (0.2 if a.tiny else 3.0)
     a.sampler_steps = a.sampler_steps or (4 if a.tiny else 50)
     a.sampler_per_class = a.sampler_per_class or (4 if a.tiny else 32)
+    a.sd_size, a.sd_batch = a.sd_size or (32 if a.tiny else 512), a.sd_batch or (1 if a.tiny else 4)
+    a.sd_steps = a.sd_steps or (2 if a.tiny else 50)
     for s in a.strategies:
         if s not in ("vmap", "map", "unroll", "auto"):
             ap.error(f"--strategies: {s!r} is not one of vmap, map, unroll, auto")
@@ -558,9 +568,41 @@ class Check:
               f"({s['strategy']}, {s['dtype']}): {s['seconds_per_member']:.3f} s per member, "
               f"{s['samples_per_s']:.0f} samples/s (compile {s['compile_s']:.1f} s)", flush=True)
 
+    def sd_stage(self):
+        """Stable Diffusion 1.x sampling and decoding per dtype (``sd_bench.measure``)."""
+        a, rep = self.a, self.rep
+        if a.no_sd:
+            return rep.skip("sd", "--no-sd")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import sd_bench
+
+        from jaxconcept.sd import configs
+
+        cfg = configs.from_folder(sd_bench.TINY) if a.tiny else configs.SDConfig()
+        seen = []
+        for dtype in a.dtypes:
+            est = (1.2 * max(seen) if seen else (20.0 if a.tiny else 150.0)) + 4 * a.measure_s
+            if not self.clock.fits(est):
+                rep.skip(f"sd {dtype}", f"needs about {est:.0f} s, {self.clock.left():.0f} s left")
+                continue
+            try:
+                row = sd_bench.measure(cfg, dtype, a.sd_size, a.sd_batch, a.sd_steps, a.measure_s, self.clock.fits)
+            except Exception as exc:  # noqa: BLE001 - out of memory, or a backend limit: record and go on
+                rep.error(f"sd {dtype}", exc)
+                continue
+            row["model"] = "tiny (tests/fixtures/sd_tiny)" if a.tiny else "SD-1.x full size, random weights"
+            row["mfu"] = _finite(row["tflops"] / self.ceiling) if self.ceiling else None
+            rep.data["sd"].append(row)
+            rep.write()
+            seen.append(row["init_s"] + row["sample_compile_s"] + row["decode_compile_s"])
+            print(f"sd {dtype}: {row['batch']} x {row['size']} px, {row['n_steps']} steps: "
+                  f"{row['guided_steps_per_s']:.2f} guided steps/s, {row['images_per_s']:.3f} images/s, "
+                  f"{row['tflops']:.2f} TFLOP/s (MFU {_fmt(row['mfu'], '.1%')}); compile "
+                  f"{row['sample_compile_s']:.0f} + {row['decode_compile_s']:.0f} s", flush=True)
+
     def run(self) -> dict:
         for stage in (self.ceiling_stage, self.flops_stage, self.reference_stage, self.train_stage,
-                      self.sampler_stage):
+                      self.sampler_stage, self.sd_stage):
             stage()
             self.rep.write()
         self.rep.data["complete"] = True

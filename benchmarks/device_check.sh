@@ -4,7 +4,9 @@
 #
 #   1. benchmarks/device_check.py with a 4-minute budget: the device's matmul ceiling, the
 #      reference U-Net's stacked training step (1/8/32 members x vmap/map x bf16/fp32), the
-#      sampler, and the PyTorch reference's step when REFERENCE names a checkout of it;
+#      sampler, the PyTorch reference's step when REFERENCE names a checkout of it, and (if time
+#      is left) Stable Diffusion 1.x sampling at full size with random weights (CHECK_ARGS=--no-sd
+#      skips it; benchmarks/sd_bench.py runs it alone);
 #   2. jaxconcept train --config experiments/colour_sweep_mini.json for what time is left, less
 #      what analysis needs (stopped by `timeout`; training resumes where it stopped if re-run);
 #   3. jaxconcept analyze on the evaluation points written so far.

@@ -1,4 +1,4 @@
-"""`jaxconcept` command line: data, info, train, analyze, elicit, demo.
+"""`jaxconcept` command line: data, info, train, analyze, elicit, demo, sd.
 
 Each command is a thin shell over library functions; see README.md.
 """
@@ -217,8 +217,9 @@ def cmd_demo(args):
 def _known_errors() -> tuple:
     """Errors that are the user's to fix: reported in one line, exit code 2."""
     from jaxconcept import probe, rundir, sweep
+    from jaxconcept.sd import SDError
 
-    return (CLIError, C.ConfigError, rundir.RunDirError, probe.ProbeError, sweep.RunError)
+    return (CLIError, C.ConfigError, rundir.RunDirError, probe.ProbeError, sweep.RunError, SDError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set 'data.m=[2,0.25]'")
     p.set_defaults(fn=cmd_demo)
+
+    from jaxconcept.sd import command as sd_command  # argparse only; the work is in jaxconcept/sd/
+
+    p = sub.add_parser("sd", help="Stable Diffusion 1.x from a local folder: overprompt a concept (grid, npz, JSON)")
+    sd_command.add_arguments(p)
+    p.set_defaults(fn=sd_command.run)
     return ap
 
 

@@ -62,7 +62,11 @@ def apply_edit(e: Edit, h):
 
 def check(net, spec, edits) -> None:
     """Raise ValueError for an unknown point or operation, listing what is valid."""
-    valid = tap_names(net, spec)
+    check_points(edits, tap_names(net, spec))
+
+
+def check_points(edits, valid) -> None:
+    """Raise ValueError for an operation not in OPS or a point not in ``valid``, listing what is."""
     for e in edits:
         if e.op not in OPS:
             raise ValueError(f"intervention op {e.op!r} is unknown: allowed {', '.join(OPS)}")
@@ -84,6 +88,13 @@ def _interceptor(edits, captured=None, capture_points=()):
     return fn
 
 
+def applying(edits, captured: dict | None = None, points=()):
+    """A context in which every ``Tap`` output passes ``edits`` (in order) and the outputs at
+    ``points`` are stored in ``captured``. Enter it *inside* the traced function, around any
+    ``apply`` of any network with taps (the UNet here, Stable Diffusion in ``jaxconcept.sd``)."""
+    return nn.intercept_methods(_interceptor(list(edits), captured, tuple(points)))
+
+
 def intervene(net, edits, spec=None):
     """An apply_fn(net_params, x, t, cond, train, key) that applies ``edits`` in order.
 
@@ -94,7 +105,7 @@ def intervene(net, edits, spec=None):
         check(net, spec, edits)
 
     def apply_fn(net_params, x, t, cond, train, key):
-        with nn.intercept_methods(_interceptor(edits)):
+        with applying(edits):
             return net.apply({"params": net_params}, x, t, cond, train, rngs={"dropout": key})
     return apply_fn
 
@@ -102,7 +113,7 @@ def intervene(net, edits, spec=None):
 def capture(net, net_params, x, t, cond, points, edits=()) -> dict:
     """Activations at ``points`` (after any ``edits``) for the given inputs: {name: array}."""
     captured = {}
-    with nn.intercept_methods(_interceptor(list(edits), captured, tuple(points))):
+    with applying(edits, captured, points):
         net.apply({"params": net_params}, x, t, cond, False)
     missing = [p for p in points if p not in captured]
     if missing:

@@ -48,6 +48,13 @@ def test_tiny_run_writes_sane_json(device_check, tmp_path):
     assert _positive(s["seconds_per_member"]) and _positive(s["samples_per_s"])
     assert math.isclose(s["seconds_per_member"] * 2, s["seconds_per_call"], rel_tol=1e-6)
     assert data["reference"] is None  # not asked for
+
+    (sd,) = data["sd"]  # the tiny Stable Diffusion model: sampling and decoding timed
+    assert (sd["dtype"], sd["size"], sd["batch"], sd["n_steps"]) == ("float32", 32, 1, 2) and sd["finite"]
+    for key in ("guided_steps_per_s", "images_per_s", "tflops", "flops_per_guided_step", "sample_s", "decode_s"):
+        assert _positive(sd[key]), (key, sd[key])
+    assert math.isclose(sd["guided_steps_per_s"], 2 / sd["sample_s"], rel_tol=1e-6)
+    assert math.isclose(sd["images_per_s"], 1 / (sd["sample_s"] + sd["decode_s"]), rel_tol=1e-6)
     assert data["elapsed_s"] < 300
 
 
@@ -55,6 +62,6 @@ def test_spent_budget_skips_and_says_so(device_check, tmp_path):
     data = device_check.main(["--tiny", "--members", "1,2", "--budget-s", "0", "--out", str(tmp_path)])
     assert data["complete"] and data["train"] == [] and data["ceiling"] is None and data["sampler"] is None
     skipped = {s["what"] for s in data["skipped"]}
-    assert {"ceiling", "flops", "sampler"} <= skipped
+    assert {"ceiling", "flops", "sampler", "sd bfloat16", "sd float32"} <= skipped and data["sd"] == []
     assert sum(w.startswith("train ") for w in skipped) == 2 * 2 + 2 * 1  # 2 dtypes x (1 + 2 stackings)
     assert json.loads((tmp_path / "device_check.json").read_text())["skipped"] == data["skipped"]

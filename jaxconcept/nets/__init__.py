@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import Tap
+from jaxconcept.nets.layers import tap_calls
 from jaxconcept.nets.mlp import MLP
 from jaxconcept.nets.unet import UNet
 
@@ -52,19 +52,7 @@ def tap_names(net: nn.Module, spec) -> list[str]:
 
     Traced with ``jax.eval_shape``: nothing is computed or initialised.
     """
-    names = []
-
-    def record(next_fun, args, kwargs, ctx):
-        if isinstance(ctx.module, Tap) and ctx.method_name == "__call__":
-            names.append("/".join(ctx.module.path))
-        return next_fun(*args, **kwargs)
-
-    def run():
-        with nn.intercept_methods(record):
-            return net.init(jax.random.PRNGKey(0), *example_inputs(spec), False)
-
-    jax.eval_shape(run)
-    return list(dict.fromkeys(names))
+    return tap_calls(lambda: net.init(jax.random.PRNGKey(0), *example_inputs(spec), False))
 
 
 def param_count(params) -> int:

@@ -32,6 +32,24 @@ class Tap(nn.Module):
         return x
 
 
+def tap_calls(fn) -> list[str]:
+    """Names (``"/".join(module.path)``) of every ``Tap`` that ``fn()`` calls, in call order, once
+    each. ``fn`` (e.g. a network's ``init``) is traced with ``jax.eval_shape``: nothing is computed."""
+    names = []
+
+    def record(next_fun, args, kwargs, ctx):
+        if isinstance(ctx.module, Tap) and ctx.method_name == "__call__":
+            names.append("/".join(ctx.module.path))
+        return next_fun(*args, **kwargs)
+
+    def run():
+        with nn.intercept_methods(record):
+            return fn()
+
+    jax.eval_shape(run)
+    return list(dict.fromkeys(names))
+
+
 def torch_uniform(fan_in: int):
     """Initializer U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for kernels and biases."""
     bound = 1.0 / math.sqrt(fan_in)
