@@ -382,34 +382,56 @@ def probe_for(data_cfg, *, bar: float | None = None, band: float = 0.0, seed: in
         return probe
 
     net = ProbeNet(spec.values, tuple(widths))
-    path = cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}"
-    if use_cache and (path / "meta.json").exists():
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("bar", 0) >= bar:
-            return Probe("images", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
-                         widths=tuple(widths), accuracy=np.asarray(meta["accuracy"]),
-                         corner_accuracy=np.asarray(meta["corner_accuracy"]), key=ck)
-    x, y = fresh_samples(spec, params, jax.random.fold_in(key, 7), n_test)
-    corner_y = np.repeat(np.arange(spec.n_classes), n_test)
-    corner_x = np.asarray(D.corner_sample(spec, params, jax.random.fold_in(key, 8), jnp.asarray(corner_y))[0])
 
-    def sample_fn(kk, labels):  # half typical draws, half at the corners of the class boxes
-        k_a, k_b = jax.random.split(kk)
-        half = labels.shape[0] // 2
-        return jnp.concatenate([D.sample(spec, params, k_a, labels[:half])[0],
-                                D.corner_sample(spec, params, k_b, labels[half:])[0]])
-    net_params, (acc, corner_acc), steps, met = fit_all(
-        net, sample_fn, table, jax.random.fold_in(key, 1), [(x, y), (corner_x, corner_y)], bar=bar,
-        max_steps=max_steps, batch_size=batch_size, lr=lr)
-    probe = Probe("images", spec.concepts, spec.values, net_params=net_params, widths=tuple(widths),
-                  accuracy=acc, corner_accuracy=corner_acc, key=ck)
-    if verbose:
-        print(f"probe {ck}: {steps} steps, min accuracy {acc.min():.4f}, at the corners {corner_acc.min():.4f}")
-    _check(probe, spec, bar, f"{steps} training steps (max_steps={max_steps})")
-    if use_cache:
-        _save(path, probe, {"accuracy": acc.tolist(), "corner_accuracy": corner_acc.tolist(), "bar": bar,
-                            "steps": steps, "data": ck})
-    return probe
+    def from_cache(path, meta):
+        return Probe("images", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
+                     widths=tuple(widths), accuracy=np.asarray(meta["accuracy"]),
+                     corner_accuracy=np.asarray(meta["corner_accuracy"]), key=ck)
+
+    def train():
+        x, y = fresh_samples(spec, params, jax.random.fold_in(key, 7), n_test)
+        corner_y = np.repeat(np.arange(spec.n_classes), n_test)
+        corner_x = np.asarray(D.corner_sample(spec, params, jax.random.fold_in(key, 8), jnp.asarray(corner_y))[0])
+
+        def sample_fn(kk, labels):  # half typical draws, half at the corners of the class boxes
+            k_a, k_b = jax.random.split(kk)
+            half = labels.shape[0] // 2
+            return jnp.concatenate([D.sample(spec, params, k_a, labels[:half])[0],
+                                    D.corner_sample(spec, params, k_b, labels[half:])[0]])
+        net_params, (acc, corner_acc), steps, met = fit_all(
+            net, sample_fn, table, jax.random.fold_in(key, 1), [(x, y), (corner_x, corner_y)], bar=bar,
+            max_steps=max_steps, batch_size=batch_size, lr=lr)
+        probe = Probe("images", spec.concepts, spec.values, net_params=net_params, widths=tuple(widths),
+                      accuracy=acc, corner_accuracy=corner_acc, key=ck)
+        if verbose:
+            print(f"probe {ck}: {steps} steps, min accuracy {acc.min():.4f}, at the corners {corner_acc.min():.4f}")
+        _check(probe, spec, bar, f"{steps} training steps (max_steps={max_steps})")
+        return probe, {"accuracy": acc.tolist(), "corner_accuracy": corner_acc.tolist(), "bar": bar, "steps": steps,
+                       "data": ck}
+    return _cached(cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}", bar, use_cache, from_cache, train)
+
+
+def _cached(path: Path, bar: float, use_cache: bool, from_cache: Callable, train: Callable) -> Probe:
+    """The probe cached at ``path`` if it met at least ``bar``, else ``train()`` -> (probe, meta),
+    saved there. One process trains an entry at a time (a file lock beside it): another process
+    that needs the same probe waits for it and reads it, instead of training it again."""
+    if not use_cache:
+        return train()[0]
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (path / "meta.json").exists():
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("bar", 0) >= bar:
+                return from_cache(path, meta)
+        probe, meta = train()
+        _save(path, probe, meta)
+        return probe
+    finally:
+        os.close(fd)
 
 
 def _check(probe: Probe, spec: D.DataSpec, bar: float, how: str) -> None:
@@ -452,15 +474,20 @@ def _celeba_probe(data_cfg, spec: D.DataSpec, bar: float, key, ck: str, *, max_s
     every combination, the held-out one included, that the diffusion model never sees), until
     each attribute's accuracy on the split's test part, averaged over the combinations, reaches
     ``bar``; else ProbeError. Cached like the image probe."""
+    net = ProbeNet(spec.values, widths, depth)
+
+    def from_cache(path, meta):
+        return Probe("celeba", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
+                     widths=widths, depth=depth, accuracy=np.asarray(meta["accuracy"]), key=ck)
+    return _cached(cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}-d{depth}", bar, use_cache, from_cache,
+                   lambda: _train_celeba_probe(data_cfg, spec, net, bar, key, ck, max_steps, batch_size, lr))
+
+
+def _train_celeba_probe(data_cfg, spec, net, bar, key, ck, max_steps, batch_size, lr):
+    """Train the attribute probe (see ``_celeba_probe``): (probe, cache metadata)."""
     from jaxconcept.data import celeba
 
-    net = ProbeNet(spec.values, widths, depth)
-    path = cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}-d{depth}"
-    if use_cache and (path / "meta.json").exists():
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("bar", 0) >= bar:
-            return Probe("celeba", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
-                         widths=widths, depth=depth, accuracy=np.asarray(meta["accuracy"]), key=ck)
+    widths, depth = net.widths, net.depth
     pd = celeba.probe_data(data_cfg)
     y = np.asarray(pd["y_train"])
     order = np.argsort(y, kind="stable")
@@ -491,7 +518,5 @@ def _celeba_probe(data_cfg, spec: D.DataSpec, bar: float, key, ck: str, *, max_s
             f"(bar {bar}; per combination {', '.join(f'{n} {a:.2f}' for n, a in zip(spec.class_names, acc[:, i]))}) "
             f"after {steps} training steps (max_steps={max_steps}); the concept-space analysis refuses to run with an "
             "unreliable probe (train it longer with probe_kw max_steps, or lower probe_kw bar)")
-    if use_cache:
-        _save(path, probe, {"accuracy": acc.tolist(), "bar": bar, "steps": steps, "data": ck,
-                            "concept_accuracy": dict(zip(spec.concepts, probe.concept_accuracy.tolist()))})
-    return probe
+    return probe, {"accuracy": acc.tolist(), "bar": bar, "steps": steps, "data": ck,
+                   "concept_accuracy": dict(zip(spec.concepts, probe.concept_accuracy.tolist()))}

@@ -14,6 +14,11 @@ import tempfile  # noqa: E402
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # created (and removed at exit) by the first process only
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxconcept_test_xla_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+# One probe cache for the session and both xdist workers: the tiny image probe is trained once
+# (a file lock in probe.py makes a second process wait for it and read it instead of training it).
+if "JAXCONCEPT_TEST_PROBE_CACHE" not in os.environ:
+    os.environ["JAXCONCEPT_TEST_PROBE_CACHE"] = tempfile.mkdtemp(prefix="jaxconcept_test_probes_")
+    atexit.register(shutil.rmtree, os.environ["JAXCONCEPT_TEST_PROBE_CACHE"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -24,7 +29,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture(scope="session")
-def probe_cache(tmp_path_factory):
-    """One probe cache for the session: the tiny image probe is trained once (about 40 s), by the
-    first test that needs it, and read back by the others."""
-    return tmp_path_factory.mktemp("probe_cache")
+def probe_cache():
+    """One probe cache for the session's processes: the tiny image probe is trained once (about
+    a minute), by the first test that needs it, and read back by the others."""
+    from pathlib import Path
+
+    return Path(os.environ["JAXCONCEPT_TEST_PROBE_CACHE"])
