@@ -198,7 +198,9 @@ def cmd_analyze(args):
 def cmd_elicit(args):
     from jaxconcept import elicit
 
-    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept)
+    if args.every < 1:
+        raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
+    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every)
     for m in out["members"]:
         print(f"member {m['index']}: emergence naive {m['emergence_step']['naive']}, "
               f"overprompting {m['concept']} {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
     p.add_argument("--concept", default=None,
                    help="concept to overprompt and steer (default: the weakest concept signal)")
+    p.add_argument("--every", type=int, default=1, metavar="K",
+                   help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
     p.set_defaults(fn=cmd_elicit)
 
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")

@@ -159,13 +159,18 @@ def _curves(recs: list[dict]) -> dict:
 
 
 def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, write: bool = True,
-               concept: str | None = None, progress: bool = True) -> dict:
+               concept: str | None = None, progress: bool = True, every: int = 1) -> dict:
     """Elicitation of every member of a run: writes RUN_DIR/elicit.json and figures/elicit.png.
 
-    ``concept`` names the concept to overprompt and steer (default: ``target_concept``). The
-    saved parameters are read one checkpoint at a time (all members of it).
+    ``concept`` names the concept to overprompt and steer (default: ``target_concept``);
+    ``every`` = k elicits at every k-th checkpoint with saved parameters (the first, the k+1-th, ...,
+    and the last), a k-th of the cost. The saved parameters are read one checkpoint at a time (all
+    members of it).
     Raises RunDirError: no saved parameters, or no held-out class in the run's config.
+    ValueError: ``every`` < 1.
     """
+    if not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"every={every!r} is invalid: allowed an integer >= 1")
     from tqdm.auto import tqdm
 
     from jaxconcept import sweep
@@ -180,6 +185,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     steps = rundir.steps_with(run_dir, "params")
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
+    steps = sorted(set(steps[::every]) | {steps[-1]})
     try:
         info = rundir.load_members(run_dir)
     except rundir.RunDirError:

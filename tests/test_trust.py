@@ -89,6 +89,10 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
     assert len({tuple(k.ravel()) for k in keys}) == 4
     m = out["members"][0]
     assert len(m["chosen_strength"]["over"]) == 4 and len(m["per_strength"]["over"]) == len(elicit.OVER_STRENGTHS)
+    monkeypatch.setattr(elicit, "elicit_step", step_fn)
+    thin = elicit.elicit_run(run, progress=False, write=False, every=2)  # every other checkpoint, and the last
+    assert thin["steps"] == [0, 2, 3]
+    assert thin["members"][0]["accuracy"]["naive"] == [m["accuracy"]["naive"][i] for i in (0, 2, 3)]
 
 
 # --------------------------------------------------------------------------------------------
