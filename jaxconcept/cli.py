@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
     p.set_defaults(fn=cmd_elicit)
 
-    p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (<= 10 min)")
+    p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (about 3 min on 2 cores)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

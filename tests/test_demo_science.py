@@ -3,7 +3,7 @@ three concept-1 separations m1 (0.2, 0.3, 0.4), one seed, half its training budg
 
 It runs the ``jaxconcept demo`` command in a fresh process with XLA's default flags: the suite's
 conftest forces 8 CPU devices and turns backend optimisation off (right for its tiny networks,
-whose compile time dominates), which makes these 4,000 steps and their elicitation run about
+whose compile time dominates), which makes these 3,000 steps and their elicitation run about
 three times slower (on the 2-core development CPU about 270 s in-process against 95 s).
 """
 import json
@@ -18,7 +18,7 @@ def test_demo_memorises_then_turns_elicits_early_and_learns_faster_with_more_sig
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "jaxconcept", "demo", "--out", str(out),
-           "--set", "seeds=[0]", "--set", "train.steps=4000", "--set", "eval.n_points=16"]
+           "--set", "seeds=[0]", "--set", "train.steps=3000", "--set", "eval.n_points=16"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     analysis = json.loads((out / "analysis.json").read_text())
