@@ -100,7 +100,7 @@ class TrainConfig:
     steps_per_call: int = 100  # K steps per jitted call (lax.scan)
     scan_unroll: int = 0  # lax.scan unroll (0 = none); conv nets on CPU step in a traced Python loop instead
     batches: str = "epochs"  # "epochs": shuffled epochs without replacement, short last batch (the reference); "replacement"
-    checkpoint_every: int = 1000  # steps; also at every evaluation point
+    checkpoint_every: int = 1000  # steps between train-state checkpoints (and one at the last step); evaluation points save samples and parameters, not checkpoints
     keep_checkpoints: int = 3
     strategy: str = "auto"  # how members are stacked: "auto" | "vmap" | "map" (chunks) | "unroll" (a traced loop)
     map_batch_size: int = 1  # members per chunk for strategy "map"
