@@ -104,8 +104,9 @@ def _format_message(cfg, root: str, builder) -> str:
     return (f"the TFDS dataset {cfg.source!r} in {where} is prepared as {builder.info.file_format.value}, and "
             f"jaxconcept reads it by record number with tfds.data_source, which needs array_record: prepare it "
             f"again (the downloads in {Path(root) / 'downloads'} are reused) with: rm -r {where} && "
-            f"{prepare_command(cfg)}; or convert it in place with: pip install apache-beam && tfds convert_format "
-            f"--dataset_version_dir {where} --out_file_format array_record")
+            f"{prepare_command(cfg)}; or convert it into another data directory NEW with: pip install apache-beam && "
+            f"tfds convert_format --dataset_version_dir {where} --out_file_format array_record --out_dir "
+            f"NEW/{where.relative_to(root)}, then set data.data_dir to NEW")
 
 
 def _features(tfds, builder, source: str):
