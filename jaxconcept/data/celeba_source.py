@@ -1,16 +1,17 @@
 """Where CelebA-kind images come from: a prepared TFDS dataset, read with random access.
 
 ``data.source`` names a TFDS dataset ("celeb_a" by default) prepared in ``data.data_dir`` ("" =
-$TFDS_DATA_DIR, else ~/tensorflow_datasets) in the ``array_record`` file format, which
-``tfds.data_source`` reads by record number: ``tfds build celeb_a --data_dir DIR --file_format
-array_record``. Any TFDS dataset with an image feature and boolean attributes (top-level, or in an
-"attributes" dict) works. tensorflow-datasets (with TensorFlow, which it needs to import, and whose
+$TFDS_DATA_DIR, else ~/tensorflow_datasets) in the ``array_record`` file format, which TFDS's
+data source (``tfds.data_source``; here the builder's ``as_data_source``, every split as one
+sequence) reads by record number: ``tfds build celeb_a --data_dir DIR --file_format array_record``.
+Any TFDS dataset with an image feature and boolean attributes (top-level, or in an "attributes"
+dict) works. tensorflow-datasets (with TensorFlow, which it needs to import, and whose
 ``tf.io.parse_example`` reads the records' fields in bulk) is the optional extra
 ``jaxconcept[celeba]``, imported only here and only when needed.
 
 The index (every record's attributes and split) is read once per process; the images ``select``
 picks are then read by record number, decoded with PIL, centre-cropped and resized
-(``preprocess``), a few reading threads at a time.
+(``preprocess``), a few reading threads at a time. No pass over the other images.
 """
 from __future__ import annotations
 
