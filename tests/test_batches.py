@@ -29,7 +29,8 @@ def old_draw_batch(tc, data, key, step):
 def test_draw_batch_takes_what_it_took_and_the_host_takes_the_same(mode):
     tc = C.TrainConfig(batch_size=8, batches=mode)
     n = 30  # 4 batches per epoch, the last one 6 real rows
-    data = {"x_train": jnp.repeat(jnp.arange(n, dtype=jnp.float32)[:, None], 3, axis=1), "c_train": -jnp.arange(n)[:, None]}
+    rows = jnp.arange(n, dtype=jnp.float32)[:, None]
+    data = {"x_train": jnp.repeat(rows, 3, axis=1), "c_train": -rows}
     key = sweep.member_keys(7)["train"]
     new = jax.jit(lambda s: sweep.draw_batch(tc, data, key, s))
     old = jax.jit(lambda s: old_draw_batch(tc, data, key, s))

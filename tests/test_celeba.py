@@ -255,23 +255,26 @@ def test_a_host_fed_member_sees_the_batches_an_on_device_member_would(folder):
         cfg = cfg_for(folder, "seeds=[0,1]", f"train.batches={json.dumps(batches)}")
         ms, sp = C.members(cfg), D.spec(cfg.data)
         d = celeba.load(cfg.data)
-        on_device = {"x_train": jnp.asarray(np.asarray(d["x_train"])), "c_train": jnp.asarray(d["y_train"])}
+        prompts = D.prompts(sp, D.params(cfg.data))
+        on_device = {"x_train": jnp.asarray(np.asarray(d["x_train"])), "c_train": prompts[jnp.asarray(d["y_train"])]}
+        draw = jax.jit(sweep.draw_batch, static_argnums=0)
         n = len(d["y_train"])
         got = feed_for(sp, ms)(3, 2 * -(-n // cfg.train.batch_size))  # across an epoch's end
         for i, m in enumerate(ms):
             key = sweep.member_keys(m.seeds[0])["train"]
             for j in range(got["x"].shape[1]):
-                x, y, n_valid = jax.jit(sweep.draw_batch, static_argnums=0)(cfg.train, on_device, key, jnp.int32(3 + j))
+                x, c, n_valid = draw(cfg.train, on_device, key, jnp.int32(3 + j))
                 np.testing.assert_array_equal(got["x"][i, j], x)
+                np.testing.assert_array_equal(got["c"][i, j], c)
                 assert got["n"][i, j] == (cfg.train.batch_size if n_valid is None else n_valid)
 
 
 @pytest.mark.parametrize("sets, says", [
     (['data.source="no_such_dataset"'], "data.source='no_such_dataset': no TFDS dataset of that name"),
-    (["data.data_dir=EMPTY"], "'celeb_a' is not prepared in EMPTY .* tfds build celeb_a --data_dir EMPTY "
-                              "--file_format array_record .*EMPTY/downloads/manual"),
-    (["data.data_dir=TFRECORD"], "'celeb_a' in TFRECORD/celeb_a/2.1.0 is prepared as tfrecord.* needs array_record.*"
-                                 "tfds build celeb_a --data_dir TFRECORD --file_format array_record"),
+    (["data.data_dir=EMPTY"], ("'celeb_a' is not prepared in EMPTY .* tfds build celeb_a --data_dir EMPTY "
+                               "--file_format array_record .*EMPTY/downloads/manual")),
+    (["data.data_dir=TFRECORD"], ("'celeb_a' in TFRECORD/celeb_a/2.1.0 is prepared as tfrecord.* needs array_record.*"
+                                  "tfds build celeb_a --data_dir TFRECORD --file_format array_record")),
 ])
 def test_missing_data_is_one_clear_message_and_exit_code_2(tmp_path, capsys, sets, says):
     empty = tmp_path / "empty"

@@ -131,7 +131,7 @@ def _features(tfds, builder, source: str):
 @functools.lru_cache(maxsize=4)
 def _index(source: str, data_dir: str) -> Index:
     cfg = _Source(source, data_dir)
-    tf, tfds = _import_tfds()
+    _, tfds = _import_tfds()
     root = tfds_root(cfg)
     try:
         builder = tfds.builder(source, data_dir=root)
