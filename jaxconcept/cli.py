@@ -218,10 +218,10 @@ def cmd_demo(args):
 
 def _known_errors() -> tuple:
     """Errors that are the user's to fix: reported in one line, exit code 2."""
-    from jaxconcept import probe, rundir, sweep
+    from jaxconcept import data, probe, rundir, sweep
     from jaxconcept.sd import SDError
 
-    return (CLIError, C.ConfigError, rundir.RunDirError, probe.ProbeError, sweep.RunError, SDError)
+    return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, sweep.RunError, SDError)
 
 
 def build_parser() -> argparse.ArgumentParser:

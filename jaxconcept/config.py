@@ -51,8 +51,8 @@ class DataConfig:
     cond_noise: float = 0.0  # std of the noise added to "observed" conditioning
     # --- celeba (attribute-labelled photographs: jaxconcept/data/celeba.py) ---
     attributes: tuple = ("Male", "Smiling")  # binary attributes, each a two-valued concept (0 absent, 1 present)
-    source: str = "celeb_a"  # a TFDS dataset name, or "folder" (images + a CelebA-style attribute table)
-    data_dir: str = ""  # TFDS data directory ("" = TFDS's default) or the folder for source="folder"
+    source: str = "celeb_a"  # a TFDS dataset name, prepared in the array_record format (data/celeba_source.py)
+    data_dir: str = ""  # TFDS data directory ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets)
     crop: int = 0  # centre-crop side in source pixels before resizing (0 = the largest centred square)
     augment: bool = True  # random horizontal flips and colour jitter on training batches, on device
     jitter: float = 0.1  # colour-jitter strength for brightness, contrast, saturation and hue

@@ -30,9 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import checkpoint, data as D, diffusion, nets, rundir
 from jaxconcept import config as C
+from jaxconcept.data.batches import batch_indices
 
 AXIS = "models"
-EPOCH_STREAM = 0x7FFFFFFF  # fold_in tag of the epoch-permutation stream (steps stay below 2**31)
 HEADROOM = 0.85  # "auto" plans for this share of the memory budget
 
 
@@ -59,6 +59,11 @@ def member_keys(seed: int) -> dict:
     return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "train", "sample", "elicit"))}
 
 
+def train_keys(members) -> np.ndarray:
+    """The train keys of member configs: [M, 2] uint32 (what a host feed orders batches by)."""
+    return np.stack([np.asarray(member_keys(int(m.seeds[0]))["train"]) for m in members])
+
+
 def init_member(cfg: C.Config, spec: D.DataSpec, net, seed) -> dict:
     """Train state of one member (seed may be traced)."""
     keys = member_keys(seed)
@@ -76,27 +81,17 @@ def eval_params(state: dict):
 
 
 def draw_batch(tc: C.TrainConfig, data: dict, key, step):
-    """The training batch of ``step`` from a member's on-device training set.
-
-    ``train.batches="epochs"`` (the reference): the set is reshuffled every epoch and read in
-    order without replacement; the last batch of an epoch is short, so it is padded and its real
-    size returned. "replacement": B independent uniform draws.
+    """The training batch of ``step`` from a member's on-device training set, in the order of
+    ``data.batches.batch_indices`` (``train.batches``: "epochs", each epoch reshuffled and read
+    without replacement, its short last batch padded; or "replacement"), the order a host-fed
+    member's feed follows too.
 
     Args:
       key: the member's train key; step: the global step (traced).
     Returns:
       (x [B, *x_shape], cond [B, cond_dim], n_valid: real rows (the first ones), or None = all B).
     """
-    n, b = data["x_train"].shape[0], tc.batch_size
-    if tc.batches == "replacement":
-        idx = jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, step), 1), (b,), 0, n)
-        n_valid = None
-    else:
-        per_epoch = -(-n // b)
-        epoch, start = step // per_epoch, (step % per_epoch) * b
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, EPOCH_STREAM), epoch), n)
-        idx = jnp.take(perm, (start + jnp.arange(b)) % n)  # rows past the epoch's end are padding
-        n_valid = jnp.minimum(b, n - start)
+    idx, n_valid = batch_indices(key, step, data["x_train"].shape[0], tc.batch_size, tc.batches)
     return data["x_train"][idx], data["c_train"][idx], n_valid
 
 
@@ -731,7 +726,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
     start = start or 0
     if lead:
         rundir.reconcile_metrics(run_dir, start)
-    feed = D.host_feed(sw.spec, sw.padded) if sw.host_fed else None
+    feed = D.host_feed(sw.spec, sw.padded, train_keys(sw.padded)) if sw.host_fed else None
 
     tc, total = cfg.train, cfg.train.steps
     evals = [s for s in C.eval_steps(cfg) if s > start or (s == 0 and start == 0)]

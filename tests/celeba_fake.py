@@ -5,9 +5,10 @@ painted in the attribute's colour when it is present and mid-grey when absent, o
 background. Horizontal flips leave the bands where they are, a small CNN tells the colours apart,
 and ``decode`` reads the attributes back from any image of the data (uint8, any size >= 8).
 
-``write_folder`` writes a folder dataset (PNG files, list_attr_celeba.txt, list_eval_partition.txt);
-``write_tfds_celeb_a`` writes a prepared TFDS ``celeb_a`` (the real builder's features and version,
-218x178 JPEGs) into a TFDS data directory, so the real TFDS reading path can run offline.
+``write_manual`` writes CelebA's own five files (img_align_celeba.zip of 218x178 JPEGs, the
+attribute, partition, landmark and identity tables) as the CelebA site ships them;
+``write_tfds_celeb_a`` puts them in a TFDS data directory's manual folder and prepares
+``celeb_a`` from them with TFDS's real builder, as ``tfds build celeb_a`` does offline.
 """
 from __future__ import annotations
 
@@ -52,52 +53,73 @@ def table(n: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([np.stack(first, 1), rest], axis=1)
 
 
-def write_folder(root, n: int = 400, seed: int = 0, size: int = 64) -> Path:
-    """A folder dataset of n images: {root}/img_align_celeba/NNNNNN.png, list_attr_celeba.txt with
-    ATTRS, list_eval_partition.txt (every fifth image in the test partition)."""
+def write_manual(folder, n: int = 400, seed: int = 0) -> Path:
+    """CelebA's files for n images in ``folder``: the ATTRS of ``table(n, seed)`` (the other
+    attributes random), image i (from 1) in the test partition when i % 5 == 0, validation when
+    i % 20 == 4, else training."""
+    import zipfile
+
     from PIL import Image
-
-    root = Path(root)
-    (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    attrs = table(n, seed)
-    names = [f"{i + 1:06d}.png" for i in range(n)]
-    for name, a in zip(names, attrs):
-        Image.fromarray(draw(a, rng, size, size)).save(root / "img_align_celeba" / name)
-    lines = [str(n), " ".join(ATTRS)] + [f"{name} " + " ".join("1" if v else "-1" for v in a)
-                                         for name, a in zip(names, attrs)]
-    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-    (root / "list_eval_partition.txt").write_text("\n".join(f"{name} {2 if i % 5 == 4 else 0}"
-                                                            for i, name in enumerate(names)) + "\n")
-    return root
-
-
-def write_tfds_celeb_a(data_dir, n_train: int = 96, n_test: int = 32, seed: int = 0) -> Path:
-    """A prepared TFDS ``celeb_a`` in ``data_dir`` (the installed builder's features and version),
-    generated here instead of downloaded: splits train / validation / test."""
-    import tensorflow_datasets as tfds
     from tensorflow_datasets.datasets.celeb_a import celeb_a_dataset_builder as real
 
-    class FakeCelebA(real.Builder, skip_registration=True):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    attrs = table(n, seed)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as z:
+        for name, a in zip(names, attrs):
+            with z.open(f"img_align_celeba/{name}", "w") as f:
+                Image.fromarray(draw(a, rng, 178, 218)).save(f, "JPEG", quality=95)
+    rows = []
+    for name, a in zip(names, attrs):
+        flags = dict(zip(real.ATTR_HEADINGS, rng.integers(0, 2, len(real.ATTR_HEADINGS))))
+        flags.update(zip(ATTRS, a))
+        rows.append(f"{name} " + " ".join("1" if flags[k] else "-1" for k in real.ATTR_HEADINGS))
+    tables = {
+        "list_attr_celeba.txt": [str(n), " ".join(real.ATTR_HEADINGS), *rows],
+        "list_eval_partition.txt": [f"{name} {2 if (i + 1) % 5 == 0 else 1 if (i + 1) % 20 == 4 else 0}"
+                                    for i, name in enumerate(names)],
+        "list_landmarks_align_celeba.txt": [str(n), " ".join(real.LANDMARK_HEADINGS),
+                                            *(f"{name} " + " ".join(["80"] * 10) for name in names)],
+        "identity_CelebA.txt": [f"{name} {i % 7}" for i, name in enumerate(names)],
+    }
+    for fname, lines in tables.items():
+        (folder / fname).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def write_tfds_celeb_a(data_dir, n: int = 400, seed: int = 0, file_format: str = "array_record") -> Path:
+    """A prepared TFDS ``celeb_a`` in ``data_dir``: ``write_manual``'s files in its manual folder
+    (downloads/manual), read by the installed celeb_a builder, which checks them against checksums
+    recorded here (the real ones are the real files')."""
+    import hashlib
+
+    import tensorflow_datasets as tfds
+    from etils import epath
+    from tensorflow_datasets.datasets.celeb_a import celeb_a_dataset_builder as real
+
+    data_dir = Path(data_dir)
+    manual = write_manual(data_dir / "downloads" / "manual", n, seed)
+    urls = {real.IMG_ALIGNED_DATA: "img_align_celeba.zip", real.EVAL_LIST: "list_eval_partition.txt",
+            real.ATTR_DATA: "list_attr_celeba.txt", real.LANDMARKS_DATA: "list_landmarks_align_celeba.txt",
+            real.IDENTITY_DATA: "identity_CelebA.txt"}
+    checksums = data_dir / "checksums.tsv"
+    checksums.write_text("".join(f"{url}\t{(manual / f).stat().st_size}\t"
+                                 f"{hashlib.sha256((manual / f).read_bytes()).hexdigest()}\t{f}\n"
+                                 for url, f in urls.items()))
+
+    class CelebA(real.Builder, skip_registration=True):
         name = "celeb_a"
 
         @classmethod
         def _get_pkg_dir_path(cls):
             return real.Builder._get_pkg_dir_path()
 
-        def _split_generators(self, dl_manager):
-            return [tfds.core.SplitGenerator(name=s, gen_kwargs={"n": k, "offset": o})
-                    for s, k, o in (("train", n_train, 0), ("validation", 8, n_train), ("test", n_test, n_train + 8))]
+        @tfds.core.utils.classproperty
+        @classmethod
+        def _checksums_path(cls):
+            return epath.Path(checksums)
 
-        def _generate_examples(self, n, offset):
-            rng = np.random.default_rng(seed + offset)
-            attrs = table(n, seed + offset)
-            for i in range(n):
-                flags = {k: bool(rng.integers(2)) for k in real.ATTR_HEADINGS}
-                flags.update({k: bool(v) for k, v in zip(ATTRS, attrs[i])})
-                yield offset + i, {"image": draw(attrs[i], rng, 178, 218),
-                                   "landmarks": {k: 0 for k in real.LANDMARK_HEADINGS},
-                                   "attributes": flags, "identity": {"Identity_No": 0}}
-
-    FakeCelebA(data_dir=str(data_dir)).download_and_prepare()
-    return Path(data_dir)
+    CelebA(data_dir=str(data_dir), file_format=file_format).download_and_prepare()
+    return data_dir

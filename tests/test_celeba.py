@@ -1,7 +1,8 @@
-"""CelebA-kind data (jaxconcept/data/celeba.py) on small generated datasets in CelebA's formats
+"""CelebA-kind data (jaxconcept/data/celeba.py, celeba_source.py, augment.py) on a small generated
+celeb_a in CelebA's own files, prepared by TFDS's real builder from its manual directory
 (tests/celeba_fake.py: each attribute a coloured band, readable back from any image): selection,
-balance, held-out combinations, the host feed, augmentation, the stacked engine, the attribute
-probe, analyze + elicit through the CLI, the TFDS path and the missing-data message."""
+balance, held-out combinations, the host feed and its batch order, augmentation, the stacked
+engine, the attribute probe, analyze + elicit through the CLI, and the missing-data messages."""
 import colorsys
 import json
 import os
@@ -17,23 +18,27 @@ from PIL import Image
 
 import celeba_fake as F
 from jaxconcept import cli, config as C, data as D, interventions as I, probe as P, rundir, sweep
-from jaxconcept.data import celeba
+from jaxconcept.data import augment, celeba, celeba_source
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A generated folder dataset; the data and probe caches in temporary directories."""
+    """A TFDS data directory with celeb_a prepared (array_record) from generated CelebA files in its
+    manual directory; the data and probe caches in temporary directories."""
     root = tmp_path_factory.mktemp("celeba")
     mp = pytest.MonkeyPatch()
     mp.setenv("JAXCONCEPT_DATA_CACHE", str(root / "cache"))
     mp.setenv("JAXCONCEPT_CACHE", str(root / "probes"))
-    yield F.write_folder(root / "faces")
+    yield F.write_tfds_celeb_a(root / "tfds")
     mp.undo()
 
 
 def cfg_for(folder, *sets) -> C.Config:
-    return C.override(C.preset("celeba_tiny"), ['data.source="folder"', f"data.data_dir={json.dumps(str(folder))}",
-                                                *sets])
+    return C.override(C.preset("celeba_tiny"), [f"data.data_dir={json.dumps(str(folder))}", *sets])
+
+
+def feed_for(spec, members):
+    return D.host_feed(spec, members, sweep.train_keys(members))
 
 
 def test_spec_prompts_and_a_sweep_over_attribute_pairs(folder):
@@ -75,7 +80,7 @@ def test_selection_is_balanced_holds_out_and_shows_the_chosen_attributes(folder)
         assert len(set(used.tolist())) == len(used) and not set(used.tolist()) & set(held_pos.tolist())
         assert set(probe["train"][1]) == set(probe["test"][1]) == {0, 1, 2, 3}  # the probe sees every combination
         assert (idx.partition[probe["test"][0]] == 2).all()  # tested on the test partition
-    with pytest.raises(celeba.DataError, match="'Smilling' not among the attributes.*allowed Male, Smiling"):
+    with pytest.raises(celeba.DataError, match="'Smilling' not among the attributes.*allowed 5_o_.*Male, .*Smiling"):
         celeba.load(cfg_for(folder, 'data.attributes=["Male","Smilling"]').data)
     with pytest.raises(celeba.DataError, match="data.n_per_class=500: the combination .* has only 100 images"):
         celeba.load(cfg_for(folder, "data.n_per_class=500").data)
@@ -84,9 +89,9 @@ def test_selection_is_balanced_holds_out_and_shows_the_chosen_attributes(folder)
 def test_crop_is_centred_and_resized():
     arr = np.random.default_rng(0).integers(0, 256, (50, 30, 3), dtype=np.uint8)  # 30 wide, 50 high
     img = Image.fromarray(arr)
-    np.testing.assert_array_equal(celeba.preprocess(img, 0, 30), arr[10:40])  # the largest centred square
-    np.testing.assert_array_equal(celeba.preprocess(img, 20, 20), arr[15:35, 5:25])
-    small = celeba.preprocess(img, 0, 10)
+    np.testing.assert_array_equal(celeba_source.preprocess(img, 0, 30), arr[10:40])  # the largest centred square
+    np.testing.assert_array_equal(celeba_source.preprocess(img, 20, 20), arr[15:35, 5:25])
+    small = celeba_source.preprocess(img, 0, 10)
     assert small.shape == (10, 10, 3) and small.dtype == np.uint8
     assert abs(small.astype(float).mean() - arr[10:40].astype(float).mean()) < 3
 
@@ -97,7 +102,7 @@ def test_feed_reads_epochs_without_replacement_resumes_and_never_shows_the_held_
     n, b = 3 * sp.n_train, cfg.train.batch_size
     per_epoch = -(-n // b)
     k = 2 * per_epoch + 3  # more than two epochs
-    out = D.host_feed(sp, ms)(0, k)
+    out = feed_for(sp, ms)(0, k)
     assert out["x"].shape == (2, k, b, 16, 16, 3) and out["x"].dtype == np.uint8
     assert out["c"].shape == (2, k, b, 4) and out["c"].dtype == np.float32 and out["n"].dtype == np.int32
     last = n - (per_epoch - 1) * b
@@ -113,7 +118,7 @@ def test_feed_reads_epochs_without_replacement_resumes_and_never_shows_the_held_
                                    for j in range(per_epoch)])
             assert sorted(r.tobytes() for r in rows) == sorted(r.tobytes() for r in x_train)
     assert not np.array_equal(out["x"][0, 0], out["x"][1, 0])  # members shuffle by their own seeds
-    again = D.host_feed(sp, ms)  # a resumed run sees the same batches, with or without prefetching
+    again = feed_for(sp, ms)  # a resumed run sees the same batches, with or without prefetching
     for step in (per_epoch + 1, per_epoch + 2, per_epoch + 3):
         got = again(step, 1)
         for key in ("x", "c", "n"):
@@ -123,7 +128,7 @@ def test_feed_reads_epochs_without_replacement_resumes_and_never_shows_the_held_
 def test_feed_and_held_back_sets_of_a_padded_sweep_and_batches_with_replacement(folder):
     sw = sweep.build(cfg_for(folder, "seeds=[0,1,2]"), jax.devices()[:2])  # 3 members padded to 4
     assert len(sw.padded) == 4
-    out = D.host_feed(sw.spec, sw.padded)(5, 2)
+    out = feed_for(sw.spec, sw.padded)(5, 2)
     assert out["x"].shape[:2] == (4, 2)
     for key in ("x", "c", "n"):  # the inert copy gets the last member's batches
         np.testing.assert_array_equal(out[key][3], out[key][2])
@@ -131,7 +136,7 @@ def test_feed_and_held_back_sets_of_a_padded_sweep_and_batches_with_replacement(
     assert held["x_val"].shape == (4, 3 * sw.spec.n_val, 16, 16, 3) and held["x_val"].dtype == np.uint8
     assert held["x_test"].shape == (4, sw.spec.n_test, 16, 16, 3)
     np.testing.assert_array_equal(held["c_test"], np.broadcast_to([1, 0, 0, 1], (4, 8, 4)))
-    rep = D.host_feed(sw.spec, C.members(cfg_for(folder, 'train.batches="replacement"')))(0, 20)
+    rep = feed_for(sw.spec, C.members(cfg_for(folder, 'train.batches="replacement"')))(0, 20)
     assert (rep["n"] == 8).all() and not (celeba.class_labels(F.decode(rep["x"])[..., :2]) == 1).any()
 
 
@@ -157,9 +162,9 @@ def test_train_view_converts_flips_and_jitters_on_device(folder):
     near = np.minimum(np.abs(j - plain).mean(axis=(1, 2, 3)), np.abs(j - plain[:, :, ::-1]).mean(axis=(1, 2, 3)))
     assert (near > 1e-3).all() and (near < 0.15).all()  # every image changed, none beyond mild jitter
     rgb = np.concatenate([np.random.default_rng(0).uniform(size=(300, 3)), np.eye(3), [[0.5, 0.5, 0.5], [0, 0, 0]]])
-    hsv = np.asarray(celeba._rgb_to_hsv(jnp.asarray(rgb, jnp.float32)))
+    hsv = np.asarray(augment.rgb_to_hsv(jnp.asarray(rgb, jnp.float32)))
     np.testing.assert_allclose(hsv, [colorsys.rgb_to_hsv(*p) for p in rgb], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(celeba._hsv_to_rgb(jnp.asarray(hsv))), rgb, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(augment.hsv_to_rgb(jnp.asarray(hsv))), rgb, atol=1e-5)
 
 
 def test_the_cache_is_reused_whole_and_keyed_by_what_changes_it(folder, monkeypatch):
@@ -229,10 +234,9 @@ def test_analyze_and_elicit_run_end_to_end_through_the_cli(run, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_celeb_a_is_read_through_tfds(tmp_path, monkeypatch):
+def test_celeb_a_is_read_through_tfds(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCONCEPT_DATA_CACHE", str(tmp_path / "cache"))
-    data_dir = F.write_tfds_celeb_a(tmp_path / "tfds")
-    cfg = C.override(C.preset("celeba_tiny"), [f"data.data_dir={json.dumps(str(data_dir))}", "data.n_per_class=12",
+    cfg = C.override(C.preset("celeba_tiny"), [f"data.data_dir={json.dumps(str(folder))}", "data.n_per_class=12",
                                                "data.n_test=4"])
     assert cfg.data.source == "celeb_a"
     d = celeba.load(cfg.data)
@@ -246,39 +250,67 @@ def test_celeb_a_is_read_through_tfds(tmp_path, monkeypatch):
     np.testing.assert_array_equal(celeba.class_labels(F.decode(probe["x_test"])[:, :2]), probe["y_test"])
 
 
+def test_a_host_fed_member_sees_the_batches_an_on_device_member_would(folder):
+    for batches in ("epochs", "replacement"):
+        cfg = cfg_for(folder, "seeds=[0,1]", f"train.batches={json.dumps(batches)}")
+        ms, sp = C.members(cfg), D.spec(cfg.data)
+        d = celeba.load(cfg.data)
+        prompts = D.prompts(sp, D.params(cfg.data))
+        on_device = {"x_train": jnp.asarray(np.asarray(d["x_train"])), "c_train": prompts[jnp.asarray(d["y_train"])]}
+        draw = jax.jit(sweep.draw_batch, static_argnums=0)
+        n = len(d["y_train"])
+        got = feed_for(sp, ms)(3, 2 * -(-n // cfg.train.batch_size))  # across an epoch's end
+        for i, m in enumerate(ms):
+            key = sweep.member_keys(m.seeds[0])["train"]
+            for j in range(got["x"].shape[1]):
+                x, c, n_valid = draw(cfg.train, on_device, key, jnp.int32(3 + j))
+                np.testing.assert_array_equal(got["x"][i, j], x)
+                np.testing.assert_array_equal(got["c"][i, j], c)
+                assert got["n"][i, j] == (cfg.train.batch_size if n_valid is None else n_valid)
+
+
 @pytest.mark.parametrize("sets, says", [
-    (['data.source="folder"'], "needs data.data_dir"),
-    (['data.source="folder"', "data.data_dir=EMPTY"], "no list_attr_celeba.txt in EMPTY"),
-    (["data.data_dir=EMPTY"], "'celeb_a' is not prepared in EMPTY .* tfds build celeb_a --data_dir EMPTY"),
+    (['data.source="no_such_dataset"'], "data.source='no_such_dataset': no TFDS dataset of that name"),
+    (["data.data_dir=EMPTY"], ("'celeb_a' is not prepared in EMPTY .* tfds build celeb_a --data_dir EMPTY "
+                               "--file_format array_record .*EMPTY/downloads/manual")),
+    (["data.data_dir=TFRECORD"], ("'celeb_a' in TFRECORD/celeb_a/2.1.0 is prepared as tfrecord.* needs array_record.*"
+                                  "tfds build celeb_a --data_dir TFRECORD --file_format array_record")),
 ])
 def test_missing_data_is_one_clear_message_and_exit_code_2(tmp_path, capsys, sets, says):
     empty = tmp_path / "empty"
     empty.mkdir()
-    sets = [s.replace("EMPTY", json.dumps(str(empty))) for s in sets]
+    tfrecord = F.write_tfds_celeb_a(tmp_path / "tfrecord", n=20, file_format="tfrecord") \
+        if "TFRECORD" in sets[0] else None
+    for name, path in (("EMPTY", empty), ("TFRECORD", tfrecord)):
+        sets = [s.replace(name, json.dumps(str(path))) for s in sets]
+        says = says.replace(name, re.escape(str(path)))
     args = ["train", "--preset", "celeba_tiny", "--out", str(tmp_path / "run"), "--no-progress"]
+    capsys.readouterr()
     assert cli.main(args + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1
-    assert err.startswith("jaxconcept train: ") and re.search(says.replace("EMPTY", str(empty)), err)
+    assert err.startswith("jaxconcept train: ") and re.search(says, err)
 
 
-def test_the_folder_source_needs_no_tensorflow(folder, tmp_path):
-    """The core library and the folder source import and run with TensorFlow and TFDS unimportable;
-    a TFDS source then says how to install them."""
+def test_the_core_library_and_a_prepared_cache_need_no_tensorflow(folder):
+    """The core library imports, and a data config whose images are cached loads, with TensorFlow and
+    TFDS unimportable; an uncached TFDS source then says how to install them."""
+    cfg = cfg_for(folder)
+    celeba.load(cfg.data)  # cached now
     code = f"""
 import sys
 sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # as if not installed
 import numpy as np
 from jaxconcept import cli, config as C, sweep, probe
 from jaxconcept.data import celeba
-cfg = C.override(C.preset("celeba_tiny"), ['data.source="folder"', 'data.data_dir={json.dumps(str(folder))}'])
+cfg = C.override(C.preset("celeba_tiny"), ['data.data_dir={json.dumps(str(folder))}'])
 assert celeba.load(cfg.data)["x_train"].shape == (114, 16, 16, 3)
 try:
-    celeba.load(C.preset("celeba_tiny").data)
+    celeba.load(C.override(cfg, ["data.n_per_class=30"]).data)
 except celeba.DataError as exc:
     print(exc)
 """
-    env = {**os.environ, "JAXCONCEPT_DATA_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'jaxconcept[celeba]'" in out.stdout and "cannot be imported" in out.stdout

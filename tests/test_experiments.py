@@ -34,17 +34,22 @@ def test_there_are_experiments():
     assert {"colour_sweep", "size_sweep", "grid", "cfg", "2x2x2", "hidden_capabilities"} <= names
 
 
+@pytest.fixture(scope="module")
+def celeb_a(tmp_path_factory):
+    """No CelebA here: a generated celeb_a in its files and attributes, prepared by TFDS's builder."""
+    from celeba_fake import write_tfds_celeb_a
+
+    return write_tfds_celeb_a(tmp_path_factory.mktemp("tfds"), n=200)
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_experiment_validates_and_runs(path, tmp_path, monkeypatch):
+def test_experiment_validates_and_runs(path, tmp_path, monkeypatch, request):
     full = C.load(path)
     assert len(C.members(full)) >= 1 and C.eval_steps(full)
     cfg = shrunk(full)
-    if cfg.data.kind == "celeba":  # no CelebA here: a generated dataset in its format, with the same attributes
-        from celeba_fake import write_folder
-
+    if cfg.data.kind == "celeba":  # a generated celeb_a with the same attributes
         monkeypatch.setenv("JAXCONCEPT_DATA_CACHE", str(tmp_path / "cache"))
-        faces = write_folder(tmp_path / "faces", n=200)
-        cfg = C.override(cfg, ['data.source="folder"', f"data.data_dir={json.dumps(str(faces))}"])
+        cfg = C.override(cfg, [f"data.data_dir={json.dumps(str(request.getfixturevalue('celeb_a')))}"])
     sw, state = sweep.train(cfg, tmp_path / "run", progress=False)
     s = rundir.load_samples(tmp_path / "run", 2)["samples"]
     assert s.shape[:3] == (sw.size, sw.spec.n_classes, 1) and np.isfinite(s).all()

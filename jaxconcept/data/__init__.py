@@ -16,6 +16,9 @@ Interface (dispatching on ``spec.kind``):
     train_view(spec, x, key) -> x as the network sees a training batch (augmentation, if any)
     null_cond(spec) -> cond [cond_dim], the classifier-free-guidance "no conditioning" vector
     concept_signal(cfg, key, n) -> dict concept -> sigma_i = E||dG/dz_i||
+Host-fed kinds (``HOST_FED``) add host_dtype, host_feed and host_eval_data; the order of training
+batches, on the device or from the host, is ``batches.batch_indices``. Errors in the data a
+config names (missing, unreadable, too small) raise ``DataError``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+
+class DataError(ValueError):
+    """The dataset is missing, unreadable or too small for the config: the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -158,11 +165,12 @@ def host_dtype(spec: DataSpec):
     return _mod(spec.kind).host_dtype(spec)
 
 
-def host_feed(spec: DataSpec, members):
+def host_feed(spec: DataSpec, members, keys):
     """For host-fed kinds: ``feed(step, k) -> {x [M, k, B, ...], c [M, k, B, cond_dim], n [M, k]}``
     (numpy), the training batches of steps step .. step+k-1 of every member, a pure function of
-    (member, step) so that a resumed run sees the same batches."""
-    return _mod(spec.kind).host_feed(spec, members)
+    (member, step) so that a resumed run sees the same batches: those ``batches.batch_indices``
+    picks with the members' train keys ``keys`` [M, 2] uint32, as an on-device member's."""
+    return _mod(spec.kind).host_feed(spec, members, keys)
 
 
 def host_eval_data(spec: DataSpec, members) -> dict:
