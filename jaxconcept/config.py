@@ -86,6 +86,7 @@ class ModelConfig:
     data_noise: float = 0.001  # std of the reconstruction likelihood
     init_scale: float = 1.0  # multiplies every initial weight (ablation)
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    conv: str = "auto"  # convolutions: "xla" | "explicit" (canonical convs and matmuls) | "auto" (explicit on CPU)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ _CHOICES = {
     "model.arch": ("unet", "mlp"),
     "model.conditioning": ("sep_mlp", "common_linear", "common_zerolinear"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.conv": ("auto", "xla", "explicit"),
     "train.strategy": ("auto", "vmap", "map", "unroll"),
     "train.batches": ("epochs", "replacement"),
     "eval.sampler_output": ("z0", "mean"),

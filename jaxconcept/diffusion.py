@@ -165,9 +165,12 @@ def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=Non
 
 
 def python_loop(model_cfg) -> bool:
-    """Whether loops over network calls are traced Python loops instead of lax.scan: yes for conv
-    nets on CPU, where XLA runs convolutions nested in a loop 10-20x slower (jax-ml/jax#12868)."""
-    return jax.default_backend() == "cpu" and model_cfg.arch == "unet"
+    """Whether loops over network calls are traced Python loops instead of lax.scan: yes when the
+    network is slow inside XLA loops (``nets.loop_safe``: a U-Net with ``model.conv="xla"`` on CPU,
+    whose convolution gradients XLA:CPU runs 10-170x slower inside a loop, jax-ml/jax#12868)."""
+    from jaxconcept import nets
+
+    return not nets.loop_safe(model_cfg)
 
 
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxconcept.nets import conv as convs
+
 zeros = nn.initializers.zeros
 
 
@@ -47,20 +49,20 @@ def dense(features: int, fan_in: int, *, name: str, dtype, zero: bool = False) -
     return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype, name=name)
 
 
-def conv(features: int, in_ch: int, k: int, *, name: str, dtype, stride: int = 1, zero: bool = False) -> nn.Conv:
+def conv(features: int, in_ch: int, k: int, *, name: str, dtype, stride: int = 1, zero: bool = False,
+         impl: str = "xla") -> nn.Module:
     """A k x k convolution with PyTorch's default init (fan_in = in_ch k^2); 'SAME' padding when
-    stride is 1 (the reference pads k // 2), 'VALID' for the strided downsampling conv."""
+    stride is 1 (the reference pads k // 2), 'VALID' for the strided downsampling conv.
+    ``impl``: the formulation, "xla" or "explicit" (``jaxconcept.nets.conv``)."""
     init = zeros if zero else torch_uniform(in_ch * k * k)
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding="SAME" if stride == 1 else "VALID",
-                   kernel_init=init, bias_init=init, dtype=dtype, name=name)
+    return convs.make(impl, features, k, stride=stride, transpose=False, init=init, name=name, dtype=dtype)
 
 
-def conv_transpose(features: int, k: int, *, name: str, dtype) -> nn.ConvTranspose:
+def conv_transpose(features: int, k: int, *, name: str, dtype, impl: str = "xla") -> nn.Module:
     """A stride-k k x k transposed convolution (upsampling). PyTorch computes a transposed conv's
     fan_in from its *output* channels (its weight is [in, out, k, k]), and so do we."""
-    init = torch_uniform(features * k * k)
-    return nn.ConvTranspose(features, (k, k), strides=(k, k), padding="VALID", kernel_init=init, bias_init=init,
-                            dtype=dtype, name=name)
+    return convs.make(impl, features, k, stride=k, transpose=True, init=torch_uniform(features * k * k), name=name,
+                  dtype=dtype)
 
 
 def sinusoidal(t, dim: int, scale: float = 1000.0):
