@@ -7,11 +7,13 @@ larger). The reference's learning dynamics are what we reproduce, so we use its 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxconcept.nets import conv as convs
 
@@ -21,6 +23,88 @@ zeros = nn.initializers.zeros
 def gelu(x):
     """Exact (erf) GELU, PyTorch's ``nn.GELU()`` default; Flax's default is the tanh approximation."""
     return nn.gelu(x, approximate=False)
+
+
+def _gn_stats(x, groups: int, eps: float):
+    """Per-example, per-group mean and 1/sqrt(var + eps) of x [B, H, W, C] in float32 ([B, G] each),
+    with var = E[x^2] - E[x]^2 clipped at 0 (Flax's GroupNorm, ``use_fast_variance``)."""
+    b, h, w, c = x.shape
+    x = x.astype(jnp.float32)
+    n = h * w * (c // groups)
+    s1 = jnp.sum(x, axis=(1, 2)).reshape(b, groups, c // groups).sum(-1)  # channel sums first: one pass
+    s2 = jnp.sum(x * x, axis=(1, 2)).reshape(b, groups, c // groups).sum(-1)
+    mean = s1 / n
+    return mean, lax.rsqrt(jnp.maximum(s2 / n - mean * mean, 0.0) + eps)
+
+
+def _per_channel(v, c: int):
+    """[B, G] -> [B, 1, 1, C]: each group's value for each of its channels."""
+    return jnp.repeat(v, c // v.shape[1], axis=1)[:, None, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_gelu(x, scale, bias, groups: int, eps: float):
+    """GELU(GroupNorm(x)) in float32 with a hand-written gradient: x [B, H, W, C], scale and bias
+    [C] -> [B, H, W, C].
+
+    y = (x - mean) r scale + bias, r = 1/sqrt(var + eps) per example and group (Wu & He 2018, as
+    Flax's ``GroupNorm``), z = GELU(y) (exact, erf). The gradient (x_hat = (x - mean) r,
+    g = dz GELU'(y) scale): dx = r (g - mean_grp(g) - x_hat mean_grp(g x_hat)), dscale =
+    sum dz GELU'(y) x_hat, dbias = sum dz GELU'(y), in two passes over x and dz where autodiff of
+    the composition made about a dozen (2x faster at 32x32x64 on the development CPU).
+    """
+    return _group_norm_gelu_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_gelu_fwd(x, scale, bias, groups, eps):
+    mean, r = _gn_stats(x, groups, eps)
+    c = x.shape[-1]
+    y = (x - _per_channel(mean, c)) * (_per_channel(r, c) * scale[None, None, None]) + bias[None, None, None]
+    return gelu(y), (x, scale, bias, mean, r)
+
+
+def _group_norm_gelu_bwd(groups, eps, res, dz):
+    x, scale, bias, mean, r = res
+    b, h, w, c = x.shape
+    rc = _per_channel(r, c)
+    x_hat = (x - _per_channel(mean, c)) * rc
+    scale, bias = scale[None, None, None], bias[None, None, None]  # [1, 1, 1, C]
+    y = x_hat * scale + bias
+    # GELU'(y) = Phi(y) + y phi(y)
+    dy = dz * (0.5 * (1.0 + lax.erf(y * (1 / math.sqrt(2)))) + y * jnp.exp(-0.5 * y * y) / math.sqrt(2 * math.pi))
+    s_dy, s_dy_xhat = jnp.sum(dy, axis=(1, 2)), jnp.sum(dy * x_hat, axis=(1, 2))  # [B, C] each
+    n = h * w * (c // groups)
+    m1 = (s_dy * scale[0, 0]).reshape(b, groups, c // groups).sum(-1) / n  # mean_grp(g) [B, G]
+    m2 = (s_dy_xhat * scale[0, 0]).reshape(b, groups, c // groups).sum(-1) / n  # mean_grp(g x_hat)
+    dx = rc * (dy * scale - _per_channel(m1, c) - x_hat * _per_channel(m2, c))
+    return dx.astype(x.dtype), jnp.sum(s_dy_xhat, 0), jnp.sum(s_dy, 0)
+
+
+group_norm_gelu.defvjp(_group_norm_gelu_fwd, _group_norm_gelu_bwd)
+
+
+class GroupNormGELU(nn.Module):
+    """GELU(GroupNorm(x)) through ``group_norm_gelu``, with ``nn.GroupNorm``'s parameters
+    (``scale`` ones and ``bias`` zeros, [C] float32); the output in ``dtype``."""
+
+    groups: int
+    epsilon: float
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        return group_norm_gelu(x, scale, bias, self.groups, self.epsilon).astype(self.dtype)
+
+
+def norm_gelu(x, groups: int, eps: float, *, name: str, dtype, impl: str = "xla"):
+    """GELU(GroupNorm(x)) as a submodule ``name`` of the calling module: Flax's ``GroupNorm`` then
+    ``gelu`` ("xla"), or the fused ``GroupNormGELU`` ("explicit", the CPU formulation); the same
+    parameters either way."""
+    if impl == "explicit":
+        return GroupNormGELU(groups, eps, dtype, name=name)(x)
+    return gelu(nn.GroupNorm(groups, epsilon=eps, dtype=dtype, name=name)(x))
 
 
 class Tap(nn.Module):

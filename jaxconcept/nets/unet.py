@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, gelu
+from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, norm_gelu
 
 EPS = 1e-6  # GroupNorm epsilon
 
@@ -30,7 +30,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, cemb, train: bool):
         b, hh, ww, c_in = x.shape  # [B, H, W, C_in]
-        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_0")(x))
+        h = norm_gelu(x, self.groups, EPS, dtype=self.dtype, impl=self.conv_impl, name="norm_0")
         h = conv(self.ch, c_in, 3, dtype=self.dtype, impl=self.conv_impl, name="conv_0")(h)  # [B, H, W, ch]
         if self.conditioning == "sep_mlp":
             pt = CondMLP(self.ch, self.dtype, name="emb_t")(temb)
@@ -41,7 +41,7 @@ class ResBlock(nn.Module):
             pc = dense(self.ch, cemb.shape[-1], zero=zero, dtype=self.dtype, name="emb_c")(cemb)
         pt, pc = Tap(name="cond_t")(pt), Tap(name="cond_c")(pc)  # [B, ch] each
         h = h + pt[:, None, None, :] + pc[:, None, None, :]
-        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_1")(h))
+        h = norm_gelu(h, self.groups, EPS, dtype=self.dtype, impl=self.conv_impl, name="norm_1")
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.ch, self.ch, 3, zero=True, dtype=self.dtype, impl=self.conv_impl, name="conv_1")(h)
         if c_in != self.ch:
@@ -140,6 +140,6 @@ class UNet(nn.Module):
                 h = conv_transpose(widths[i - 1], 2, name=f"up_{i}_upsample", **cv)(h)
                 h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H/2^(i-1), W/2^(i-1), 2 w_{i-1}]
         assert not skips and h.shape == (b, hh, ww, widths[0]), h.shape
-        h = gelu(nn.GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype, name="norm_out")(h))
+        h = norm_gelu(h, self.norm_groups, EPS, name="norm_out", **cv)
         out = conv(c_in, widths[0], 3, zero=True, name="conv_out", **cv)(h)
         return (x + out.astype(jnp.float32)).astype(jnp.float32)  # [B, H, W, 3]
