@@ -176,7 +176,7 @@ def python_loop(model_cfg) -> bool:
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,
            output: str = "z0"):
     """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan
-    (a traced Python loop for conv nets on CPU, see ``python_loop``).
+    (a traced Python loop for networks slow inside loops, see ``python_loop``).
 
     z_1 ~ N(0, I); for t -> s: z_s = alpha_s/alpha_t (z_t - c sigma_t eps_hat) + sigma_s sqrt(c) n,
     c = -expm1(gamma_s - gamma_t). Deterministic given ``key``.

@@ -6,9 +6,9 @@ member `train_step` over the model axis (`vmap`; or `lax.map` in chunks of vmapp
 one traced copy per member: `train.strategy`, chosen by memory when "auto"). The model axis is
 split over the devices (and hosts) with `shard_map` on a 1-D mesh named "models"; a member count
 that does not divide the device count is padded with inert copies of the last member (trained,
-never written). Conv nets on CPU take one step per call without scan (XLA:CPU's slow path for
-convolutions in loops). A single run is a sweep of one. This is the only module that knows about
-the model axis.
+never written). A U-Net with XLA's own convolutions on CPU (model.conv="xla") takes one step per
+call without scan (XLA:CPU's slow path for convolution gradients in loops). A single run is a
+sweep of one. This is the only module that knows about the model axis.
 
     state = {"params", "opt", "step", "key", "alive"[, "ema"]}  # each leaf: [M, ...]
     data  = dict(x_train, c_train, y_train, x_val, c_val, y_val, x_test, c_test, y_test)  # [M, N, ...]
@@ -401,7 +401,7 @@ def plan(sw: Sweep) -> tuple[str, int, str]:
     Returns (strategy, chunk, reason).
     """
     per_dev = len(sw.padded) // sw.mesh.size
-    first = "unroll" if diffusion.python_loop(sw.cfg.model) else "vmap"
+    first = "unroll" if jax.default_backend() == "cpu" and sw.cfg.model.arch == "unet" else "vmap"
     if per_dev == 1:
         return first, 1, "one member per device: nothing to chunk"
     budget, source = memory_budget(sw.cfg)
