@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, data as D, diffusion, nets
-from jaxconcept.nets import conv as convs
+from jaxconcept.nets import conv as convs, layers
 
 TOL = 2e-5  # relative to the largest magnitude: float32 with different summation orders
 
@@ -66,6 +66,15 @@ def test_explicit_gradients_inside_scan_equal_top_level():
     _close(gs, gt, 1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1,), (5,), (2, 7, 3), (64, 16, 16, 16)])
+def test_dropout_masks_are_jax_random_bernoulli_bit_for_bit(shape):
+    key = jax.random.fold_in(jax.random.PRNGKey(3), len(shape))
+    np.testing.assert_array_equal(layers.threefry_bits(key, shape), jax.random.bits(key, shape))
+    np.testing.assert_array_equal(layers.bernoulli(key, 0.9, shape), jax.random.bernoulli(key, 0.9, shape))
+    typed = jax.random.key(7)
+    np.testing.assert_array_equal(layers.threefry_bits(typed, shape), jax.random.bits(typed, shape))
+
+
 def test_resolve_and_errors():
     assert convs.resolve("auto", "cpu") == "explicit" and convs.resolve("auto", "gpu") == "xla"
     assert convs.resolve("xla", "cpu") == "xla" and convs.resolve("explicit", "tpu") == "explicit"
@@ -75,11 +84,12 @@ def test_resolve_and_errors():
 
 
 def test_unet_explicit_equals_xla():
-    """The tiny U-Net (every kind of conv, attention's 1x1s) built both ways: the same parameter
-    tree from the same key, and eps_hat and the loss's gradients equal to float32 rounding."""
+    """The tiny U-Net (every kind of conv, attention's 1x1s, GroupNorm+GELU, dropout) built both
+    ways: the same parameter tree from the same key, and eps_hat (in training mode: the same
+    dropout masks) and the loss's gradients equal to float32 rounding."""
     out = {}
     for impl in ("xla", "explicit"):
-        cfg = C.override(C.preset("tiny"), [f'model.conv="{impl}"', "model.dropout=0.0"])
+        cfg = C.override(C.preset("tiny"), [f'model.conv="{impl}"', "model.dropout=0.3"])
         spec = D.spec(cfg.data)
         net = nets.build(cfg.model, spec)
         params = diffusion.init_params(net, cfg.model, spec, jax.random.PRNGKey(0))
@@ -89,7 +99,7 @@ def test_unet_explicit_equals_xla():
         cond = jax.random.uniform(jax.random.PRNGKey(2), (4, spec.cond_dim))
         apply_fn = diffusion.make_apply(net)
         loss = lambda p: diffusion.loss_fn(apply_fn, cfg.model, p, x, cond, jax.random.PRNGKey(3))[0]  # noqa: E731
-        eps = apply_fn(params["net"], x, jnp.full((4,), 0.3), cond, False, jax.random.PRNGKey(0))
+        eps = apply_fn(params["net"], x, jnp.full((4,), 0.3), cond, True, jax.random.PRNGKey(4))
         out[impl] = (params, eps, jax.grad(loss)(params))
     (p0, e0, g0), (p1, e1, g1) = out["xla"], out["explicit"]
     assert jax.tree.structure(p0) == jax.tree.structure(p1)

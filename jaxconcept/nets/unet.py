@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, norm_gelu
+from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, dropout, norm_gelu
 
 EPS = 1e-6  # GroupNorm epsilon
 
@@ -42,7 +42,7 @@ class ResBlock(nn.Module):
         pt, pc = Tap(name="cond_t")(pt), Tap(name="cond_c")(pc)  # [B, ch] each
         h = h + pt[:, None, None, :] + pc[:, None, None, :]
         h = norm_gelu(h, self.groups, EPS, dtype=self.dtype, impl=self.conv_impl, name="norm_1")
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = dropout(h, self.dropout, not train, self.conv_impl)
         h = conv(self.ch, self.ch, 3, zero=True, dtype=self.dtype, impl=self.conv_impl, name="conv_1")(h)
         if c_in != self.ch:
             x = conv(self.ch, c_in, 1, dtype=self.dtype, impl=self.conv_impl, name="skip")(x)
