@@ -204,7 +204,7 @@ def measure_train(cfg, devices, state, data, min_time: float, clock: Clock) -> d
     compiled = None
     t = time.perf_counter()
     try:  # compile ahead of time to read XLA's memory analysis; the call below reuses it
-        compiled = sw.fns[1].lower(state, data, None, jnp.asarray(k, jnp.int32)).compile()
+        compiled = sw.fns[1](k).lower(state, data, None).compile()
     except Exception as exc:  # noqa: BLE001 - an engine whose advance has another signature
         out["aot_note"] = f"ahead-of-time compile unavailable ({type(exc).__name__}); compile_s from the first call"
     aot_s = time.perf_counter() - t

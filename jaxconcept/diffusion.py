@@ -165,15 +165,18 @@ def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=Non
 
 
 def python_loop(model_cfg) -> bool:
-    """Whether loops over network calls are traced Python loops instead of lax.scan: yes for conv
-    nets on CPU, where XLA runs convolutions nested in a loop 10-20x slower (jax-ml/jax#12868)."""
-    return jax.default_backend() == "cpu" and model_cfg.arch == "unet"
+    """Whether loops over network calls are traced Python loops instead of lax.scan: yes when the
+    network is slow inside XLA loops (``nets.loop_safe``: a U-Net with ``model.conv="xla"`` on CPU,
+    whose convolution gradients XLA:CPU runs 10-170x slower inside a loop, jax-ml/jax#12868)."""
+    from jaxconcept import nets
+
+    return not nets.loop_safe(model_cfg)
 
 
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,
            output: str = "z0"):
     """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan
-    (a traced Python loop for conv nets on CPU, see ``python_loop``).
+    (a traced Python loop for networks slow inside loops, see ``python_loop``).
 
     z_1 ~ N(0, I); for t -> s: z_s = alpha_s/alpha_t (z_t - c sigma_t eps_hat) + sigma_s sqrt(c) n,
     c = -expm1(gamma_s - gamma_t). Deterministic given ``key``.

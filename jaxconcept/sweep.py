@@ -6,9 +6,9 @@ member `train_step` over the model axis (`vmap`; or `lax.map` in chunks of vmapp
 one traced copy per member: `train.strategy`, chosen by memory when "auto"). The model axis is
 split over the devices (and hosts) with `shard_map` on a 1-D mesh named "models"; a member count
 that does not divide the device count is padded with inert copies of the last member (trained,
-never written). Conv nets on CPU take one step per call without scan (XLA:CPU's slow path for
-convolutions in loops). A single run is a sweep of one. This is the only module that knows about
-the model axis.
+never written). A U-Net with XLA's own convolutions on CPU (model.conv="xla") takes one step per
+call without scan (XLA:CPU's slow path for convolution gradients in loops). A single run is a
+sweep of one. This is the only module that knows about the model axis.
 
     state = {"params", "opt", "step", "key", "alive"[, "ema"]}  # each leaf: [M, ...]
     data  = dict(x_train, c_train, y_train, x_val, c_val, y_val, x_test, c_test, y_test)  # [M, N, ...]
@@ -289,15 +289,15 @@ def seeds_array(sw: Sweep, members=None):
 
 
 def steps_per_call(cfg: C.Config) -> int:
-    """K: train.steps_per_call, or 1 for conv nets on CPU, which must not step inside a scan (and
-    whose steps are long enough that one call per step costs nothing)."""
+    """K: train.steps_per_call, or 1 for networks that must not step inside a scan (a U-Net with
+    model.conv="xla" on CPU, ``diffusion.python_loop``; its steps are long enough that one call per
+    step costs nothing)."""
     return 1 if diffusion.python_loop(cfg.model) else cfg.train.steps_per_call
 
 
 def _local_fns(sw: Sweep):
     """The per-device (unsharded, unjitted) init, advance and evaluate of a sweep."""
     cfg, spec, apply_fn = sw.cfg, sw.spec, sw.apply_fn
-    K = steps_per_call(cfg)
 
     def init_local(seeds, dparams):
         def one(seed, dp):
@@ -305,28 +305,27 @@ def _local_fns(sw: Sweep):
             return init_member(cfg, spec, sw.net, seed), data
         return sw._map(one, seeds, dparams)
 
-    def advance_local(state, data, batches, n):
-        # K scan steps; steps i >= n are skipped (n is not batched, so lax.cond stays a branch):
-        # one compiled function serves every distance to the next evaluation point. XLA:CPU runs
-        # convolutions nested in a loop or conditional 10-20x slower than at top level (even in a
-        # fully unrolled scan; jax-ml/jax#12868), so conv nets on CPU take K = 1 plain step.
-        # batches: None, or host-fed {x, c, n} with leaves [M, K, ...].
+    def advance_local(state, data, batches, n: int):
+        # n (static) steps: one plain step, or a lax.scan of n with no conditional in its body (on
+        # XLA:GPU a lax.cond copies its predicate to the host every step); ``advance`` compiles this
+        # for K = steps_per_call and for 1 and runs a remainder as single steps. Networks slow
+        # inside loops (diffusion.python_loop) have K = 1.
+        # batches: None, or host-fed {x, c, n} with leaves [M, n, ...].
         def run(s, b):
             step = functools.partial(train_step, cfg, spec, apply_fn)
             if b is None:
                 return sw._map(step, s, data)
             return sw._map(step, s, data, b)
 
-        if diffusion.python_loop(cfg.model):  # K == 1 == n
+        if n == 1:
             return run(state, None if batches is None else jax.tree.map(lambda a: a[:, 0], batches))
 
-        def body(st, i):
+        def body(st, i):  # the barriers keep XLA from fusing across steps: a scanned step is
+            # bit for bit the one-step program (without them a scalar's AdamW moment moved an ulp)
             b = None if batches is None else jax.tree.map(lambda a: a[:, i], batches)
-            return jax.lax.cond(i < n, lambda s: run(s, b), lambda s: (s, jnp.zeros(s["step"].shape, jnp.float32)), st)
-        state, losses = jax.lax.scan(body, state, jnp.arange(K), unroll=cfg.train.scan_unroll or 1)
-        w = (jnp.arange(K) < n)[:, None]  # losses [K, m]
-        mean = jnp.sum(jnp.where(w, losses, 0.0), 0) / jnp.maximum(n, 1)
-        return state, mean
+            return jax.lax.optimization_barrier(run(jax.lax.optimization_barrier(st), b))
+        state, losses = jax.lax.scan(body, state, jnp.arange(n), unroll=cfg.train.scan_unroll or 1)
+        return state, jnp.sum(losses, 0) / n  # losses [n, m]
 
     def evaluate_local(state, data, prompts, seeds, step):
         # prompts [m, n_classes, n_samples, cond_dim] -> samples [m, n_classes, n_samples, *x_shape]
@@ -350,7 +349,8 @@ def _compile(sw: Sweep):
     init_local, advance_local, evaluate_local = _local_fns(sw)
     sh = sw.sharding()
     init = jax.jit(sw._sharded(init_local, 2), out_shardings=sh)
-    advance = jax.jit(sw._sharded(advance_local, 3), donate_argnums=0)
+    advance = functools.cache(lambda n: jax.jit(sw._sharded(functools.partial(advance_local, n=n), 3),
+                                                 donate_argnums=0))  # n -> the program of n steps
     evaluate = jax.jit(sw._sharded(evaluate_local, 4))
     return init, advance, evaluate
 
@@ -409,7 +409,7 @@ def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
 
 
 def _abstract_inputs(sw: Sweep):
-    """ShapeDtypeStructs (with their shardings) of ``advance``'s arguments for a K-step call, as
+    """ShapeDtypeStructs (with their shardings) of the K-step program's arguments, as
     ``init`` and ``advance`` make them: lowering the sweep's own jitted advance with these
     compiles the very program the first real call runs (the compile is then reused)."""
     m, sh = len(sw.padded), sw.sharding()
@@ -420,15 +420,14 @@ def _abstract_inputs(sw: Sweep):
     if sw.host_fed:
         data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sw.host_eval.items()}
     put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
-    return (jax.tree.map(put, state), jax.tree.map(put, data), jax.tree.map(put, _abstract_batches(sw, m)),
-            jax.ShapeDtypeStruct((), jnp.int32))
+    return jax.tree.map(put, state), jax.tree.map(put, data), jax.tree.map(put, _abstract_batches(sw, m))
 
 
 def _memory(sw: Sweep) -> tuple[float, float]:
     """(peak bytes, bytes that do not shrink with chunking: arguments + outputs - donated) one
     device needs for ``advance`` of a sweep with a concrete strategy, from XLA's memory analysis of
     its compiled program (compiled from shapes alone; the sweep's later calls reuse it)."""
-    m = sw.fns[1].lower(*_abstract_inputs(sw)).compile().memory_analysis()
+    m = sw.fns[1](steps_per_call(sw.cfg)).lower(*_abstract_inputs(sw)).compile().memory_analysis()
     if m is None:
         return float("nan"), float("nan")
     fixed = m.argument_size_in_bytes + m.output_size_in_bytes - getattr(m, "alias_size_in_bytes", 0)
@@ -454,7 +453,8 @@ def plan(sw: Sweep) -> tuple[Sweep, str]:
     Raises RunError naming each plan measured, the budget and its source, and what to change.
     """
     per_dev = len(sw.padded) // sw.mesh.size
-    first = dataclasses.replace(sw, strategy="unroll" if diffusion.python_loop(sw.cfg.model) else "vmap", chunk=1)
+    first = dataclasses.replace(sw, strategy="unroll" if jax.default_backend() == "cpu" and sw.cfg.model.arch == "unet"
+                                else "vmap", chunk=1)  # XLA:CPU runs vmapped (grouped) convolutions slowly
     if per_dev == 1:
         return first, "one member per device: nothing to chunk"
     budget, source = memory_budget(sw.cfg)
@@ -517,12 +517,23 @@ def init(sw: Sweep, members=None):
 def advance(sw: Sweep, state, data, n: int, batches=None):
     """Advance every member ``n`` <= ``steps_per_call(cfg)`` steps. Returns (state, mean loss [M]).
 
+    n = K runs the compiled K-step program; a remainder n < K runs n calls of a one-step program
+    (two programs in all, whatever the distances to evaluation points; the same numbers as any
+    other split of the steps).
     ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}."""
-    _, adv, _ = sw.fns
-    assert 0 < n <= steps_per_call(sw.cfg)
-    if batches is not None:
-        batches = jax.tree.map(lambda a: _put(sw, a), batches)
-    return adv(state, data, batches, jnp.asarray(n, jnp.int32))
+    _, program, _ = sw.fns
+    k = steps_per_call(sw.cfg)
+    assert 0 < n <= k
+
+    def put(i, j):  # the host-fed batches of steps i..j-1 of this call
+        return None if batches is None else jax.tree.map(lambda a: _put(sw, np.asarray(a)[:, i:j]), batches)
+    if n == k:
+        return program(k)(state, data, put(0, k))
+    total = 0.0
+    for i in range(n):
+        state, loss = program(1)(state, data, put(i, i + 1))
+        total = total + loss
+    return state, total / n
 
 
 @functools.lru_cache(maxsize=8)

@@ -93,6 +93,7 @@ def test_file_roundtrip_and_preset_key(tmp_path):
     ("eval.steps=[true]", "eval.steps"),
     ("train.steps=true", "train.steps"),
     ("train.strategy=\"fast\"", "train.strategy"),
+    ("model.conv=\"fft\"", "model.conv"),
     ("train.batches=\"random\"", "train.batches"),
     ("eval.sampler_output=\"x\"", "eval.sampler_output"),
     ("eval.prompts=\"some\"", "eval.prompts"),
@@ -105,6 +106,12 @@ def test_file_roundtrip_and_preset_key(tmp_path):
 def test_invalid_configs_name_the_field(assignment, field):
     with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")):
         C.override(C.preset("2x2"), [assignment])
+
+
+def test_conv_formulation_error_is_one_line_with_the_choices():
+    with pytest.raises(C.ConfigError, match=r"^model\.conv='fft' is invalid: allowed one of auto, xla, explicit$"):
+        C.override(C.preset("2x2"), ['model.conv="fft"'])
+    assert C.preset("2x2").model.conv == "auto" and C.preset("2x2_small").data.image_size == 16
 
 
 def test_overrides_apply_together():

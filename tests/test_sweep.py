@@ -41,6 +41,29 @@ def test_sweep_of_three_equals_three_single_runs():
                       rtol=1e-5, atol=1e-6)
 
 
+def test_remainders_are_single_steps_bit_identical_and_no_step_is_conditional():
+    """n < K steps run as n calls of a one-step program: any split of the steps gives the same
+    bits (as the earlier one program with a lax.cond per step did), from two compiled programs,
+    and the scanned K-step program has no conditional (on XLA:GPU one costs a host sync a step)."""
+    base = C.override(C.preset("vec_tiny"), VEC)
+    states = {}
+    for k, splits in ((5, [5, 5, 2, 1]), (1, [1] * 13), (13, [13])):
+        sw = sweep.build(C.override(base, [f"train.steps_per_call={k}"]))
+        state, data = sweep.init(sw)
+        losses = []
+        for n in splits:
+            state, loss = sweep.advance(sw, state, data, n)
+            losses.append(n * np.asarray(loss))
+        states[k] = (state, sum(losses) / 13)
+        if k == 5:
+            assert sw.fns[1].cache_info().currsize == 2  # the programs of K steps and of 1
+            text = sw.fns[1](5).lower(state, data, None).as_text()
+            assert "stablehlo.while" in text and "stablehlo.case" not in text and "stablehlo.if" not in text
+    for k in (5, 13):
+        _leaves_close(states[k][0], states[1][0], rtol=0, atol=0)
+        np.testing.assert_allclose(states[k][1], states[1][1], rtol=1e-6)
+
+
 def test_members_differ_in_data_and_seed():
     cfg = C.override(C.preset("vec_tiny"), VEC + ["data.m=[[1,1],[1,3]]", "seeds=[0,1]"])
     sw = sweep.build(cfg)

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import tap_calls
+from jaxconcept.nets import conv as convs
+from jaxconcept.nets.layers import Tap, tap_calls
 from jaxconcept.nets.mlp import MLP
 from jaxconcept.nets.unet import UNet
 
@@ -23,7 +24,8 @@ def build(model_cfg, spec) -> nn.Module:
 
     Args:
       model_cfg: ``arch`` "unet" (images) or "mlp" (vectors) and its sizes; ``init_scale`` is
-        applied by ``diffusion.init_params``, not here.
+        applied by ``diffusion.init_params``, not here. ``conv`` "auto" is resolved here, for the
+        default backend (``convs.resolve``: "explicit" on CPU, "xla" elsewhere).
       spec: the ``data.DataSpec``; its ``kind`` must match the architecture.
     Returns:
       An unbound Flax module.
@@ -38,7 +40,13 @@ def build(model_cfg, spec) -> nn.Module:
     return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, num_heads=m.num_heads,
                 norm_groups=m.norm_groups, dropout=m.dropout, mid_attention=m.mid_attention,
                 time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim, conditioning=m.conditioning,
-                dtype=DTYPES[m.dtype])
+                dtype=DTYPES[m.dtype], conv_impl=convs.resolve(m.conv))
+
+
+def loop_safe(model_cfg) -> bool:
+    """Whether ``model_cfg``'s network runs at full speed inside XLA loops (scan, fori_loop, map) on
+    the default backend: not a U-Net with XLA's own convolutions on CPU (``convs.loop_safe``)."""
+    return model_cfg.arch != "unet" or convs.loop_safe(model_cfg.conv)
 
 
 def example_inputs(spec, batch: int = 1):

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, gelu
+from jaxconcept.nets.layers import CondMLP, Tap, TimeEmbed, conv, conv_transpose, dense, dropout, norm_gelu
 
 EPS = 1e-6  # GroupNorm epsilon
 
@@ -25,12 +25,13 @@ class ResBlock(nn.Module):
     dropout: float
     conditioning: str
     dtype: object = jnp.float32
+    conv_impl: str = "xla"  # the convolutions' formulation (jaxconcept.nets.conv)
 
     @nn.compact
     def __call__(self, x, temb, cemb, train: bool):
         b, hh, ww, c_in = x.shape  # [B, H, W, C_in]
-        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_0")(x))
-        h = conv(self.ch, c_in, 3, dtype=self.dtype, name="conv_0")(h)  # [B, H, W, ch]
+        h = norm_gelu(x, self.groups, EPS, dtype=self.dtype, impl=self.conv_impl, name="norm_0")
+        h = conv(self.ch, c_in, 3, dtype=self.dtype, impl=self.conv_impl, name="conv_0")(h)  # [B, H, W, ch]
         if self.conditioning == "sep_mlp":
             pt = CondMLP(self.ch, self.dtype, name="emb_t")(temb)
             pc = CondMLP(self.ch, self.dtype, name="emb_c")(cemb)
@@ -40,11 +41,11 @@ class ResBlock(nn.Module):
             pc = dense(self.ch, cemb.shape[-1], zero=zero, dtype=self.dtype, name="emb_c")(cemb)
         pt, pc = Tap(name="cond_t")(pt), Tap(name="cond_c")(pc)  # [B, ch] each
         h = h + pt[:, None, None, :] + pc[:, None, None, :]
-        h = gelu(nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm_1")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv(self.ch, self.ch, 3, zero=True, dtype=self.dtype, name="conv_1")(h)
+        h = norm_gelu(h, self.groups, EPS, dtype=self.dtype, impl=self.conv_impl, name="norm_1")
+        h = dropout(h, self.dropout, not train, self.conv_impl)
+        h = conv(self.ch, self.ch, 3, zero=True, dtype=self.dtype, impl=self.conv_impl, name="conv_1")(h)
         if c_in != self.ch:
-            x = conv(self.ch, c_in, 1, dtype=self.dtype, name="skip")(x)
+            x = conv(self.ch, c_in, 1, dtype=self.dtype, impl=self.conv_impl, name="skip")(x)
         out = x + h
         assert out.shape == (b, hh, ww, self.ch)
         return Tap(name="out")(out)
@@ -59,18 +60,19 @@ class Attention(nn.Module):
     heads: int
     groups: int
     dtype: object = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape  # [B, H, W, C]
         d = c // self.heads
         n = nn.GroupNorm(self.groups, epsilon=EPS, dtype=self.dtype, name="norm")(x)
-        q, k, v = (conv(c, c, 1, dtype=self.dtype, name=nm)(n).reshape(b, hh * ww, self.heads, d)
+        q, k, v = (conv(c, c, 1, dtype=self.dtype, impl=self.conv_impl, name=nm)(n).reshape(b, hh * ww, self.heads, d)
                    for nm in ("q", "k", "v"))  # [B, HW, heads, d] each
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
         w = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, heads, HW, HW]
         a = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh, ww, c)
-        return Tap(name="out")(x + conv(c, c, 1, dtype=self.dtype, name="proj")(a))
+        return Tap(name="out")(x + conv(c, c, 1, dtype=self.dtype, impl=self.conv_impl, name="proj")(a))
 
 
 class UNet(nn.Module):
@@ -105,36 +107,39 @@ class UNet(nn.Module):
     conditioning: str = "sep_mlp"
     cond_embed_dim: int = 64  # shared concept embedder width ("common_*"; the reference's default)
     dtype: object = jnp.float32
+    conv_impl: str = "xla"  # "xla" | "explicit": how convolutions are written (jaxconcept.nets.conv)
 
     @nn.compact
     def __call__(self, x, t, cond, train: bool = False):
         b, hh, ww, c_in = x.shape  # [B, H, W, 3]
         assert t.shape == (b,) and cond.shape[0] == b, (x.shape, t.shape, cond.shape)
-        blk = dict(groups=self.norm_groups, dropout=self.dropout, conditioning=self.conditioning, dtype=self.dtype)
+        blk = dict(groups=self.norm_groups, dropout=self.dropout, conditioning=self.conditioning, dtype=self.dtype,
+                   conv_impl=self.conv_impl)
+        cv = dict(dtype=self.dtype, impl=self.conv_impl)
         temb = TimeEmbed(self.time_embed_dim, self.embed_dim, dtype=self.dtype, name="time_embed")(t)  # [B, E]
         cemb = cond.astype(self.dtype)  # [B, cond_dim]
         if self.conditioning != "sep_mlp":
             cemb = CondMLP(self.cond_embed_dim, self.dtype, name="cond_embed")(cemb)  # [B, cond_embed_dim]
         widths = [self.ch * m for m in self.ch_mult]
-        h = conv(widths[0], c_in, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = conv(widths[0], c_in, 3, name="conv_in", **cv)(x.astype(self.dtype))
         skips = []
         for i, w in enumerate(widths):
             for j in range(self.num_res_blocks):
                 h = ResBlock(w, name=f"down_{i}_block_{j}", **blk)(h, temb, cemb, train)
             if i < len(widths) - 1:
                 skips.append(h)  # [B, H/2^i, W/2^i, w]
-                h = conv(w, w, 2, stride=2, dtype=self.dtype, name=f"down_{i}_downsample")(h)
+                h = conv(w, w, 2, stride=2, name=f"down_{i}_downsample", **cv)(h)
         h = ResBlock(widths[-1], name="mid_block_0", **blk)(h, temb, cemb, train)
         if self.mid_attention:
-            h = Attention(self.num_heads, self.norm_groups, self.dtype, name="mid_attn")(h)
+            h = Attention(self.num_heads, self.norm_groups, self.dtype, self.conv_impl, name="mid_attn")(h)
         h = ResBlock(widths[-1], name="mid_block_1", **blk)(h, temb, cemb, train)
         for i in reversed(range(len(widths))):
             for j in range(self.num_res_blocks):
                 h = ResBlock(widths[i], name=f"up_{i}_block_{j}", **blk)(h, temb, cemb, train)
             if i > 0:
-                h = conv_transpose(widths[i - 1], 2, dtype=self.dtype, name=f"up_{i}_upsample")(h)
+                h = conv_transpose(widths[i - 1], 2, name=f"up_{i}_upsample", **cv)(h)
                 h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H/2^(i-1), W/2^(i-1), 2 w_{i-1}]
         assert not skips and h.shape == (b, hh, ww, widths[0]), h.shape
-        h = gelu(nn.GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype, name="norm_out")(h))
-        out = conv(c_in, widths[0], 3, zero=True, dtype=self.dtype, name="conv_out")(h)
+        h = norm_gelu(h, self.norm_groups, EPS, name="norm_out", **cv)
+        out = conv(c_in, widths[0], 3, zero=True, name="conv_out", **cv)(h)
         return (x + out.astype(jnp.float32)).astype(jnp.float32)  # [B, H, W, 3]
