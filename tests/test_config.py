@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,45 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert "data.sep_col" in err and "Traceback" not in err
     assert main(["train", "--preset", "nope", "--out", "/tmp/never"]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The same members, probe keys and run configs as before the config rework
+# --------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = json.loads((ROOT / "tests" / "fixtures" / "config_members.json").read_text())
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _same_as_before(new: dict, old: dict, data_cls):
+    """Flat dicts equal to the letter (ints stay ints), but for the old flat data section's fields
+    of other data kinds and fields added since (at their defaults)."""
+    for k in sorted(set(old) | set(new)):
+        if k not in new:
+            kinds = [c for c in C.DATA_KINDS.values() if k[5:] in C.field_names(c)]
+            assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
+        elif k not in old:
+            assert k == "model.conv" and new[k] == "auto", k
+        else:
+            assert json.dumps(new[k]) == json.dumps(old[k]), (k, new[k], old[k])
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_members_probe_keys_and_run_configs_as_before(name):
+    from jaxconcept import probe, sweep
+
+    case = BEFORE[name]
+    cfg = C.load(ROOT / case["file"]) if "file" in case else C.override(C.preset(case["preset"]), case.get("sets", []))
+    ms = C.members(cfg)
+    assert len(ms) == len(case["diffs"])
+    for m, diff, key in zip(ms, case["diffs"], case["probe"]):
+        _same_as_before(_flat(C.to_dict(m)), {**_flat(case["first"]), **diff}, type(m.data))
+        assert probe.cache_key(m.data) == key
+    assert C.from_dict(case["config"]) == cfg  # the run's old config.json loads to the same config
+    assert sweep._config_diffs(case["config"], cfg) == []  # and resumes
