@@ -48,6 +48,7 @@ Increasing = rule(lambda v: list(v) == sorted(set(v)), "increasing")
 
 _NOUNS = {int: ("an integer", "integers"), Real: ("a finite number", "finite numbers"),
           bool: ("true or false", "true or false values"), str: ("a string", "strings")}
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 def _constraints(meta) -> dict:
@@ -63,14 +64,12 @@ def _constraints(meta) -> dict:
 
 
 def _bounds(c: dict) -> str:
-    lo = ("(", c["gt"]) if "gt" in c else ("[", c["ge"]) if "ge" in c else None
-    hi = (c["lt"], ")") if "lt" in c else (c["le"], "]") if "le" in c else None
+    lo = next((k for k in ("gt", "ge") if k in c), None)
+    hi = next((k for k in ("lt", "le") if k in c), None)
     if lo and hi:
-        s = f" in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
-    elif lo or hi:
-        s = f" {'>' if lo[0] == '(' else '>='} {lo[1]}" if lo else f" {'<' if hi[1] == ')' else '<='} {hi[0]}"
+        s = f" in {'(' if lo == 'gt' else '['}{c[lo]}, {c[hi]}{')' if hi == 'lt' else ']'}"
     else:
-        s = ""
+        s = "".join(f" {_SIGNS[k]} {c[k]}" for k in (lo, hi) if k)
     if "multiple_of" in c:
         s += f", a multiple of {c['multiple_of']}"
     return s + "".join(f", {w}" for w in c.get("words", ()))
@@ -92,7 +91,8 @@ def describe(tp, meta=()) -> tuple[str, str]:
         one = many = f"a {size}list of {most}{describe(get_args(tp)[0])[1]}"
     elif tp in _NOUNS:
         one, many = _NOUNS[tp]
-        one, many = (f"a {size}{one[one.index(' ') + 1:]}", size + many) if size else (one, many)
+        if size:  # a string of at least one character
+            one, many = f"a {size}{many[:-1]}", size + many
     else:  # a union of section classes
         one = many = " or ".join(getattr(t, "__name__", str(t)) for t in (get_args(tp) or (tp,)))
     return one + _bounds(c), many + _bounds(c)

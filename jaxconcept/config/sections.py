@@ -27,6 +27,9 @@ SEED_BOUND = 2 ** 31
 SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes")
 SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # member order: row-major in this order, seeds innermost
 
+Concepts = Annotated[tuple[Literal[IMAGE_CONCEPTS], ...], Field(min_length=1),
+                     rule(lambda v: list(v) == sorted(set(v), key=IMAGE_CONCEPTS.index),
+                          "distinct, in the order " + ", ".join(IMAGE_CONCEPTS))]
 ImageSize = Annotated[int, Field(ge=8, le=512)]
 Vec = tuple[Positive, ...]
 
@@ -50,9 +53,7 @@ class ImageData(DataConfig):
     """Generated images of coloured shapes (SPEC A1)."""
 
     kind: Literal["images"] = "images"
-    concepts: Annotated[tuple[Literal[IMAGE_CONCEPTS], ...], Field(min_length=1),
-                        rule(lambda v: list(v) == sorted(set(v), key=IMAGE_CONCEPTS.index),
-                             "distinct, in the order " + ", ".join(IMAGE_CONCEPTS))] = ("colour", "size")
+    concepts: Concepts = ("colour", "size")  # compositional concepts, a subset of IMAGE_CONCEPTS
     values: tuple[Annotated[int, Field(ge=2)], ...] = (2, 2)  # number of values per compositional concept
     sep_col: Annotated[Real, Field(gt=0, le=0.8)] = 0.2
     sep_size: Annotated[Real, Field(gt=0, le=0.4)] = 0.4
@@ -83,9 +84,9 @@ class CelebaData(DataConfig):
     """Attribute-labelled photographs (SPEC A5; jaxconcept/data/celeba.py)."""
 
     kind: Literal["celeba"] = "celeba"
-    # binary attributes, each a two-valued concept (0 absent, 1 present); 2**12 = MAX_CLASSES combinations
-    attributes: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1, max_length=12),
-                          Distinct] = ("Male", "Smiling")
+    # binary attributes, each a two-valued concept (0 absent, 1 present); at most MAX_CLASSES combinations
+    attributes: Annotated[tuple[Annotated[str, Field(min_length=1)], ...],
+                          Field(min_length=1, max_length=MAX_CLASSES.bit_length() - 1), Distinct] = ("Male", "Smiling")
     source: str = "celeb_a"  # a TFDS dataset name, prepared in the array_record format (data/celeba_source.py)
     data_dir: str = ""  # TFDS data directory ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets)
     image_size: ImageSize = 32
