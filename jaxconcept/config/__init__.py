@@ -14,14 +14,13 @@ members), ``rules`` (the cross-field rules), ``presets``, ``files`` (dicts, file
 from jaxconcept.config.checks import ConfigError, field_names
 from jaxconcept.config.files import SECTIONS, from_dict, load, override, parse_value, resolve, save, to_dict
 from jaxconcept.config.presets import PRESETS, preset
-from jaxconcept.config.rules import MAX_MEMBER_BYTES, validate
-from jaxconcept.config.sections import (DATA_KINDS, IMAGE_CONCEPTS, MAX_CLASSES, SWEEP_AXES, SWEEP_FIELDS, CelebaData,
-                                        Config, DataConfig, EvalConfig, ImageData, ModelConfig, TrainConfig,
-                                        VectorData, data_config, eval_steps, members, sweep_settings, sweep_values,
-                                        swept_fields)
+from jaxconcept.config.rules import MAX_CLASSES, MAX_MEMBER_BYTES, validate
+from jaxconcept.config.sections import (DATA_KINDS, IMAGE_CONCEPTS, SWEEP_AXES, SWEEP_FIELDS, CelebaData, Config,
+                                        DataConfig, EvalConfig, ImageData, ModelConfig, TrainConfig, VectorData,
+                                        data_config, eval_steps, members, sweep_settings, sweep_values, swept_fields)
 
-__all__ = ["ConfigError", "field_names", "SECTIONS", "from_dict", "load", "override", "parse_value", "resolve", "save", "to_dict",
-           "PRESETS", "preset", "MAX_MEMBER_BYTES", "validate", "DATA_KINDS", "IMAGE_CONCEPTS", "MAX_CLASSES",
-           "SWEEP_AXES", "SWEEP_FIELDS", "CelebaData", "Config", "DataConfig", "EvalConfig", "ImageData",
-           "ModelConfig", "TrainConfig", "VectorData", "data_config", "eval_steps", "members", "sweep_settings", "sweep_values",
-           "swept_fields"]
+__all__ = ["DATA_KINDS", "IMAGE_CONCEPTS", "MAX_CLASSES", "MAX_MEMBER_BYTES", "PRESETS", "SECTIONS", "SWEEP_AXES",
+           "SWEEP_FIELDS", "CelebaData", "Config", "ConfigError", "DataConfig", "EvalConfig", "ImageData",
+           "ModelConfig", "TrainConfig", "VectorData", "data_config", "eval_steps", "field_names", "from_dict",
+           "load", "members", "override", "parse_value", "preset", "resolve", "save", "sweep_settings",
+           "sweep_values", "swept_fields", "to_dict", "validate"]

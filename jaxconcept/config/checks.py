@@ -10,7 +10,7 @@ hashable (jit static arguments, cache keys) and work with ``dataclasses.replace`
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 import pydantic
 from pydantic import AfterValidator, Field
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Field types
 # --------------------------------------------------------------------------------------------
-Real = Union[int, float]  # a finite number; an integer stays an integer (as it was written)
+Real = int | float  # a finite number; an integer stays an integer (as it was written)
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Positive = Annotated[Real, Field(gt=0)]

@@ -20,9 +20,10 @@ from jaxconcept.config.sections import DATA_KINDS, SWEEP_FIELDS, Config, DataCon
 SECTIONS = ("data", "model", "train", "eval")
 TOP = (*SECTIONS, "seeds", "name")
 # the one data section of config.json files written before the data kinds had their own classes
-FLAT_DATA = frozenset(("kind concepts values sep_col sep_size image_size blur_sigma pixel_noise dim perdim m s normalize "
-                       "dim_nuisance nuisance cond_mode cond_noise attributes source data_dir crop augment jitter "
-                       "held_out train_classes masked n_per_class val_frac n_test").split())
+FLAT_DATA = frozenset({
+    "kind", "concepts", "values", "sep_col", "sep_size", "image_size", "blur_sigma", "pixel_noise", "dim", "perdim",
+    "m", "s", "normalize", "dim_nuisance", "nuisance", "cond_mode", "cond_noise", "attributes", "source", "data_dir",
+    "crop", "augment", "jitter", "held_out", "train_classes", "masked", "n_per_class", "val_frac", "n_test"})
 
 
 def _tuplify(v):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 from jaxconcept.config.checks import invalid
-from jaxconcept.config.sections import MAX_CLASSES
 
+MAX_CLASSES = 4096  # concept-grid size bound (a typo such as data.dim=40 must not exhaust memory)
 MAX_MEMBER_BYTES = 4 << 30  # rendered dataset of one member, float32
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from jaxconcept.config.checks import (ConfigError, Distinct, Fraction, Increasing, NonNeg, NonNegInt, PosInt, Positive,
                                       Real, field_names, invalid, rule, section, untuple)
+from jaxconcept.config.rules import MAX_CLASSES, validate
 
 IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, SPEC A1 order
-MAX_CLASSES = 4096  # concept-grid size bound (a typo such as data.dim=40 must not exhaust memory)
 SEED_BOUND = 2 ** 31
 SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes")
 SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # member order: row-major in this order, seeds innermost
@@ -96,7 +96,7 @@ class CelebaData(DataConfig):
 
 
 DATA_KINDS = {"images": ImageData, "vector": VectorData, "celeba": CelebaData}
-AnyData = Union[ImageData, VectorData, CelebaData]
+AnyData = ImageData | VectorData | CelebaData
 
 
 def data_config(kind: str, **fields) -> DataConfig:
@@ -200,8 +200,6 @@ class Config:
     sweep: tuple[tuple[str, tuple], ...] = ()
 
     def __post_init__(self):
-        from jaxconcept.config.rules import validate
-
         sweep, data, seed = _normalized(self)
         object.__setattr__(self, "sweep", sweep)
         object.__setattr__(self, "data", data)
@@ -296,5 +294,5 @@ def eval_steps(cfg: Config) -> list[int]:
         return [b]
     pts = (np.linspace(np.sqrt(a), np.sqrt(b), n) ** 2).astype(int)
     pts[-1] = b
-    return sorted(set(int(p) for p in pts if p >= 1))
+    return sorted({int(p) for p in pts if p >= 1})
 
