@@ -39,11 +39,11 @@ def to_dict(cfg: Config) -> dict:
     return {**out, "seeds": list(cfg.seeds), "name": cfg.name}
 
 
-def _is_axis(key: str, v) -> bool:
-    """A list of values for a sweep field (a list of lists for the list-valued ones)."""
+def _is_axis(base: DataConfig, key: str, v) -> bool:
+    """``v`` lists values for the sweep field ``key`` (a list of lists for a list-valued field)."""
     if f"data.{key}" not in SWEEP_FIELDS or not isinstance(v, tuple):
         return False
-    return key in ("sep_col", "sep_size") or (bool(v) and all(isinstance(x, tuple) for x in v))
+    return not isinstance(getattr(base, key), tuple) or (bool(v) and all(isinstance(x, tuple) for x in v))
 
 
 def _skipped(key: str, v, d: dict, names) -> bool:
@@ -72,7 +72,7 @@ def _data(base: DataConfig, d: dict, axes: dict) -> DataConfig:
         if key not in names:
             if not _skipped(key, v, d, names):
                 raise not_for_kind(f"data.{key}", kind)
-        elif _is_axis(key, v):
+        elif _is_axis(base, key, v):
             axes[f"data.{key}"] = v
         else:
             fields[key] = v
@@ -83,7 +83,8 @@ def _data(base: DataConfig, d: dict, axes: dict) -> DataConfig:
 def from_dict(d: dict, base: Config | None = None) -> Config:
     """Build a Config from a nested dict, starting from ``base`` (default: ``Config()``).
 
-    Unknown keys and wrong types raise ConfigError naming the dotted key.
+    A list in a sweep field (``SWEEP_FIELDS``) or ``seeds`` becomes that sweep axis, replacing
+    the base's. Unknown keys and wrong types raise ConfigError naming the dotted key.
     """
     base = base or Config()
     if not isinstance(d, dict):
