@@ -18,6 +18,14 @@ def _p_2x2x2():
                                                held_out=(7,)))
 
 
+def _p_2x2_small():
+    """The 2x2 data at 16x16 with a small U-Net (widths 16/32, one ResNet block per level), batch 64:
+    a CPU-sized image run, and the small config of benchmarks/train_bench.py."""
+    c = _p_2x2()
+    return replace(c, name="2x2_small", data=replace(c.data, image_size=16),
+                   model=replace(c.model, ch=16, ch_mult=(1, 2), num_res_blocks=1))
+
+
 def _p_vec2x2():
     """SPEC A6: 2 concept dimensions, 2 values each, one nuisance dimension, MLP score network."""
     return Config(
@@ -83,7 +91,7 @@ def _p_celeba_tiny():
                    eval=EvalConfig(n_points=2, first=10, n_samples=4, sampler_steps=4))
 
 
-PRESETS = {"2x2": _p_2x2, "2x2x2": _p_2x2x2, "vec2x2": _p_vec2x2, "vec2x2x2": _p_vec2x2x2,
+PRESETS = {"2x2": _p_2x2, "2x2_small": _p_2x2_small, "2x2x2": _p_2x2x2, "vec2x2": _p_vec2x2, "vec2x2x2": _p_vec2x2x2,
            "tiny": _p_tiny, "vec_tiny": _p_vec_tiny, "celeba": _p_celeba, "celeba_tiny": _p_celeba_tiny}
 
 
