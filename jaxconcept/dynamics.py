@@ -284,8 +284,7 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
     try:
         members = rundir.load_members(run_dir)
     except rundir.RunDirError:  # missing or unreadable: what matters can be recomputed from the config
-        members = [{"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-                    "m": list(m.data.m), "s": list(m.data.s), "signal": D.concept_signal(m.data)}
+        members = [{"index": i, **C.sweep_settings(m), "signal": D.concept_signal(m.data)}
                    for i, m in enumerate(member_cfgs)]
     if len(members) != len(member_cfgs):
         raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}; "

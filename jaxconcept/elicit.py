@@ -189,8 +189,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     try:
         info = rundir.load_members(run_dir)
     except rundir.RunDirError:
-        info = [{"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-                 "m": list(m.data.m), "s": list(m.data.s)} for i, m in enumerate(members)]
+        info = [{"index": i, **C.sweep_settings(m)} for i, m in enumerate(members)]
     settings = [setting(cfg, m, P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
                         concept) for m in members]
     keys = [sweep.member_keys(int(m.seeds[0]))["elicit"] for m in members]

@@ -640,8 +640,7 @@ def _members_json(sw: Sweep) -> list[dict]:
     out = []
     for i, m in enumerate(sw.members):
         sig = D.concept_signal(m.data)
-        out.append({"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-                    "m": list(m.data.m), "s": list(m.data.s), "attributes": list(m.data.attributes),
+        out.append({"index": i, **C.sweep_settings(m),
                     "signal": {k: float(v) for k, v in sig.items()}})
     return out
 

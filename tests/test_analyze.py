@@ -33,8 +33,7 @@ def make_fake_run(run_dir, cfg: C.Config, rest_ends) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save(cfg, run_dir / "config.json")
     members = C.members(cfg)
-    recs = [{"index": i, "seed": m.seeds[0], "sep_col": m.data.sep_col, "sep_size": m.data.sep_size,
-             "m": list(m.data.m), "s": list(m.data.s), "signal": D.concept_signal(m.data)}
+    recs = [{"index": i, **C.sweep_settings(m), "signal": D.concept_signal(m.data)}
             for i, m in enumerate(members)]
     (run_dir / "members.json").write_text(json.dumps(recs))
     spec = D.spec(cfg.data)

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,96 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert "data.sep_col" in err and "Traceback" not in err
     assert main(["train", "--preset", "nope", "--out", "/tmp/never"]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The same members, probe keys and run configs as before the config rework
+# --------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = json.loads((ROOT / "tests" / "fixtures" / "config_members.json").read_text())
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _same_as_before(new: dict, old: dict, data_cls):
+    """Flat dicts equal to the letter (ints stay ints), but for the old flat data section's fields
+    of other data kinds and fields added since (at their defaults)."""
+    for k in sorted(set(old) | set(new)):
+        if k not in new:
+            kinds = [c for c in C.DATA_KINDS.values() if k[5:] in C.field_names(c)]
+            assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
+        elif k not in old:
+            assert k == "model.conv" and new[k] == "auto", k
+        else:
+            assert json.dumps(new[k]) == json.dumps(old[k]), (k, new[k], old[k])
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_members_probe_keys_and_run_configs_as_before(name):
+    from jaxconcept import probe, sweep
+
+    case = BEFORE[name]
+    cfg = C.load(ROOT / case["file"]) if "file" in case else C.override(C.preset(case["preset"]), case.get("sets", []))
+    ms = C.members(cfg)
+    assert len(ms) == len(case["diffs"])
+    for m, diff, key in zip(ms, case["diffs"], case["probe"]):
+        _same_as_before(_flat(C.to_dict(m)), {**_flat(case["first"]), **diff}, type(m.data))
+        assert probe.cache_key(m.data) == key
+    assert C.from_dict(case["config"]) == cfg  # the run's old config.json loads to the same config
+    assert sweep._config_diffs(case["config"], cfg) == []  # and resumes
+
+
+# --------------------------------------------------------------------------------------------
+# Declared constraints, data kinds, sweep axes
+# --------------------------------------------------------------------------------------------
+def test_sweeps_are_axes_apart_from_scalar_fields():
+    c = C.override(C.preset("2x2"), ["seeds=[0,100]", "data.sep_size=[0.3,0.4]", "data.sep_col=[0.4,0.6]"])
+    assert c.sweep == (("data.sep_col", (0.4, 0.6)), ("data.sep_size", (0.3, 0.4)), ("seeds", (0, 100)))
+    assert (c.data.sep_col, c.data.sep_size, c.seed, c.seeds) == (0.4, 0.3, 0, (0, 100))  # member 0's values
+    assert C.to_dict(c)["data"]["sep_col"] == [0.4, 0.6] and C.to_dict(c)["seeds"] == [0, 100]
+    # axes given in any order are kept in SWEEP_AXES order; one value is just that value
+    hand = C.Config(sweep=(("seeds", (0, 100)), ("data.sep_size", (0.3, 0.4)), ("data.sep_col", (0.4, 0.6))))
+    assert hand == dataclasses.replace(c, name="") and hash(hand) == hash(dataclasses.replace(c, name=""))
+    one = C.Config(sweep=(("data.sep_col", (0.3,)), ("seeds", (5,))))
+    assert (one.sweep, one.data.sep_col, one.seed, C.members(one)) == ((), 0.3, 5, [one])
+    assert C.sweep_values(C.preset("vec2x2"), "data.sep_col") == [] and C.sweep_values(c, "seeds") == [0, 100]
+    with pytest.raises(C.ConfigError, match=r"data\.sep_col does not apply to data\.kind='vector'"):
+        C.Config(data=C.VectorData(), model=C.ModelConfig(arch="mlp"), sweep=(("data.sep_col", (0.2, 0.3)),))
+    with pytest.raises(C.ConfigError, match=r"data\.sep_col=0\.9 is invalid"):  # every value of an axis is checked
+        C.Config(sweep=(("data.sep_col", (0.2, 0.9)),))
+
+
+def test_configs_are_hashable_static_arguments():
+    import jax
+
+    cfg = C.override(C.preset("tiny"), ["data.sep_col=[0.2,0.4]"])
+    steps = jax.jit(lambda c, x: x + c.train.steps, static_argnums=0)
+    assert int(steps(cfg, 1)) == 21 and int(steps(C.members(cfg)[1], 1)) == 21
+    assert len({cfg, C.from_dict(C.to_dict(cfg))}) == 1
+
+
+def test_data_kinds_are_separate_classes():
+    v = C.override(C.preset("tiny"), ['data.kind="vector"', 'model.arch="mlp"', "data.m=[1,2]", "data.dim_nuisance=3"])
+    assert isinstance(v.data, C.VectorData) and (v.data.m, v.data.dim_nuisance) == ((1, 2), 3)
+    assert (v.data.n_per_class, v.data.held_out) == (32, (3,))  # the fields every kind has carry over
+    assert not hasattr(v.data, "sep_col") and C.sweep_settings(v) == {
+        "seed": 0, "sep_col": None, "sep_size": None, "m": [1, 2], "s": [0.05, 0.05], "attributes": None}
+    with pytest.raises(C.ConfigError, match=r"^data\.sep_col does not apply to data\.kind='vector': its fields are .*\bm\b"):
+        C.override(C.preset("vec2x2"), ["data.sep_col=0.3"])
+    assert C.data_config("celeba", image_size=16) == C.CelebaData(image_size=16)
+    with pytest.raises(C.ConfigError, match=r"^train\.lr=-1 is invalid: allowed a finite number > 0$"):
+        C.TrainConfig(lr=-1)  # a section alone checks its own fields
+    with pytest.raises(C.ConfigError, match=r"^data\.sep_col=2 is invalid"):
+        dataclasses.replace(C.preset("2x2").data, sep_col=2)
+    with pytest.raises(C.ConfigError, match=r"^unknown config key 'model\.bogus'"):
+        C.ModelConfig(bogus=1)
+
+
+def test_numbers_stay_as_written():
+    c = C.override(C.preset("2x2"), ["train.lr=1", "data.blur_sigma=2", "model.gamma_min=-4"])
+    assert [type(x) for x in (c.train.lr, c.data.blur_sigma, c.model.gamma_min, c.train.weight_decay)] == [int] * 3 + [float]

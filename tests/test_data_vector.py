@@ -15,7 +15,7 @@ from jaxconcept.data import vector as V
 def dcfg(**kw):
     """A validated vector DataConfig (held-out classes default to 'all non-training ones')."""
     kw.setdefault("held_out", ())
-    return C.Config(data=C.DataConfig(kind="vector", **kw), model=C.ModelConfig(arch="mlp")).data
+    return C.Config(data=C.VectorData(**kw), model=C.ModelConfig(arch="mlp")).data
 
 
 def values_of(spec):
