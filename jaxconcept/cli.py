@@ -212,7 +212,8 @@ def cmd_elicit(args):
 def cmd_demo(args):
     from jaxconcept import demo
 
-    demo.run(args.out, progress=not args.no_progress, extra_sets=args.sets)
+    out = args.out or ("runs/demo_images" if args.images else "runs/demo")
+    demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)
     return 0
 
 
@@ -269,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_elicit)
 
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (about 3 min on 2 cores)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo_images)")
+    p.add_argument("--images", action="store_true",
+                   help="the CPU image study instead (experiments/images_cpu.json: 8 U-Nets, about an hour on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set 'data.m=[2,0.25]'")

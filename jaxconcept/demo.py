@@ -41,19 +41,27 @@ DEMO_SETS = [
 ELICIT_EVERY = 2  # elicitation at every other checkpoint: half its cost, the curves still resolved
 
 
-def demo_config(extra_sets=()) -> C.Config:
+IMAGES_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "images_cpu.json"
+
+
+def demo_config(extra_sets=(), images: bool = False) -> C.Config:
+    """The vector demo's config, or (``images``) the CPU image study's, experiments/images_cpu.json."""
+    if images:
+        return C.override(C.load(IMAGES_CONFIG), list(extra_sets))
     return C.override(C.preset("vec2x2"), DEMO_SETS + ["name=\"demo\"", *extra_sets])
 
 
-def run(out="runs/demo", progress: bool = True, extra_sets=()) -> dict:
+def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = False) -> dict:
     """Train, analyse and elicit the demo sweep into ``out``; returns the paths of the figures.
 
-    ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink the demo).
+    ``images``: the CPU image study (experiments/images_cpu.json, about an hour on 2 cores) instead
+    of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
+    the demo). A run directory holding the same config resumes.
     """
     from jaxconcept import dynamics, elicit, plots, sweep
 
     out = Path(out)
-    cfg = demo_config(extra_sets)
+    cfg = demo_config(extra_sets, images)
     print(f"demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
     sweep.train(cfg, out, progress=progress)
     plots.all_figures(dynamics.analyze_run(out), out)

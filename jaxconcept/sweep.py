@@ -303,6 +303,8 @@ def _local_fns(sw: Sweep):
         def one(seed, dp):
             data = {} if sw.host_fed else D.dataset(spec, dp, member_keys(seed)["data"])
             return init_member(cfg, spec, sw.net, seed), data
+        if sw.strategy == "unroll":  # initialisers and rendering are elementwise: vmap gives the same bits
+            return jax.vmap(one)(seeds, dparams)  # and compiles once, not once per member (8 U-Nets: 400 s)
         return sw._map(one, seeds, dparams)
 
     def advance_local(state, data, batches, n: int):
