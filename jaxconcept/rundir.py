@@ -10,10 +10,16 @@
                                   n_samples, cond_dim] (float32), step, rounding_error (float16 only)
     RUN_DIR/params/step_XXXXXXX.npz
                                   stacked parameters (leading member axis) at each evaluation point
+                                  (``save_tree``: an entry per leaf, named by its key path)
+    RUN_DIR/tensorboard/          with train.tensorboard: the scalars of metrics.jsonl as TensorBoard
+                                  events (metrics.jsonl stays the record)
     RUN_DIR/checkpoints/          orbax train-state checkpoints (resume); checkpoints/config.json
                                   a second copy of the config, so a lost config.json is noticed
     RUN_DIR/checkpoints.bad/      checkpoints that failed to restore, moved aside (kept)
     RUN_DIR/.lock                 held (fcntl) by the training process; names its pid and host
+
+Before training, ``prepare`` checks the directory can hold the run (no other config, no
+training files without one) and ``write_run_files`` writes config.json and members.json.
 
 Every file is written whole or not at all: a temporary file in the same directory, flushed and
 fsynced, then renamed over the final name. Readers ignore temporary files; ``metrics.jsonl`` is
