@@ -264,3 +264,12 @@ def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
     _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
     with pytest.raises(loop.RunError, match="more than"):
         plan.build(C.override(cfg, ["train.memory_budget=1000"]), dev)
+
+
+def test_the_cpu_choice_is_made_once_where_the_sweep_is_built():
+    tiny = C.override(C.preset("tiny"), ['train.strategy="unroll"'])
+    assert stack.build(tiny).loop_safe and stack.steps_per_call(stack.build(tiny)) == 5  # explicit convs on CPU
+    xla = stack.build(C.override(tiny, ['model.conv="xla"']))
+    assert not xla.loop_safe and stack.steps_per_call(xla) == 1  # XLA's conv gradients are slow in loops on CPU
+    with pytest.raises(ValueError, match="plan.build"):
+        stack.build(C.preset("tiny"))  # "auto" is the plan's to resolve
