@@ -144,15 +144,15 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
     if lead:
         rundir.reconcile_metrics(run_dir, start)
     feed = D.host_feed(sw.spec, sw.padded, stack.train_keys(sw.padded)) if sw.host_fed else None
-    plan_ = schedule(C.eval_steps(cfg), cfg.train.steps, cfg.train.checkpoint_every, start, stop_after)
+    sched = schedule(C.eval_steps(cfg), cfg.train.steps, cfg.train.checkpoint_every, start, stop_after)
     board = _tensorboard(run_dir, start) if cfg.train.tensorboard and lead else None
-    if plan_.eval_first:
+    if sched.eval_first:
         _evaluate_and_save(sw, state, data, 0, run_dir)
 
     k = stack.steps_per_call(sw)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     step, t0, frozen_reported = start, time.time(), set()
-    for stop in plan_.stops:
+    for stop in sched.stops:
         losses = []
         while step < stop:
             n = min(k, stop - step)
@@ -172,13 +172,13 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
                             f"{step}; it is frozen, the others carry on")
         record = {"step": step, "train_loss": [float(v) for v in loss], "frozen": [bool(not a) for a in alive],
                   "steps_per_s": rate}
-        if step in plan_.evals:
+        if step in sched.evals:
             record["val_loss"], record["test_loss"] = _evaluate_and_save(sw, state, data, step, run_dir)
         if lead:
             rundir.append_metrics(run_dir, record)
             if board is not None:
                 _write_scalars(board, record)
-        if step in plan_.checkpoints:
+        if step in sched.checkpoints:
             checkpoint.save_real(mngr, step, state, sw.size)
     bar.close()
     mngr.close()
