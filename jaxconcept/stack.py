@@ -210,7 +210,8 @@ def _advance_local(sw: Sweep, state, data, batches, n: int):
     def body(st, i):  # the barriers keep XLA from fusing across steps: a scanned step is
         # bit for bit the one-step program (without them a scalar's AdamW moment moved an ulp)
         return jax.lax.optimization_barrier(stacked_step(jax.lax.optimization_barrier(st), data, batch(i)))
-    state, losses = jax.lax.scan(body, state, jnp.arange(n), unroll=sw.cfg.train.scan_unroll or 1)  # scan(vmap(train_step))
+    # scan(vmap(train_step)): n steps of every member in one program
+    state, losses = jax.lax.scan(body, state, jnp.arange(n), unroll=sw.cfg.train.scan_unroll or 1)
     return state, jnp.sum(losses, 0) / n  # losses [n, m]
 
 
