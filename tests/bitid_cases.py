@@ -18,8 +18,6 @@ import numpy as np
 CASES = {
     "vec_tiny": ["--preset", "vec_tiny"],
     "tiny": ["--preset", "tiny"],
-    # nine members on the eight forced devices: sharded, padded to 16 (two a device, planned by memory)
-    "vec_tiny_seeds": ["--preset", "vec_tiny", "--set", "seeds=[0,1,2,3,4,5,6,7,8]"],
 }
 METRICS = ("train_loss", "val_loss", "test_loss", "frozen")  # metrics.jsonl less steps_per_s (timing)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bitid"
