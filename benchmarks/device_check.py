@@ -25,8 +25,8 @@ after every stage, so a run stopped from outside keeps what it had):
    decoder per dtype: guided UNet steps/s, images/s, TFLOP/s, MFU (``--tiny``: the test
    fixture's tiny model at 32 px, 2 steps).
 
-Only the engine's public API is used for training (``sweep.build``, ``sweep.init``,
-``sweep.advance``, ``sweep.steps_per_call``); the compiled step is read through the sweep's
+Only the engine's public API is used for training (``plan.build``, ``stack.init``,
+``stack.advance``, ``stack.steps_per_call``); the compiled step is read through the sweep's
 jitted ``advance`` (``sw.fns``), whose AOT compile the call then reuses.
 """
 from __future__ import annotations
@@ -174,32 +174,32 @@ def train_config(base, members: int, strategy: str, chunk: int, dtype: str, k: i
 
 
 def init_stack(cfg, devices):
-    """Stacked train state and datasets of ``cfg`` (``sweep.init``), and the seconds it took. The
+    """Stacked train state and datasets of ``cfg`` (``stack.init``), and the seconds it took. The
     state does not depend on the compute dtype or the stacking, so one serves every
     configuration of a stack size (each gets a copy: ``advance`` donates its state)."""
     import jax
 
-    from jaxconcept import sweep
+    from jaxconcept import plan, stack
 
     t = time.perf_counter()
-    state, data = jax.block_until_ready(sweep.init(sweep.build(cfg, devices)))
+    state, data = jax.block_until_ready(stack.init(plan.build(cfg, devices)))
     return state, data, time.perf_counter() - t
 
 
 def measure_train(cfg, devices, state, data, min_time: float, clock: Clock) -> dict:
-    """One stacked configuration: compile, warm up, then time whole ``sweep.advance`` calls.
+    """One stacked configuration: compile, warm up, then time whole ``stack.advance`` calls.
 
     ``state`` (donated) and ``data`` come from ``init_stack`` of a config with the same members."""
     import jax
     import jax.numpy as jnp
 
-    from jaxconcept import sweep
+    from jaxconcept import plan, stack
 
     device = devices[0]
     out = {}
     peak_before = _peak_bytes(device)
-    sw = sweep.build(cfg, devices)
-    k = sweep.steps_per_call(cfg)
+    sw = plan.build(cfg, devices)
+    k = stack.steps_per_call(sw)
     out["steps_per_call"] = k
     compiled = None
     t = time.perf_counter()
@@ -213,7 +213,7 @@ def measure_train(cfg, devices, state, data, min_time: float, clock: Clock) -> d
     del state
 
     def call():
-        holder["state"], loss = sweep.advance(sw, holder["state"], data, k)
+        holder["state"], loss = stack.advance(sw, holder["state"], data, k)
         jax.block_until_ready(loss)
         holder["loss"] = loss
 
@@ -231,7 +231,7 @@ def measure_train(cfg, devices, state, data, min_time: float, clock: Clock) -> d
     peak_after = _peak_bytes(device)
     out["peak_bytes_in_use"] = peak_after
     out["new_peak"] = None if peak_after is None else bool(peak_before is None or peak_after > peak_before)
-    out["strategy_resolved"] = getattr(getattr(sw, "resolved", None), "strategy", cfg.train.strategy)
+    out["strategy_resolved"] = sw.strategy
     holder.clear()  # the donated state's successor: freed on return
     return out
 
@@ -243,9 +243,9 @@ def measure_sampler(cfg, devices, strategy: str, chunk: int, n_steps: int, per_c
     training step was (``vmap`` or ``lax.map`` in chunks)."""
     import jax
 
-    from jaxconcept import data as D, diffusion, sweep
+    from jaxconcept import data as D, diffusion, plan
 
-    sw = sweep.build(cfg, devices)
+    sw = plan.build(cfg, devices)
     spec, net, model = sw.spec, sw.net, cfg.model
     m, n = len(sw.members), spec.n_classes * per_class
     keys = jax.random.split(jax.random.PRNGKey(0), m)
@@ -255,7 +255,7 @@ def measure_sampler(cfg, devices, strategy: str, chunk: int, n_steps: int, per_c
 
     def one(p, c, k):
         return diffusion.sample(apply_fn, model, p, c, k, x_shape=spec.x_shape, n_steps=n_steps,
-                                w_cfg=cfg.eval.w_cfg, null_cond=D.null_cond(spec))
+                                w_cfg=cfg.eval.w_cfg, null_cond=D.null_cond(spec), loop_safe=sw.loop_safe)
 
     def stacked(p, c, k):
         if strategy == "map":
@@ -481,7 +481,7 @@ class Check:
               f"{r['steps_per_s']:.3f} steps/s, {_fmt(r['tflops'], '.3f')} TFLOP/s", flush=True)
 
     def train_stage(self):
-        from jaxconcept import diffusion
+        from jaxconcept import nets
 
         a, rep, clock = self.a, self.rep, self.clock
         hdr = (f"{'dtype':>8} {'members':>7} {'stacking':>9} {'steps/call':>10} {'model-steps/s':>13} "
@@ -493,7 +493,7 @@ class Check:
             label = f"train {dtype} members={m} {strategy}"
             chunk = min(a.map_chunk, m)
             cfg = train_config(self.base, m, strategy, chunk, dtype, a.steps_per_call, self.n_per_class)
-            k = 1 if diffusion.python_loop(cfg.model) else a.steps_per_call
+            k = a.steps_per_call if nets.loop_safe(cfg.model) else 1
             sec = per_model_step.get(dtype) or (min(per_model_step.values()) if per_model_step else None)
             est = ((1.2 * max(self.compile_seen) if self.compile_seen else 0.0)
                    + (max(init_seen) if init_seen and m not in stacks else 0.0)

@@ -22,7 +22,7 @@ many times slower than one thread).
 
 ``--steps K`` is the number of training steps per compiled call (``train.steps_per_call``, one
 ``lax.scan``); a configuration that cannot step inside a scan (``model.conv="xla"`` for a U-Net
-on CPU, ``diffusion.python_loop``) is timed one step per call. ``--conv`` compares convolution
+on CPU, not ``nets.loop_safe``) is timed one step per call. ``--conv`` compares convolution
 formulations (``model.conv``, ``jaxconcept.nets.conv``) in the same run.
 """
 from __future__ import annotations
@@ -35,15 +35,15 @@ import time
 import jax
 
 from jaxconcept import config as C
-from jaxconcept import diffusion, sweep
+from jaxconcept import diffusion, nets, plan, stack
 
 
 def _time_advance(sw, state, data, k, reps):
-    state, loss = sweep.advance(sw, state, data, k)  # compile + warm-up
+    state, loss = stack.advance(sw, state, data, k)  # compile + warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
     for _ in range(reps):
-        state, loss = sweep.advance(sw, state, data, k)
+        state, loss = stack.advance(sw, state, data, k)
     jax.block_until_ready(loss)
     return (time.perf_counter() - t0) / (reps * k)  # seconds per step of the whole stack
 
@@ -51,22 +51,22 @@ def _time_advance(sw, state, data, k, reps):
 def bench(cfg: C.Config, n_members: int, k: int, reps: int, loop: bool):
     seeds = list(range(n_members))
     cfg = C.override(cfg, [f"seeds={seeds}", f"train.steps_per_call={k}", "data.n_per_class=256"])
-    k = sweep.steps_per_call(cfg)  # 1 where the config cannot scan (diffusion.python_loop)
     if loop:  # baseline: one compiled single-member advance, called once per member in Python
         single = C.members(cfg)[0]
-        sw = sweep.build(single, jax.devices()[:1])
-        states = [sweep.init(sw, [m]) for m in C.members(cfg)]
-        states[0] = (sweep.advance(sw, *states[0], k)[0], states[0][1])  # compile + warm-up (donates)
+        sw = plan.build(single, jax.devices()[:1])
+        k = stack.steps_per_call(sw)  # 1 where the network cannot scan (nets.loop_safe)
+        states = [stack.init(sw, [m]) for m in C.members(cfg)]
+        states[0] = (stack.advance(sw, *states[0], k)[0], states[0][1])  # compile + warm-up (donates)
         jax.block_until_ready(states)  # init and warm-up are dispatched asynchronously: not timed
         t0 = time.perf_counter()
         for _ in range(reps):
-            outs = [sweep.advance(sw, s, d, k) for s, d in states]
+            outs = [stack.advance(sw, s, d, k) for s, d in states]
             states = [(o[0], d) for o, (_, d) in zip(outs, states)]
         jax.block_until_ready([o[1] for o in outs])
         return n_members * reps * k / (time.perf_counter() - t0)
-    sw = sweep.build(cfg)
-    state, data = jax.block_until_ready(sweep.init(sw))
-    return n_members / _time_advance(sw, state, data, k, reps)
+    sw = plan.build(cfg)
+    state, data = jax.block_until_ready(stack.init(sw))
+    return n_members / _time_advance(sw, state, data, stack.steps_per_call(sw), reps)
 
 
 def reference_rate(reference: str, cfg: C.Config, min_time: float) -> dict:
@@ -150,7 +150,7 @@ def main():
             for st in strategies:
                 rows.append((n, f"{st}{tag}", bench(C.override(c, [f"train.strategy=\"{st}\""]), n, a.steps, a.reps,
                                                     loop=False)))
-                print(f"  {n} members, stack-{st}{tag} (K={min(a.steps, sweep.steps_per_call(c))}): "
+                print(f"  {n} members, stack-{st}{tag} (K={a.steps if nets.loop_safe(c.model) else 1}): "
                       f"{rows[-1][2]:.3f} model-steps/s", flush=True)
     if a.reference:
         measure_reference("after")

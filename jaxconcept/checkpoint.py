@@ -90,3 +90,38 @@ def restore_latest(directory, keep: int, like):
             mngr.close()
             mngr = manager(directory, keep)
     return mngr, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# A stacked state padded to the mesh: only the real members are checkpointed
+# --------------------------------------------------------------------------------------------
+def save_real(mngr: ocp.CheckpointManager, step: int, state, n_real: int) -> None:
+    """Checkpoint the first ``n_real`` rows (the real members) of a stacked ``state`` whose
+    leaves lead with a padded model axis; the padding depends on the device count, so a run
+    resumes on other devices. Every process calls this."""
+    real = state if jax.tree.leaves(state)[0].shape[0] == n_real else jax.tree.map(lambda a: a[:n_real], state)
+    save(mngr, step, real)
+
+
+def restore_padded(directory, keep: int, like, n_real: int, place):
+    """Restore the newest readable checkpoint of ``n_real`` members into the padded layout of
+    ``like`` (leaves [M_padded, ...]): the real rows are read on the host, the padding rows are
+    copies of the last member, and ``place(numpy array) -> array`` puts each leaf where ``like``'s
+    is (e.g. sharded over the mesh).
+
+    Returns (manager, step, state) as ``restore_latest``."""
+    import numpy as np
+
+    n_pad = jax.tree.leaves(like)[0].shape[0] - n_real
+    if n_pad == 0:
+        return restore_latest(directory, keep, like)
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n_real, *a.shape[1:]), a.dtype, sharding=cpu), like)
+    mngr, step, real = restore_latest(directory, keep, abstract)
+    if real is None:
+        return mngr, None, None
+
+    def pad(a):
+        a = np.asarray(a)
+        return place(np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]))
+    return mngr, step, jax.tree.map(pad, real)

@@ -156,7 +156,7 @@ def _distributed(args) -> None:
 
 def cmd_train(args):
     cfg = _config(args)
-    from jaxconcept import sweep
+    from jaxconcept import loop
 
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         _distributed(args)  # multi-host (TPU pod, several GPU hosts): every host runs this command
@@ -167,7 +167,7 @@ def cmd_train(args):
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
     if lead:
         print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
-    sweep.train(cfg, args.out, progress=not args.no_progress)
+    loop.train(cfg, args.out, progress=not args.no_progress)
     if lead:
         print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
     return 0
@@ -219,10 +219,10 @@ def cmd_demo(args):
 
 def _known_errors() -> tuple:
     """Errors that are the user's to fix: reported in one line, exit code 2."""
-    from jaxconcept import data, probe, rundir, sweep
+    from jaxconcept import data, probe, rundir
     from jaxconcept.sd import SDError
 
-    return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, sweep.RunError, SDError)
+    return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, rundir.RunError, SDError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,12 +58,12 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
     of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
     the demo). A run directory holding the same config resumes.
     """
-    from jaxconcept import dynamics, elicit, plots, sweep
+    from jaxconcept import dynamics, elicit, loop, plots
 
     out = Path(out)
     cfg = demo_config(extra_sets, images)
     print(f"demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
-    sweep.train(cfg, out, progress=progress)
+    loop.train(cfg, out, progress=progress)
     plots.all_figures(dynamics.analyze_run(out), out)
     elicit.elicit_run(out, progress=progress, every=ELICIT_EVERY)
     figs = sorted(str(p) for p in (out / "figures").glob("*"))

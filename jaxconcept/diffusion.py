@@ -164,19 +164,9 @@ def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=Non
     return eps_null + w_cfg * (apply_fn(params["net"], z, t_in, cond, False, key) - eps_null)
 
 
-def python_loop(model_cfg) -> bool:
-    """Whether loops over network calls are traced Python loops instead of lax.scan: yes when the
-    network is slow inside XLA loops (``nets.loop_safe``: a U-Net with ``model.conv="xla"`` on CPU,
-    whose convolution gradients XLA:CPU runs 10-170x slower inside a loop, jax-ml/jax#12868)."""
-    from jaxconcept import nets
-
-    return not nets.loop_safe(model_cfg)
-
-
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,
-           output: str = "z0"):
-    """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan
-    (a traced Python loop for networks slow inside loops, see ``python_loop``).
+           output: str = "z0", loop_safe: bool = True):
+    """Ancestral VDM sampler: t from 1 to 0 on a uniform grid of ``n_steps`` steps, one lax.scan.
 
     z_1 ~ N(0, I); for t -> s: z_s = alpha_s/alpha_t (z_t - c sigma_t eps_hat) + sigma_s sqrt(c) n,
     c = -expm1(gamma_s - gamma_t). Deterministic given ``key``.
@@ -188,8 +178,12 @@ def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.
       w_cfg: guidance weight, eps(null) + w (eps(cond) - eps(null)) (1: plain conditional sampling).
       null_cond: the unconditional prompt for guidance (default all -1).
       output: "z0" returns z_0, as the reference does; "mean" the decoder's mean z_0 / alpha_0.
+      loop_safe: False traces the steps as a Python loop instead of the scan, for a network slow
+        inside XLA loops (``nets.loop_safe``: the caller decides once, where the sampler is built).
     Returns:
       x [N, *x_shape] float32.
+    Raises:
+      ValueError: an unknown ``output``.
     """
     n = cond.shape[0]
     k_init, k_steps = jax.random.split(key)
@@ -204,7 +198,7 @@ def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.
         noise = jax.random.normal(jax.random.fold_in(k_steps, i), z.shape)
         return mean + jnp.sqrt(c * jax.nn.sigmoid(g_s)) * noise, None
 
-    if python_loop(model_cfg):
+    if not loop_safe:
         for i in range(n_steps):
             z, _ = step(z, jnp.int32(i))
     else:

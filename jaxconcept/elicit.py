@@ -13,7 +13,7 @@ For every member and checkpoint (parameters saved by training, ``eval.save_param
 The elicited accuracy is honest: the maximum over strengths of accuracies measured on the same
 samples is biased upward (with 5 strengths of 128 samples at a true 50 %, by about 5 points), so
 each checkpoint draws two independent sets of samples (keys from the member's own elicitation
-stream, ``sweep.member_keys(seed)["elicit"]``): the strength is *chosen* on the first and its
+stream, ``step.member_keys(seed)["elicit"]``): the strength is *chosen* on the first and its
 accuracy *reported* from the second (``choose``). Each strength's own curve (second set) is kept
 too (``per_strength``). Emergence step of each = first step with joint accuracy >= threshold
 (``dynamics.learning_time``). Parameters are read one checkpoint at a time.
@@ -56,7 +56,7 @@ def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec
     net = nets.build(model_cfg, spec)
     n = eval_cfg.n_samples
     kw = dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg, null_cond=D.null_cond(spec),
-              output=eval_cfg.sampler_output)
+              output=eval_cfg.sampler_output, loop_safe=nets.loop_safe(model_cfg))
     plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), model_cfg, p, c, kk, **kw))
 
     def steered(p, cond_from, cond_to, alpha, kk):
@@ -173,7 +173,8 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         raise ValueError(f"every={every!r} is invalid: allowed an integer >= 1")
     from tqdm.auto import tqdm
 
-    from jaxconcept import sweep
+    from jaxconcept import stack
+    from jaxconcept.step import member_keys
 
     run_dir = Path(run_dir)
     cfg = rundir.load_config(run_dir)
@@ -192,10 +193,10 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         info = [{"index": i, **C.sweep_settings(m)} for i, m in enumerate(members)]
     settings = [setting(cfg, m, P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
                         concept) for m in members]
-    keys = [sweep.member_keys(int(m.seeds[0]))["elicit"] for m in members]
+    keys = [member_keys(int(m.seeds[0]))["elicit"] for m in members]
     recs = [[] for _ in members]
     for s in tqdm(steps, desc="elicit", unit="checkpoint", disable=not progress, dynamic_ncols=True):
-        stacked = sweep.load_state_params(run_dir, s)  # one checkpoint of every member at a time
+        stacked = stack.load_params(run_dir, s)  # one checkpoint of every member at a time
         for i, st in enumerate(settings):
             p = jax.tree.map(lambda a: jnp.asarray(a[i]), stacked)
             recs[i].append(elicit_step(st, p, jax.random.fold_in(keys[i], s)))

@@ -10,10 +10,16 @@
                                   n_samples, cond_dim] (float32), step, rounding_error (float16 only)
     RUN_DIR/params/step_XXXXXXX.npz
                                   stacked parameters (leading member axis) at each evaluation point
+                                  (``save_tree``: an entry per leaf, named by its key path)
+    RUN_DIR/tensorboard/          with train.tensorboard: the scalars of metrics.jsonl as TensorBoard
+                                  events (metrics.jsonl stays the record)
     RUN_DIR/checkpoints/          orbax train-state checkpoints (resume); checkpoints/config.json
                                   a second copy of the config, so a lost config.json is noticed
     RUN_DIR/checkpoints.bad/      checkpoints that failed to restore, moved aside (kept)
     RUN_DIR/.lock                 held (fcntl) by the training process; names its pid and host
+
+Before training, ``prepare`` checks the directory can hold the run (no other config, no
+training files without one) and ``write_run_files`` writes config.json and members.json.
 
 Every file is written whole or not at all: a temporary file in the same directory, flushed and
 fsynced, then renamed over the final name. Readers ignore temporary files; ``metrics.jsonl`` is
@@ -40,6 +46,11 @@ _STEP_FILE = re.compile(r"^step_(\d+)\.npz$")
 
 class RunDirError(ValueError):
     """A run directory (or a file in it) is missing, unreadable or not what was expected."""
+
+
+class RunError(RuntimeError):
+    """A training run cannot start or go on: its directory holds another run or is locked, its
+    step does not fit in memory, its processes disagree. The command line prints it as one line."""
 
 
 class RunWarning(UserWarning):
@@ -217,12 +228,15 @@ def load_samples(run_dir, step) -> dict:
                               "`jaxconcept train` on this directory") from None
 
 
-def load_params(run_dir, step, like):
-    """Stacked parameters at ``step``, restored into the structure of ``like``."""
+def load_tree(path, like, what: str):
+    """A pytree written by ``save_tree``, restored into the structure of ``like`` (arrays or
+    ShapeDtypeStructs; every leaf's shape is checked) as numpy arrays.
+
+    Raises RunDirError: the file is missing, damaged, or holds another structure or shapes."""
     import jax
 
-    p = _step_file(run_dir, "params", step)
-    with _load_npz(p, f"parameters at step {step}") as f:
+    p = Path(path)
+    with _load_npz(p, what) as f:
         flat, treedef = jax.tree_util.tree_flatten_with_path(like)
         try:
             leaves = [f[jax.tree_util.keystr(k)] for k, _ in flat]
@@ -233,6 +247,11 @@ def load_params(run_dir, step, like):
             if tuple(got.shape) != tuple(want.shape):
                 raise RunDirError(f"{p}: {jax.tree_util.keystr(k)} has shape {got.shape}, expected {want.shape}")
         return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_params(run_dir, step, like):
+    """Stacked parameters at ``step`` (``save_params``), restored into the structure of ``like``."""
+    return load_tree(_step_file(run_dir, "params", step), like, f"parameters at step {step}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,13 +286,21 @@ def save_samples(run_dir, step, samples, prompts, dtype: str = "float32", tolera
     return dtype
 
 
-def save_params(run_dir, step, params) -> None:
+def save_tree(path, tree) -> None:
+    """Write a pytree of arrays as one .npz, atomically: an entry per leaf, named by its path
+    (``jax.tree_util.keystr``, e.g. "['net']['dense_0']['kernel']"), as numpy arrays. The one
+    format of parameter files (a run's ``params/``, the probe cache); read back by ``load_tree``."""
     import jax
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-    with atomic(_step_file(run_dir, "params", step), "wb") as f:
+    with atomic(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def save_params(run_dir, step, params) -> None:
+    """The (stacked) parameters of evaluation ``step``: RUN_DIR/params/step_XXXXXXX.npz."""
+    save_tree(_step_file(run_dir, "params", step), params)
 
 
 def append_metrics(run_dir, record: dict) -> None:
@@ -292,3 +319,69 @@ def reconcile_metrics(run_dir, step: int) -> list[dict]:
     with atomic(Path(run_dir) / "metrics.jsonl") as f:
         f.write("".join(json.dumps(clean_json(r), allow_nan=False) + "\n" for r in keep))
     return keep
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing a run directory for training
+# --------------------------------------------------------------------------------------------
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"section.field": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diffs(old: dict, cfg: C.Config) -> list[str]:
+    """Every field in which ``cfg`` differs from ``old`` (a config.json's contents), as
+    "section.field: old -> new"; fields added since ``old`` was written take their defaults."""
+    try:
+        old = C.to_dict(C.from_dict(old))
+    except (C.ConfigError, TypeError, AttributeError):
+        pass
+    old, new = flat_dict(old), flat_dict(C.to_dict(cfg))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def prepare(cfg: C.Config, run_dir: Path) -> None:
+    """Check ``run_dir`` can hold this run (nothing written yet): a directory or nothing, under a
+    writable directory, holding no other run.
+
+    Raises RunError: a file is in the way, the directory holds a run of another config, or
+    training files without a config."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"--out {run_dir}: {parent} is a file, not a directory")
+        if parent.exists():
+            break
+    for name, what in (("config.json", "the run's config"), ("checkpoints/config.json", "a copy of the config")):
+        p = run_dir / name
+        if p.exists():
+            try:
+                old = read_json(p, what)
+            except RunDirError as exc:
+                raise RunError(str(exc)) from None
+            diffs = config_diffs(old, cfg) if isinstance(old, dict) else ["(not a config)"]
+            if diffs:
+                raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
+                               "use another --out, or the same config to resume")
+    trained = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) or any(
+        steps_with(run_dir, sub) for sub in ("samples", "params")) or bool(load_metrics(run_dir))
+    if trained and not (run_dir / "config.json").exists():
+        if not (run_dir / "checkpoints" / "config.json").exists():
+            raise RunError(f"{run_dir} holds training files but no config.json, so the config they were "
+                           "trained with is unknown; restore config.json, or use another --out")
+
+
+def write_run_files(run_dir: Path, cfg: C.Config, members: list[dict]) -> None:
+    """config.json (once; both copies) and members.json (``members``, one record per member,
+    when missing, unreadable or of another length). Process 0 only."""
+    for p in (run_dir / "config.json", run_dir / "checkpoints" / "config.json"):
+        if not p.exists():
+            write_json(p, C.to_dict(cfg), indent=2)
+    try:
+        ok = len(load_members(run_dir)) == len(members)
+    except RunDirError:
+        ok = False
+    if not ok:
+        write_json(run_dir / "members.json", members)

@@ -130,10 +130,10 @@ def test_cli_analyze_refuses_non_runs(tmp_path, capsys):
 
 def test_end_to_end_tiny_vector_run(tmp_path):
     """A real (20-step) training run, then the analysis: well-formed, whatever the model learned."""
-    from jaxconcept import sweep
+    from jaxconcept import loop
 
     cfg = C.preset("vec_tiny")
-    sweep.train(cfg, tmp_path / "run", progress=False)
+    loop.train(cfg, tmp_path / "run", progress=False)
     a = dynamics.analyze_run(tmp_path / "run")
     steps = rundir.steps_with(tmp_path / "run")
     assert a["steps"] == steps and len(a["members"]) == 1

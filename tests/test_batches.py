@@ -1,4 +1,4 @@
-"""The order of training batches (jaxconcept/data/batches.py): ``sweep.draw_batch`` takes exactly the
+"""The order of training batches (jaxconcept/data/batches.py): ``step.draw_batch`` takes exactly the
 rows it took before the order moved into ``batch_indices``, those rows are ``jax.random.permutation``
 read in order, and the host's ``HostBatches`` gives the same rows as the jitted function."""
 import jax
@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, sweep
+from jaxconcept import config as C
+from jaxconcept.step import draw_batch, member_keys
 from jaxconcept.data import batches
 
 
 def old_draw_batch(tc, data, key, step):
-    """``sweep.draw_batch`` as it was written before ``batch_indices`` (kept here to pin its numbers)."""
+    """``step.draw_batch`` as it was written before ``batch_indices`` (kept here to pin its numbers)."""
     n, b = data["x_train"].shape[0], tc.batch_size
     if tc.batches == "replacement":
         idx = jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, step), 1), (b,), 0, n)
@@ -31,8 +32,8 @@ def test_draw_batch_takes_what_it_took_and_the_host_takes_the_same(mode):
     n = 30  # 4 batches per epoch, the last one 6 real rows
     rows = jnp.arange(n, dtype=jnp.float32)[:, None]
     data = {"x_train": jnp.repeat(rows, 3, axis=1), "c_train": -rows}
-    key = sweep.member_keys(7)["train"]
-    new = jax.jit(lambda s: sweep.draw_batch(tc, data, key, s))
+    key = member_keys(7)["train"]
+    new = jax.jit(lambda s: draw_batch(tc, data, key, s))
     old = jax.jit(lambda s: old_draw_batch(tc, data, key, s))
     host = batches.HostBatches(key, n, tc.batch_size, mode)
     for step in range(11):

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 import celeba_fake as F
-from jaxconcept import cli, config as C, data as D, interventions as I, probe as P, rundir, sweep
+from jaxconcept import cli, config as C, data as D, interventions as I, loop, plan, probe as P, rundir, stack
+from jaxconcept.step import draw_batch, member_keys
 from jaxconcept.data import augment, celeba, celeba_source
 
 
@@ -38,7 +39,7 @@ def cfg_for(folder, *sets) -> C.Config:
 
 
 def feed_for(spec, members):
-    return D.host_feed(spec, members, sweep.train_keys(members))
+    return D.host_feed(spec, members, stack.train_keys(members))
 
 
 def test_spec_prompts_and_a_sweep_over_attribute_pairs(folder):
@@ -126,7 +127,7 @@ def test_feed_reads_epochs_without_replacement_resumes_and_never_shows_the_held_
 
 
 def test_feed_and_held_back_sets_of_a_padded_sweep_and_batches_with_replacement(folder):
-    sw = sweep.build(cfg_for(folder, "seeds=[0,1,2]"), jax.devices()[:2])  # 3 members padded to 4
+    sw = plan.build(cfg_for(folder, "seeds=[0,1,2]"), jax.devices()[:2])  # 3 members padded to 4
     assert len(sw.padded) == 4
     out = feed_for(sw.spec, sw.padded)(5, 2)
     assert out["x"].shape[:2] == (4, 2)
@@ -184,7 +185,7 @@ def run(folder, tmp_path_factory):
     """Two seeds trained as one stacked state from the host feed, evaluated twice."""
     cfg = cfg_for(folder, "seeds=[0,1]", "train.steps=4", "eval.steps=[2,4]", "eval.sampler_steps=2")
     run_dir = tmp_path_factory.mktemp("celeba_run") / "run"
-    sw, state = sweep.train(cfg, run_dir, progress=False)
+    sw, state = loop.train(cfg, run_dir, progress=False)
     return cfg, sw, run_dir
 
 
@@ -257,11 +258,11 @@ def test_a_host_fed_member_sees_the_batches_an_on_device_member_would(folder):
         d = celeba.load(cfg.data)
         prompts = D.prompts(sp, D.params(cfg.data))
         on_device = {"x_train": jnp.asarray(np.asarray(d["x_train"])), "c_train": prompts[jnp.asarray(d["y_train"])]}
-        draw = jax.jit(sweep.draw_batch, static_argnums=0)
+        draw = jax.jit(draw_batch, static_argnums=0)
         n = len(d["y_train"])
         got = feed_for(sp, ms)(3, 2 * -(-n // cfg.train.batch_size))  # across an epoch's end
         for i, m in enumerate(ms):
-            key = sweep.member_keys(m.seeds[0])["train"]
+            key = member_keys(m.seeds[0])["train"]
             for j in range(got["x"].shape[1]):
                 x, c, n_valid = draw(cfg.train, on_device, key, jnp.int32(3 + j))
                 np.testing.assert_array_equal(got["x"][i, j], x)
@@ -301,7 +302,7 @@ def test_the_core_library_and_a_prepared_cache_need_no_tensorflow(folder):
 import sys
 sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # as if not installed
 import numpy as np
-from jaxconcept import cli, config as C, sweep, probe
+from jaxconcept import cli, config as C, loop, plan, stack, step, probe
 from jaxconcept.data import celeba
 cfg = C.override(C.preset("celeba_tiny"), ['data.data_dir={json.dumps(str(folder))}'])
 assert celeba.load(cfg.data)["x_train"].shape == (114, 16, 16, 3)

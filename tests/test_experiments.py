@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, rundir
-from jaxconcept import sweep
+from jaxconcept import loop
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.json"))
 
@@ -50,6 +50,6 @@ def test_experiment_validates_and_runs(path, tmp_path, monkeypatch, request):
     if cfg.data.kind == "celeba":  # a generated celeb_a with the same attributes
         monkeypatch.setenv("JAXCONCEPT_DATA_CACHE", str(tmp_path / "cache"))
         cfg = C.override(cfg, [f"data.data_dir={json.dumps(str(request.getfixturevalue('celeb_a')))}"])
-    sw, state = sweep.train(cfg, tmp_path / "run", progress=False)
+    sw, state = loop.train(cfg, tmp_path / "run", progress=False)
     s = rundir.load_samples(tmp_path / "run", 2)["samples"]
     assert s.shape[:3] == (sw.size, sw.spec.n_classes, 1) and np.isfinite(s).all()

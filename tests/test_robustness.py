@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxconcept import cli, rundir, sweep
+from jaxconcept import cli, loop, rundir
 from jaxconcept import config as C
 
 SETS = ["train.steps=24", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[8,16,24]",
@@ -172,43 +172,43 @@ def _cfg(*more):
 def test_a_second_train_on_a_locked_directory_is_refused(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     with rundir.lock(tmp_path / "run"):
-        with pytest.raises(sweep.RunError, match=f"in use by pid {os.getpid()}"):
-            sweep.train(_cfg(), tmp_path / "run", progress=False)
+        with pytest.raises(loop.RunError, match=f"in use by pid {os.getpid()}"):
+            loop.train(_cfg(), tmp_path / "run", progress=False)
         assert cli.main(["train", "--preset", "vec_tiny", "--out", str(tmp_path / "run")] +
                         [a for s in SETS for a in ("--set", s)]) == 2
         assert "in use by" in capsys.readouterr().err
-    sweep.train(_cfg(), tmp_path / "run", progress=False)  # released: a stale lock file is taken over
+    loop.train(_cfg(), tmp_path / "run", progress=False)  # released: a stale lock file is taken over
     assert rundir.steps_with(tmp_path / "run") == [8]
 
 
 def test_damaged_run_files_are_repaired_or_refused_with_one_message(tmp_path):
     run = tmp_path / "run"
     cfg = _cfg()
-    sweep.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     # members.json lost or garbled: rewritten
     (run / "members.json").write_text("{garbage")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "train_lo')  # a half line from a kill
     (run / "samples" / ".step_0000016.npz.1234.tmp").write_bytes(b"partial")  # a leftover temporary file
-    sweep.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     assert len(rundir.load_members(run)) == 2
     assert [r["step"] for r in rundir.load_metrics(run)] == [8]  # the half line is gone
     assert rundir.steps_with(run) == [8]
     # config.json lost: the same config resumes (and rewrites it), another one is refused
     (run / "config.json").unlink()
-    with pytest.raises(sweep.RunError, match=r"train\.lr"):
-        sweep.train(C.override(cfg, ["train.lr=0.01"]), run, progress=False)
-    sweep.train(cfg, run, progress=False)
+    with pytest.raises(loop.RunError, match=r"train\.lr"):
+        loop.train(C.override(cfg, ["train.lr=0.01"]), run, progress=False)
+    loop.train(cfg, run, progress=False)
     assert C.load(run / "config.json") == cfg
     (run / "config.json").unlink()
     (run / "checkpoints" / "config.json").unlink()
-    with pytest.raises(sweep.RunError, match="no config.json"):
-        sweep.train(cfg, run, progress=False)
+    with pytest.raises(loop.RunError, match="no config.json"):
+        loop.train(cfg, run, progress=False)
 
 
 def test_analyze_and_elicit_name_damaged_files(tmp_path, capsys):
     run = tmp_path / "run"
-    sweep.train(_cfg("eval.steps=[4,8]"), run, progress=False)
+    loop.train(_cfg("eval.steps=[4,8]"), run, progress=False)
     (run / "samples" / "step_0000004.npz").write_bytes(b"PK\x03\x04 not really a zip")
     assert cli.main(["analyze", str(run)]) == 2
     err = capsys.readouterr().err
@@ -230,7 +230,7 @@ def test_analyze_counts_nan_samples_as_wrong_and_marks_frozen_members(tmp_path):
 
     run = tmp_path / "run"
     cfg = _cfg("eval.steps=[4,8]")
-    sweep.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     s = rundir.load_samples(run, 8)
     samples = s["samples"].copy()
     samples[1, 0, :5] = np.nan  # member 1, class 0: five samples diverged

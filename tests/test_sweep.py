@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, rundir
-from jaxconcept import sweep
+from jaxconcept import loop, plan, stack
+from jaxconcept.step import draw_batch, eval_loss
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
        "data.n_per_class=16"]
@@ -19,12 +20,12 @@ def _leaves_close(a, b, **tol):
 
 
 def _run_steps(cfg, n, devices=None):
-    sw = sweep.build(cfg, devices)
-    state, data = sweep.init(sw)
+    sw = plan.build(cfg, devices)
+    state, data = stack.init(sw)
     done = 0
     while done < n:
-        k = min(sweep.steps_per_call(cfg), n - done)
-        state, _ = sweep.advance(sw, state, data, k)
+        k = min(stack.steps_per_call(sw), n - done)
+        state, _ = stack.advance(sw, state, data, k)
         done += k
     return sw, state, data
 
@@ -48,11 +49,11 @@ def test_remainders_are_single_steps_bit_identical_and_no_step_is_conditional():
     base = C.override(C.preset("vec_tiny"), VEC)
     states = {}
     for k, splits in ((5, [5, 5, 2, 1]), (1, [1] * 13), (13, [13])):
-        sw = sweep.build(C.override(base, [f"train.steps_per_call={k}"]))
-        state, data = sweep.init(sw)
+        sw = plan.build(C.override(base, [f"train.steps_per_call={k}"]))
+        state, data = stack.init(sw)
         losses = []
         for n in splits:
-            state, loss = sweep.advance(sw, state, data, n)
+            state, loss = stack.advance(sw, state, data, n)
             losses.append(n * np.asarray(loss))
         states[k] = (state, sum(losses) / 13)
         if k == 5:
@@ -66,8 +67,8 @@ def test_remainders_are_single_steps_bit_identical_and_no_step_is_conditional():
 
 def test_members_differ_in_data_and_seed():
     cfg = C.override(C.preset("vec_tiny"), VEC + ["data.m=[[1,1],[1,3]]", "seeds=[0,1]"])
-    sw = sweep.build(cfg)
-    state, data = sweep.init(sw)
+    sw = plan.build(cfg)
+    state, data = stack.init(sw)
     x = np.asarray(data["x_train"])
     assert x.shape[0] == 4
     assert not np.allclose(x[0], x[2])  # different m
@@ -78,17 +79,17 @@ def test_members_differ_in_data_and_seed():
 
 def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.ema=0.5", "train.steps=8", "eval.steps=[8]"])
-    sw = sweep.build(cfg)
-    state, data = sweep.init(sw)
+    sw = plan.build(cfg)
+    state, data = stack.init(sw)
     _leaves_close(state["ema"], state["params"], rtol=0, atol=0)
     ema = jax.tree.map(np.asarray, state["ema"])  # advance donates (deletes) its input state
     for _ in range(2):  # ema <- 0.5 ema + 0.5 params after every step
-        state, _ = sweep.advance(sw, state, data, 1)
+        state, _ = stack.advance(sw, state, data, 1)
         ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, state["params"])
     _leaves_close(state["ema"], ema, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"])))
-    _, final = sweep.train(cfg, tmp_path, progress=False)
-    saved = sweep.load_state_params(tmp_path, 8)
+    _, final = loop.train(cfg, tmp_path, progress=False)
+    saved = stack.load_params(tmp_path, 8)
     _leaves_close(saved, final["ema"], rtol=0, atol=0)
     with pytest.raises(C.ConfigError, match=r"train\.ema"):
         C.override(cfg, ["train.ema=1.0"])
@@ -97,7 +98,7 @@ def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
 def test_image_sweep_runs_and_evaluates(tmp_path):
     cfg = C.override(C.preset("tiny"), ["data.sep_col=[0.2,0.6]", "train.steps=6", "train.steps_per_call=3",
                                         "eval.steps=[3,6]", "data.n_per_class=8"])
-    sw, state = sweep.train(cfg, tmp_path / "run", progress=False)
+    sw, state = loop.train(cfg, tmp_path / "run", progress=False)
     spec = sw.spec
     s = rundir.load_samples(tmp_path / "run", 6)
     assert s["samples"].shape == (2, spec.n_classes, cfg.eval.n_samples, *spec.x_shape)
@@ -119,7 +120,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     members = json.loads((tmp_path / "run" / "members.json").read_text())
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
-    params = sweep.load_state_params(tmp_path / "run", 6)
+    params = stack.load_params(tmp_path / "run", 6)
     _leaves_close(params, state["params"], rtol=0, atol=0)
 
 
@@ -143,12 +144,12 @@ def test_strategies_match_vmap(strategy):
 
 def test_diverging_member_is_frozen_others_carry_on():
     cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
-    sw = sweep.build(cfg)
-    state, data = sweep.init(sw)
+    sw = plan.build(cfg)
+    state, data = stack.init(sw)
     hp = state["opt"][1].hyperparams
     hp["learning_rate"] = hp["learning_rate"].at[1].set(jnp.nan)
     before = jax.tree.map(np.asarray, state["params"])
-    state, loss = sweep.advance(sw, state, data, 4)
+    state, loss = stack.advance(sw, state, data, 4)
     alive = np.asarray(state["alive"])
     assert alive.tolist() == [True, False, True]
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
@@ -159,15 +160,15 @@ def test_diverging_member_is_frozen_others_carry_on():
 
 def test_changed_config_is_refused(tmp_path):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.steps=4", "eval.steps=[4]"])
-    sweep.train(cfg, tmp_path, progress=False)
-    with pytest.raises(sweep.RunError, match=r"train\.lr"):
-        sweep.train(C.override(cfg, ["train.lr=0.01"]), tmp_path, progress=False)
+    loop.train(cfg, tmp_path, progress=False)
+    with pytest.raises(loop.RunError, match=r"train\.lr"):
+        loop.train(C.override(cfg, ["train.lr=0.01"]), tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "emptied"])
 def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(tmp_path, damage):
     cfg = C.override(C.preset("vec_tiny"), VEC)
-    sweep.train(cfg, tmp_path, progress=False)
+    loop.train(cfg, tmp_path, progress=False)
     final = dict(np.load(tmp_path / "params" / "step_0000012.npz"))
     latest = tmp_path / "checkpoints" / "12"
     for f in latest.rglob("*"):
@@ -177,7 +178,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(tmp_path,
             else:
                 f.unlink()
     with pytest.warns(UserWarning, match="step 12 is unreadable") as record:
-        sweep.train(cfg, tmp_path, progress=False)  # falls back to step 8, trains 8 -> 12, saves 12 again
+        loop.train(cfg, tmp_path, progress=False)  # falls back to step 8, trains 8 -> 12, saves 12 again
     assert len([w for w in record if "step 12" in str(w.message)]) == 1  # one line, not a storage dump
     assert (tmp_path / "checkpoints.bad" / "12").is_dir()  # kept for inspection
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [8, 12]
@@ -194,13 +195,13 @@ def test_epoch_batches_read_every_example_once_and_the_last_batch_is_short():
     key = jax.random.PRNGKey(0)
     seen, sizes = [], []
     for step in range(3):
-        x, _, nv = sweep.draw_batch(tc, data, key, jnp.int32(step))
+        x, _, nv = draw_batch(tc, data, key, jnp.int32(step))
         sizes.append(int(nv))
         seen += np.asarray(x[: int(nv), 0]).astype(int).tolist()
     assert sizes == [8, 8, 5] and sorted(seen) == list(range(n))
-    nxt = [np.asarray(sweep.draw_batch(tc, data, key, jnp.int32(s))[0][:, 0]) for s in (3, 4)]
+    nxt = [np.asarray(draw_batch(tc, data, key, jnp.int32(s))[0][:, 0]) for s in (3, 4)]
     assert sorted(np.concatenate(nxt).astype(int).tolist()) != sorted(seen[:16])  # a new shuffle per epoch
-    x, _, nv = sweep.draw_batch(C.override(C.preset("vec_tiny"), ['train.batches="replacement"']).train, data, key, 0)
+    x, _, nv = draw_batch(C.override(C.preset("vec_tiny"), ['train.batches="replacement"']).train, data, key, 0)
     assert nv is None and x.shape == (32, 1)
 
 
@@ -208,20 +209,20 @@ def test_validation_loss_is_the_mean_of_batch_means_over_the_whole_set():
     from jaxconcept import data as D, diffusion
 
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.batch_size=4"])
-    sw = sweep.build(cfg, jax.devices()[:1])
-    state, data = sweep.init(sw)
+    sw = plan.build(cfg, jax.devices()[:1])
+    state, data = stack.init(sw)
     params = jax.tree.map(lambda a: a[0], state["params"])
     x, c = data["x_val"][0], data["c_val"][0]  # 3 classes x 2 validation examples: batches of 4 + 2
     assert x.shape[0] == 6
     key = jax.random.PRNGKey(4)
-    got = sweep.eval_loss(cfg, sw.spec, sw.apply_fn, params, x, c, key)
+    got = eval_loss(cfg, sw.spec, sw.apply_fn, params, x, c, key)
     kw = dict(train=False, null_cond=D.null_cond(sw.spec))
     first = diffusion.loss_fn(sw.apply_fn, cfg.model, params, x[:4], c[:4], jax.random.fold_in(key, 0), **kw)[0]
     # the short last batch: 2 real rows, padded to 4 with rows that must not count (garbage here)
     xs, cs = jnp.concatenate([x[4:], 1e3 * jnp.ones_like(x[:2])]), jnp.concatenate([c[4:], c[:2]])
     last = diffusion.loss_fn(sw.apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, 1), n_valid=2, **kw)[0]
     np.testing.assert_allclose(got, (first + last) / 2, rtol=1e-5)
-    with_4 = sweep.eval_loss(C.override(cfg, ["eval.val_batches=4"]), sw.spec, sw.apply_fn, params, x, c, key)
+    with_4 = eval_loss(C.override(cfg, ["eval.val_batches=4"]), sw.spec, sw.apply_fn, params, x, c, key)
     assert np.isfinite(with_4) and not np.isclose(with_4, got)  # random batches are another estimate
 
 
@@ -237,11 +238,11 @@ def test_padding_keeps_every_device_and_changes_nothing():
 
 def test_padded_run_writes_only_real_members_and_resumes_on_other_devices(tmp_path):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2,3,4]"])
-    sweep.train(cfg, tmp_path, progress=False, devices=jax.devices()[:3], stop_after=8)  # padded to 6
+    loop.train(cfg, tmp_path, progress=False, devices=jax.devices()[:3], stop_after=8)  # padded to 6
     assert rundir.load_samples(tmp_path, 4)["samples"].shape[0] == 5
-    _, state = sweep.train(cfg, tmp_path, progress=False, devices=jax.devices()[:1])  # resumed unpadded
+    _, state = loop.train(cfg, tmp_path, progress=False, devices=jax.devices()[:1])  # resumed unpadded
     full = tmp_path / "full"
-    _, ref = sweep.train(cfg, full, progress=False, devices=jax.devices()[:1])
+    _, ref = loop.train(cfg, full, progress=False, devices=jax.devices()[:1])
     _leaves_close(state["params"], ref["params"], rtol=1e-6, atol=1e-7)
 
 
@@ -250,16 +251,25 @@ def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
                                                    # activations, not the stacked state, must dominate (as in a U-Net)
                                                    "train.batch_size=1024", "data.n_per_class=1024"])
     dev = jax.devices()[:1]
-    need = sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="vmap"']), dev))
-    chunk = {c: sweep.step_memory(sweep.build(C.override(cfg, ['train.strategy="map"', f"train.map_batch_size={c}"]),
+    need = plan.step_memory(plan.build(C.override(cfg, ['train.strategy="vmap"']), dev))
+    chunk = {c: plan.step_memory(plan.build(C.override(cfg, ['train.strategy="map"', f"train.map_batch_size={c}"]),
                                                dev)) for c in (2, 4)}
     assert chunk[2] < chunk[4] < need
-    budget = (chunk[2] + chunk[4]) / 2 / sweep.HEADROOM  # vmap of 8 and chunks of 4 do not fit, chunks of 2 do
-    auto = sweep.build(C.override(cfg, [f"train.memory_budget={budget}"]), dev)
-    assert auto.strategy == "auto" and auto.resolved.strategy == "map" and auto.resolved.chunk <= 2
-    assert sweep.step_memory(auto.resolved) <= sweep.HEADROOM * budget
+    budget = (chunk[2] + chunk[4]) / 2 / plan.HEADROOM  # vmap of 8 and chunks of 4 do not fit, chunks of 2 do
+    auto = plan.build(C.override(cfg, [f"train.memory_budget={budget}"]), dev)
+    assert auto.strategy == "map" and auto.chunk <= 2
+    assert plan.step_memory(auto) <= plan.HEADROOM * budget
     _, a, _ = _run_steps(C.override(cfg, [f"train.memory_budget={budget}"]), 4, dev)
     _, b, _ = _run_steps(C.override(cfg, ['train.strategy="vmap"']), 4, dev)
     _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
-    with pytest.raises(sweep.RunError, match="more than"):
-        _ = sweep.build(C.override(cfg, ["train.memory_budget=1000"]), dev).resolved
+    with pytest.raises(loop.RunError, match="more than"):
+        plan.build(C.override(cfg, ["train.memory_budget=1000"]), dev)
+
+
+def test_the_cpu_choice_is_made_once_where_the_sweep_is_built():
+    tiny = C.override(C.preset("tiny"), ['train.strategy="unroll"'])
+    assert stack.build(tiny).loop_safe and stack.steps_per_call(stack.build(tiny)) == 5  # explicit convs on CPU
+    xla = stack.build(C.override(tiny, ['model.conv="xla"']))
+    assert not xla.loop_safe and stack.steps_per_call(xla) == 1  # XLA's conv gradients are slow in loops on CPU
+    with pytest.raises(ValueError, match="plan.build"):
+        stack.build(C.preset("tiny"))  # "auto" is the plan's to resolve

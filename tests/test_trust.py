@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import cli, data as D, elicit, probe as P, rundir, sweep
+from jaxconcept import cli, data as D, elicit, loop, plan, probe as P, rundir, stack
+from jaxconcept.step import member_keys
 from jaxconcept import config as C
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -67,10 +68,10 @@ def test_a_model_equally_good_at_every_strength_is_reported_at_that_accuracy(n_s
 def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = C.override(C.preset("vec_tiny"), TINY + ["train.steps=3", "train.steps_per_call=1", "eval.steps=[0,1,2,3]"])
-    sweep.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     events, keys = [], []
-    load, step_fn = sweep.load_state_params, elicit.elicit_step
-    monkeypatch.setattr(sweep, "load_state_params", lambda r, s: (events.append(("load", s)), load(r, s))[1])
+    load, step_fn = stack.load_params, elicit.elicit_step
+    monkeypatch.setattr(stack, "load_params", lambda r, s: (events.append(("load", s)), load(r, s))[1])
 
     def spy(st, params, key, *a):
         events.append(("elicit", len(events)))
@@ -80,8 +81,8 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
     out = elicit.elicit_run(run, progress=False)
     assert out["steps"] == [0, 1, 2, 3]
     assert [e[0] for e in events] == ["load", "elicit"] * 4  # every checkpoint read, used, then the next
-    streams = {tuple(np.asarray(k).ravel()) for k in sweep.member_keys(0).values()}
-    streams |= {tuple(np.asarray(jax.random.fold_in(sweep.member_keys(0)["sample"], s)).ravel()) for s in range(4)}
+    streams = {tuple(np.asarray(k).ravel()) for k in member_keys(0).values()}
+    streams |= {tuple(np.asarray(jax.random.fold_in(member_keys(0)["sample"], s)).ravel()) for s in range(4)}
     for k in keys:
         for sub in (0, 1):  # the selection and the reporting samples
             assert tuple(np.asarray(jax.random.fold_in(k, sub)).ravel()) not in streams
@@ -196,13 +197,13 @@ def _fake_host(root: Path, free_kb: int, avail_kb: int, cgroup=None):
 
 def test_host_memory_is_what_the_kernel_calls_available_within_a_cgroup_limit(tmp_path):
     _fake_host(tmp_path / "a", free_kb=4_500_000, avail_kb=23_000_000)
-    got, source = sweep.host_available_memory(str(tmp_path / "a"))
+    got, source = plan.host_available_memory(str(tmp_path / "a"))
     assert got == 23_000_000 * 1024 and "MemAvailable" in source  # not MemFree (4.3 GiB)
     _fake_host(tmp_path / "b", 4_500_000, 23_000_000, cgroup=(8 << 30, 6 << 30, 3 << 30))
-    got, source = sweep.host_available_memory(str(tmp_path / "b"))
+    got, source = plan.host_available_memory(str(tmp_path / "b"))
     assert got == (8 << 30) - ((6 << 30) - (3 << 30)) and "cgroup" in source  # page cache is reclaimable there too
     _fake_host(tmp_path / "c", 4_500_000, 23_000_000, cgroup=("max", 1, 0))
-    assert sweep.host_available_memory(str(tmp_path / "c"))[0] == 23_000_000 * 1024
+    assert plan.host_available_memory(str(tmp_path / "c"))[0] == 23_000_000 * 1024
 
 
 def test_auto_compiles_the_step_it_measured_once(monkeypatch):
@@ -215,24 +216,24 @@ def test_auto_compiles_the_step_it_measured_once(monkeypatch):
     dev = jax.devices()[:1]
 
     def run(strategy, budget):
-        sw = sweep.build(C.override(cfg, [f'train.strategy="{strategy}"', f"train.memory_budget={budget}"]), dev)
-        n0 = len(lowered)
-        state, data = sweep.init(sw)
+        n0 = len(lowered)  # before build: "auto" plans (and compiles what it measures) there
+        sw = plan.build(C.override(cfg, [f'train.strategy="{strategy}"', f"train.memory_budget={budget}"]), dev)
+        state, data = stack.init(sw)
         for _ in range(2):
-            state, loss = sweep.advance(sw, state, data, 2)
+            state, loss = stack.advance(sw, state, data, 2)
         jax.block_until_ready(loss)
         return len(lowered) - n0, sw
 
     run("vmap", 0)  # warm every small helper program
     explicit, _ = run("vmap", 0)
     planned, sw = run("auto", 1e12)
-    assert sw.resolved.strategy == "vmap" and planned == explicit, (planned, explicit)
+    assert sw.strategy == "vmap" and planned == explicit, (planned, explicit)
 
 
 def test_a_step_that_does_not_fit_names_each_plan_and_what_to_set():
     cfg = C.override(C.preset("vec_tiny"), TINY + ["seeds=[0,1,2,3]", "train.memory_budget=1000"])
-    with pytest.raises(sweep.RunError) as err:
-        _ = sweep.build(cfg, jax.devices()[:1]).resolved
+    with pytest.raises(loop.RunError) as err:
+        plan.build(cfg, jax.devices()[:1])
     msg = str(err.value)
     assert "4 member(s) per device" in msg and "vmap of 4 members" in msg and "train.memory_budget" in msg
     assert "one member's training step" not in msg
@@ -275,17 +276,17 @@ def test_image_probe_meets_its_bar_at_the_corners_of_the_class_boxes(monkeypatch
 # --------------------------------------------------------------------------------------------
 def test_a_run_whose_every_member_froze_leaks_no_numpy_warning(tmp_path, monkeypatch):
     cfg = C.override(C.preset("vec_tiny"), TINY + ["seeds=[0,1]"])
-    real_init = sweep.init_member
+    real_init = stack.init_member
 
     def nan_lr(*a, **k):  # every member's learning rate NaN: each step is refused, every member frozen
         state = real_init(*a, **k)
         state["opt"][1].hyperparams["learning_rate"] = jnp.float32(jnp.nan)
         return state
-    monkeypatch.setattr(sweep, "init_member", nan_lr)
+    monkeypatch.setattr(stack, "init_member", nan_lr)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         warnings.simplefilter("ignore", rundir.RunWarning)
-        sweep.train(cfg, tmp_path / "run", progress=False)
+        loop.train(cfg, tmp_path / "run", progress=False)
     assert all(all(r["frozen"]) for r in rundir.load_metrics(tmp_path / "run"))
 
 

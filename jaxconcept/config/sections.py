@@ -159,6 +159,8 @@ class TrainConfig:
     strategy: Literal["auto", "vmap", "map", "unroll"] = "auto"  # how members are stacked ("map": chunks)
     map_batch_size: PosInt = 1  # members per chunk for strategy "map"
     memory_budget: NonNeg = 0.0  # bytes of device memory "auto" may plan for (0 = the device's free memory)
+    # also write metrics.jsonl's scalars to RUN_DIR/tensorboard (tensorboardX: the "tensorboard" extra)
+    tensorboard: bool = False
 
 
 @section("eval")

@@ -1,4 +1,4 @@
-"""The order of training batches: one function for the engine's on-device draw (``sweep.draw_batch``)
+"""The order of training batches: one function for the engine's on-device draw (``step.draw_batch``)
 and for the host feed of host-fed kinds, so that a member sees the same batches either way.
 
 ``batch_indices`` is written with jax ops and runs inside the jitted step. ``HostBatches`` runs the

@@ -19,13 +19,14 @@ from jaxconcept.nets.unet import UNet
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build(model_cfg, spec) -> nn.Module:
+def build(model_cfg, spec, backend: str | None = None) -> nn.Module:
     """The score network of ``model_cfg`` (a ``config.ModelConfig``) for data of ``spec``.
 
     Args:
       model_cfg: ``arch`` "unet" (images) or "mlp" (vectors) and its sizes; ``init_scale`` is
-        applied by ``diffusion.init_params``, not here. ``conv`` "auto" is resolved here, for the
-        default backend (``convs.resolve``: "explicit" on CPU, "xla" elsewhere).
+        applied by ``diffusion.init_params``, not here. ``conv`` "auto" is resolved here, for
+        ``backend`` (default: JAX's default backend; ``convs.resolve``: "explicit" on CPU, "xla"
+        elsewhere).
       spec: the ``data.DataSpec``; its ``kind`` must match the architecture.
     Returns:
       An unbound Flax module.
@@ -40,13 +41,16 @@ def build(model_cfg, spec) -> nn.Module:
     return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, num_heads=m.num_heads,
                 norm_groups=m.norm_groups, dropout=m.dropout, mid_attention=m.mid_attention,
                 time_embed_dim=m.time_embed_dim, embed_dim=m.embed_dim, conditioning=m.conditioning,
-                dtype=DTYPES[m.dtype], conv_impl=convs.resolve(m.conv))
+                dtype=DTYPES[m.dtype], conv_impl=convs.resolve(m.conv, backend))
 
 
-def loop_safe(model_cfg) -> bool:
+def loop_safe(model_cfg, backend: str | None = None) -> bool:
     """Whether ``model_cfg``'s network runs at full speed inside XLA loops (scan, fori_loop, map) on
-    the default backend: not a U-Net with XLA's own convolutions on CPU (``convs.loop_safe``)."""
-    return model_cfg.arch != "unet" or convs.loop_safe(model_cfg.conv)
+    ``backend`` (default: JAX's default backend): not a U-Net with XLA's own convolutions on CPU
+    (``convs.loop_safe``; its convolution gradients run 10-170x slower inside a loop,
+    jax-ml/jax#12868). Decided once, where a sampler or a sweep is built, and passed down to
+    ``diffusion.sample``, ``step.eval_loss`` and ``stack.steps_per_call`` as a static flag."""
+    return model_cfg.arch != "unet" or convs.loop_safe(model_cfg.conv, backend)
 
 
 def example_inputs(spec, batch: int = 1):

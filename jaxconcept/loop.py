@@ -1,0 +1,238 @@
+"""The training driver: ``train(cfg, run_dir)`` trains a sweep into a run directory, with
+evaluation, checkpoints, progress, metrics and resume.
+
+The steps between the start (or the restored checkpoint) and the end are cut at the stops of a
+``Schedule`` (a pure function of the config and the start: evaluation points, checkpoints, the
+end); between stops ``stack.advance`` runs K steps a call. At every stop one record goes to
+RUN_DIR/metrics.jsonl (the record; with ``train.tensorboard`` also to RUN_DIR/tensorboard), at
+evaluation points the samples and parameters are written, at checkpoints the train state.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxconcept import checkpoint, config as C, data as D, plan, rundir, stack
+from jaxconcept.rundir import RunError
+from jaxconcept.step import eval_params
+
+__all__ = ["RunError", "Schedule", "schedule", "train", "check_processes_agree"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a run (re)started at ``start`` stops between calls to ``advance``."""
+
+    eval_first: bool  # evaluate the initial state (step 0 is an evaluation point and the run starts at 0)
+    stops: tuple  # increasing steps > start at which training pauses and a metrics record is written
+    evals: frozenset  # the stops at which samples (and parameters) are evaluated and written
+    checkpoints: frozenset  # the stops at which the train state is checkpointed
+
+
+def schedule(eval_steps, total: int, checkpoint_every: int, start: int = 0, stop_after: int | None = None) -> Schedule:
+    """The stops of a run of ``total`` steps restarted at ``start``: every evaluation point, every
+    multiple of ``checkpoint_every`` and the end, those after ``start``; with ``stop_after``, those
+    before it and ``stop_after`` itself (checkpointed). Pure: the same arguments, the same stops,
+    which is what makes a resumed run the uninterrupted one."""
+    evals = [s for s in eval_steps if s > start or (s == 0 and start == 0)]
+    eval_first = bool(evals) and evals[0] == 0
+    evals = evals[1:] if eval_first else evals
+    stops = sorted(set(evals) | set(range(checkpoint_every, total + 1, checkpoint_every)) | {total})
+    stops = [s for s in stops if s > start]
+    if stop_after is not None:
+        stops = sorted({s for s in stops if s < stop_after} | ({stop_after} if stop_after > start else set()))
+    ckpts = frozenset(s for s in stops if s % checkpoint_every == 0 or s == total or s == stop_after)
+    return Schedule(eval_first, tuple(stops), frozenset(evals) & set(stops), ckpts)
+
+
+def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_after: int | None = None):
+    """Train the sweep ``cfg`` into ``run_dir`` with evaluation, checkpoints and resume.
+
+    Running the same command again continues from the newest readable checkpoint and ends with
+    the same parameters and samples as an uninterrupted run. Only process 0 writes files; every
+    process runs this function (multi-host sweeps).
+
+    Args:
+      cfg: the (sweep) config.
+      run_dir: output directory (created; must hold the same config if it exists).
+      progress: show a tqdm progress bar.
+      devices: devices for the model axis (default: all).
+      stop_after: stop (after checkpointing) once this step is reached; for tests and budgets.
+    Returns:
+      (sweep, final stacked state) — the state holds the padded members.
+    Raises:
+      RunError: the directory holds another run, is locked by another process, or cannot be
+        written; no stacking fits in memory; the processes of a multi-process run disagree.
+    """
+    run_dir = Path(run_dir)
+    if jax.process_count() > 1:
+        check_processes_agree(cfg)
+    if cfg.train.tensorboard:
+        _summary_writer()  # missing tensorboardX is refused before anything is written
+    rundir.prepare(cfg, run_dir)
+    lead = jax.process_index() == 0
+    try:
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with rundir.lock(run_dir) if lead else contextlib.nullcontext():
+            return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after)
+    except rundir.RunDirError as exc:
+        raise RunError(str(exc)) from None
+    except OSError as exc:
+        raise RunError(f"cannot write the run directory {run_dir}: {exc.strerror or exc} "
+                       f"({exc.filename or run_dir})") from None
+
+
+def check_processes_agree(cfg: C.Config) -> None:
+    """Every process of a multi-process run compares its resolved config and the versions of
+    jaxconcept and jax with every other's (a collective: all processes call it), and all refuse
+    together, naming the fields that differ, before anything is written.
+
+    Raises RunError naming, per differing process, each field with process 0's value and its own.
+    """
+    import json
+
+    from jax.experimental import multihost_utils
+
+    import jaxconcept
+
+    mine = {"config": C.to_dict(cfg), "jaxconcept": jaxconcept.__version__, "jax": jax.__version__}
+    blob = np.frombuffer(json.dumps(mine, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    runs = [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)]
+    problems = []
+    for i, other in enumerate(runs[1:], 1):
+        diffs = [f"{k} {runs[0][k]} vs {other[k]}" for k in ("jaxconcept", "jax") if other[k] != runs[0][k]]
+        flat0, flat = rundir.flat_dict(runs[0]["config"]), rundir.flat_dict(other["config"])
+        diffs += [f"{k} {flat0.get(k)!r} vs {flat.get(k)!r}" for k in sorted(set(flat0) | set(flat))
+                  if flat0.get(k) != flat.get(k)]
+        if diffs:
+            problems.append(f"process {i}: " + ", ".join(diffs))
+    if problems:
+        raise RunError(f"the {len(runs)} processes of this run disagree (process 0's value vs theirs): "
+                       + "; ".join(problems) + "; start every process with the same config and versions")
+
+
+def member_records(members) -> list[dict]:
+    """members.json: per member config, its index, sweep settings and concept signals."""
+    return [{"index": i, **C.sweep_settings(m), "signal": {k: float(v) for k, v in D.concept_signal(m.data).items()}}
+            for i, m in enumerate(members)]
+
+
+def _train(cfg, run_dir, *, progress, devices, stop_after):
+    from tqdm.auto import tqdm
+
+    lead = jax.process_index() == 0
+    sw = plan.build(cfg, devices)
+    if lead:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        rundir.write_run_files(run_dir, cfg, member_records(sw.members))
+    state, data = stack.init(sw)
+    mngr, start, restored = checkpoint.restore_padded(run_dir / "checkpoints", cfg.train.keep_checkpoints, state,
+                                                      sw.size, lambda a: stack.put(sw, a))
+    if restored is not None:
+        state = restored
+    start = start or 0
+    if lead:
+        rundir.reconcile_metrics(run_dir, start)
+    feed = D.host_feed(sw.spec, sw.padded, stack.train_keys(sw.padded)) if sw.host_fed else None
+    sched = schedule(C.eval_steps(cfg), cfg.train.steps, cfg.train.checkpoint_every, start, stop_after)
+    board = _tensorboard(run_dir, start) if cfg.train.tensorboard and lead else None
+    if sched.eval_first:
+        _evaluate_and_save(sw, state, data, 0, run_dir)
+
+    k = stack.steps_per_call(sw)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    step, t0, frozen_reported = start, time.time(), set()
+    for stop in sched.stops:
+        losses = []
+        while step < stop:
+            n = min(k, stop - step)
+            state, loss = stack.advance(sw, state, data, n, None if feed is None else feed(step, k))
+            losses.append((n, loss))
+            step += n
+            bar.update(n)
+        loss = sw.real(sum(n * stack.host(lv) for n, lv in losses) / sum(n for n, _ in losses))
+        alive = sw.real(stack.host(state["alive"]))
+        rate = (step - start) / max(time.time() - t0, 1e-9)
+        bar.set_postfix({"loss": f"{np.mean(loss[alive]):.3f}" if alive.any() else "all frozen",
+                         "model-steps/s": f"{rate * sw.size:.1f}"})
+        for i in np.flatnonzero(~alive):
+            if i not in frozen_reported:
+                frozen_reported.add(int(i))
+                rundir.warn(f"member {i} ({_describe(sw.members[i])}) diverged (non-finite loss) by step "
+                            f"{step}; it is frozen, the others carry on")
+        record = {"step": step, "train_loss": [float(v) for v in loss], "frozen": [bool(not a) for a in alive],
+                  "steps_per_s": rate}
+        if step in sched.evals:
+            record["val_loss"], record["test_loss"] = _evaluate_and_save(sw, state, data, step, run_dir)
+        if lead:
+            rundir.append_metrics(run_dir, record)
+            if board is not None:
+                _write_scalars(board, record)
+        if step in sched.checkpoints:
+            checkpoint.save_real(mngr, step, state, sw.size)
+    bar.close()
+    mngr.close()
+    if board is not None:
+        board.close()
+    return sw, state
+
+
+def _evaluate_and_save(sw, state, data, step, run_dir):
+    """Evaluate every member at ``step``; process 0 writes its samples (and parameters).
+    Returns (val losses, test losses) of the real members as lists."""
+    samples, prompts, val, test = stack.evaluate(sw, state, data, step)
+    samples, prompts = sw.real(stack.host(samples)), sw.real(stack.host(prompts))  # every process gathers
+    val, test = sw.real(stack.host(val)), sw.real(stack.host(test))
+    ec = sw.cfg.eval
+    params = jax.tree.map(lambda a: sw.real(stack.host(a)), eval_params(state)) if ec.save_params else None
+    if jax.process_index() == 0:
+        tol = min(D.storage_tolerance(sw.spec, D.params(m.data)) for m in sw.members)
+        rundir.save_samples(run_dir, step, samples, prompts, ec.sample_dtype, tol)
+        if params is not None:
+            rundir.save_params(run_dir, step, params)
+    return [float(v) for v in val], [float(v) for v in test]
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter. Raises RunError when tensorboardX is not installed."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise RunError("train.tensorboard=true needs tensorboardX: pip install 'jaxconcept[tensorboard]'") from None
+    return SummaryWriter
+
+
+def _tensorboard(run_dir: Path, start: int):
+    """A writer of RUN_DIR/tensorboard; the events an interrupted run wrote after ``start`` (the
+    restored step) are purged, as those steps are trained and written again."""
+    return _summary_writer()(str(run_dir / "tensorboard"), purge_step=start + 1)
+
+
+def _write_scalars(board, record: dict) -> None:
+    """The scalars of one metrics record: <name>/member_<i> for each per-member list, and
+    steps_per_s."""
+    step = record["step"]
+    for name in ("train_loss", "val_loss", "test_loss"):
+        for i, v in enumerate(record.get(name, ())):
+            board.add_scalar(f"{name}/member_{i}", v, step)
+    board.add_scalar("steps_per_s", record["steps_per_s"], step)
+    board.flush()
+
+
+def _describe(m: C.Config) -> str:
+    d = m.data
+    if d.kind == "images":
+        return f"sep_col={d.sep_col}, sep_size={d.sep_size}, seed={m.seeds[0]}"
+    if d.kind == "celeba":
+        return f"attributes={list(d.attributes)}, seed={m.seeds[0]}"
+    return f"m={list(d.m)}, s={list(d.s)}, seed={m.seeds[0]}"
