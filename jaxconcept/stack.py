@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import config as C, data as D, diffusion, nets, rundir
-from jaxconcept.step import eval_loss, eval_params, init_member, member_keys, train_step
+from jaxconcept.step import call_rows, eval_loss, eval_params, init_member, member_keys, train_step
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
@@ -208,6 +208,11 @@ def _advance_local(sw: Sweep, state, data, batches, n: int):
 
     if n == 1:
         return stacked_step(state, data, batch(0))
+    if batches is None and sw.cfg.train.batches == "epochs":  # on-device data: this call's rows, the
+        # epochs' permutations computed once per call (``call_rows``), each step's batch gathered below
+        idx, n_valid = sw.over_members(lambda st, d: call_rows(sw.cfg.train, d, st["key"], st["step"], n))(state, data)
+        take = sw.over_members(lambda d, i: {"x": d["x_train"][i], "c": d["c_train"][i]})
+        batch = lambda i: {**take(data, idx[:, i]), "n": n_valid[:, i]}  # noqa: E731
 
     def body(st, i):  # the barriers keep XLA from fusing across steps: a scanned step is
         # bit for bit the one-step program (without them a scalar's AdamW moment moved an ulp)
