@@ -76,11 +76,8 @@ def call_rows(tc: C.TrainConfig, data: dict, key, step0, n: int):
     first = step0 // per_epoch
     epochs = first + jnp.arange((n - 1) // per_epoch + 2)  # every epoch a call of n steps can touch
     perms = jax.vmap(lambda e: epoch_permutation(key, e, size))(epochs)  # [E, size]
-
-    def rows(step):
-        idx, n_valid = batch_indices(key, step, size, b, tc.batches, perm=perms[step // per_epoch - first])
-        return idx, n_valid
-    return jax.vmap(rows)(step0 + jnp.arange(n))
+    return jax.vmap(lambda step: batch_indices(key, step, size, b, tc.batches, perm=perms[step // per_epoch - first]))(
+        step0 + jnp.arange(n))
 
 
 def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dict, batch: dict | None = None):
