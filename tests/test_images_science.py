@@ -41,3 +41,15 @@ def test_held_out_colour_is_learned_sooner_with_more_colour_signal(tmp_path):
     # The same holds for the blue training class, whose colour is the one the held-out class needs.
     blue = [np.mean(m["accuracy"]["blue-large"]["colour"]) for m in by_sep]
     assert blue[1] > blue[0] + 0.15, blue
+
+
+def test_demo_images_runs_the_study_config():
+    """`jaxconcept demo --images` trains experiments/images_cpu.json (overrides on top of it)."""
+    from jaxconcept import config as C, demo
+
+    cfg = demo.demo_config(images=True)
+    members = C.members(cfg)
+    assert cfg.name == "images_cpu" and cfg.data.image_size == 16 and len(members) == 8
+    assert sorted({m.data.sep_col for m in members}) == [0.35, 0.5, 0.65, 0.8]
+    assert C.members(demo.demo_config(["seeds=[0]"], images=True))[0].train.steps == cfg.train.steps
+    assert len(C.members(demo.demo_config(["seeds=[0]"], images=True))) == 4
