@@ -1,6 +1,6 @@
 """Where a U-Net training step's convolution time goes: every convolution of the network timed
 alone (forward, input gradient, kernel gradient), in JAX's formulations and in PyTorch, and the
-matmul ceiling of the machine, in one run.
+matmul ceiling of the machine, in one run, and the step rate that ceiling allows.
 
     python benchmarks/conv_bench.py                        # the 2x2 U-Net (batch 64)
     python benchmarks/conv_bench.py --preset 2x2_small --torch
@@ -121,8 +121,9 @@ def main():
     cfg = C.preset(a.preset)
     found = network_convs(cfg)
     impls = a.impl.split(",")
+    peak = matmul_rate()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; preset {a.preset}, batch {cfg.train.batch_size}; "
-          f"2048^2 float32 matmul: {matmul_rate() / 1e9:.0f} GFLOP/s", flush=True)
+          f"2048^2 float32 matmul: {peak / 1e9:.0f} GFLOP/s", flush=True)
     cols = [*impls] + (["torch"] if a.torch else [])
     if a.torch:
         import torch
@@ -145,6 +146,8 @@ def main():
         parts = ", ".join(f"{p} {v:.2f} s" for p, v in totals[c].items())
         print(f"  {c:>9}: {s:.2f} s ({parts}): {3 * total_flops / s / 1e9:.0f} GFLOP/s, "
               f"at most {1 / s:.3f} steps/s from convolutions alone")
+    print(f"  every convolution at the matmul's {peak / 1e9:.0f} GFLOP/s: {3 * total_flops / peak:.2f} s, "
+          f"at most {peak / (3 * total_flops):.3f} steps/s (the floor for this arithmetic on this machine)")
 
 
 if __name__ == "__main__":
