@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")
     p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo_images)")
     p.add_argument("--images", action="store_true",
-                   help="the CPU image study instead (experiments/images_cpu.json: 8 U-Nets, about 41 min on 2 cores)")
+                   help="the CPU image study instead (experiments/images_cpu.json: 8 U-Nets, about 38 min on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set 'data.m=[2,0.25]'")

@@ -56,7 +56,7 @@ def demo_config(extra_sets=(), images: bool = False) -> C.Config:
 def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = False) -> dict:
     """Train, analyse and elicit the demo sweep into ``out``; returns the paths of the figures.
 
-    ``images``: the CPU image study (experiments/images_cpu.json, about 41 min on 2 cores) instead
+    ``images``: the CPU image study (experiments/images_cpu.json, about 38 min on 2 cores) instead
     of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
     the demo). A run directory holding the same config resumes.
     """
