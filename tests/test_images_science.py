@@ -2,7 +2,7 @@
 of it: the held-out class (blue-small) learns its colour sooner when the colour signal is larger.
 
 Two members of ``2x2_small`` (16x16 images, the small U-Net), sep_col 0.2 and 0.8, one seed,
-500 steps at lr 4e-3 (the study's lr 1e-3 needs thousands of steps; at 4e-3 the colours come
+500 steps at lr 4e-3 (the study at lr 2e-3 needs a thousand steps and more; at 4e-3 the colours come
 within a few hundred, in a noisier way), evaluated at steps 300, 400 and 500. Like the vector demo's
 science test it runs the command line in a fresh process with XLA's default flags (the suite's
 conftest turns backend optimisation off, which makes a U-Net several times slower).
