@@ -6,6 +6,7 @@ manager is rebuilt, so the intact earlier steps restore and the next save of tha
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -21,7 +22,33 @@ logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at IN
 def manager(directory, keep: int) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the ``keep`` newest steps under ``directory``."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=opts)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=opts,
+                                 item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _fields(tree) -> set:
+    """The top-level field names of a state (a dict, a dataclass or orbax's tree metadata)."""
+    if hasattr(tree, "keys"):
+        return set(tree.keys())
+    return {f.name for f in dataclasses.fields(tree)}
+
+
+def check_layout(mngr: ocp.CheckpointManager, step: int, like) -> None:
+    """Refuse a checkpoint whose train state has other fields than ``like`` (one written by an
+    earlier jaxconcept, e.g. with a per-leaf optimiser state), instead of treating it as damaged.
+
+    Raises rundir.RunDirError naming both layouts and what still works."""
+    try:
+        got = _fields(mngr.item_metadata(step))
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore that follows reports it
+        return
+    want = _fields(like)
+    if got != want:
+        raise rundir.RunDirError(
+            f"the checkpoint at step {step} in {mngr.directory} holds a train state with the fields "
+            f"{', '.join(sorted(got))}, not this version's {', '.join(sorted(want))} (it was written by an earlier "
+            "jaxconcept); its samples and parameters stay readable by `jaxconcept analyze` and `elicit`; to train "
+            "further, use the version that wrote it, or start a new run directory")
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -79,6 +106,7 @@ def restore_latest(directory, keep: int, like):
     mngr = manager(directory, keep)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     for step in sorted(mngr.all_steps(), reverse=True):
+        check_layout(mngr, step, like)
         try:
             state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
             jax.block_until_ready(state)

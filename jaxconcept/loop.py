@@ -161,7 +161,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
             step += n
             bar.update(n)
         loss = sw.real(sum(n * stack.host(lv) for n, lv in losses) / sum(n for n, _ in losses))
-        alive = sw.real(stack.host(state["alive"]))
+        alive = sw.real(stack.host(state.alive))
         rate = (step - start) / max(time.time() - t0, 1e-9)
         bar.set_postfix({"loss": f"{np.mean(loss[alive]):.3f}" if alive.any() else "all frozen",
                          "model-steps/s": f"{rate * sw.size:.1f}"})
@@ -194,7 +194,7 @@ def _evaluate_and_save(sw, state, data, step, run_dir):
     samples, prompts = sw.real(stack.host(samples)), sw.real(stack.host(prompts))  # every process gathers
     val, test = sw.real(stack.host(val)), sw.real(stack.host(test))
     ec = sw.cfg.eval
-    params = jax.tree.map(lambda a: sw.real(stack.host(a)), eval_params(state)) if ec.save_params else None
+    params = sw.layout.unravel(sw.real(stack.host(eval_params(state)))) if ec.save_params else None
     if jax.process_index() == 0:
         tol = min(D.storage_tolerance(sw.spec, D.params(m.data)) for m in sw.members)
         rundir.save_samples(run_dir, step, samples, prompts, ec.sample_dtype, tol)

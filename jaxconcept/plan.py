@@ -69,10 +69,10 @@ def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
 
 def memory(sw: stack.Sweep) -> tuple[float, float]:
     """(peak bytes, bytes that do not shrink with chunking: arguments + outputs - donated) one
-    device needs for the K-step ``advance`` of ``sw``, from XLA's memory analysis of its compiled
-    program (compiled from shapes alone, by the sweep's own jitted advance: its later calls reuse
-    it). NaN when the backend gives no analysis."""
-    m = sw.fns.advance(stack.steps_per_call(sw)).lower(*stack.abstract_inputs(sw)).compile().memory_analysis()
+    device needs for the ``advance`` program of ``sw``, from XLA's memory analysis of it
+    (compiled from shapes alone, once: training calls the same compiled program). NaN when the
+    backend gives no analysis."""
+    m = sw.programs(("advance",)).advance.memory_analysis()
     if m is None:
         return float("nan"), float("nan")
     fixed = m.argument_size_in_bytes + m.output_size_in_bytes - getattr(m, "alias_size_in_bytes", 0)

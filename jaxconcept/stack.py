@@ -19,7 +19,11 @@ convolutions on CPU (model.conv="xla") takes one step per call and samples in a 
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -29,17 +33,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import config as C, data as D, diffusion, nets, rundir
-from jaxconcept.step import call_rows, eval_loss, eval_params, init_member, member_keys, train_step
+from jaxconcept.step import (Layout, TrainState, call_rows, eval_params, held_back_losses, hyper_values, init_member,
+                             member_keys, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
 
 
 class Programs(NamedTuple):
-    """The jitted programs of a sweep (``Sweep.fns``)."""
+    """The compiled programs of a sweep (``Sweep.programs``), each called with arrays placed as
+    ``abstract_inputs`` says."""
 
-    init: Callable  # (seeds [M], data params [M, ...]) -> (state, data)
-    advance: Callable  # n -> jitted (state, data, batches) -> (state, mean loss [M]); state donated
+    init: Callable  # (seeds [M], data params [M, ...], hyper {name: [M]}) -> (state, data)
+    advance: Callable  # (state, data, batches, n i32[]) -> (state, mean loss [M]): n <= K steps; state donated
     evaluate: Callable  # (state, data, prompts, seeds, step) -> (samples, val [M], test [M])
 
 
@@ -63,9 +69,37 @@ class Sweep:
     loop_safe: bool  # the network runs at full speed inside XLA loops (nets.loop_safe)
 
     @functools.cached_property
-    def fns(self) -> Programs:
-        """The jitted programs of this sweep, compiled once per Sweep object."""
-        return _compile(self)
+    def jitted(self) -> Programs:
+        """The jitted (not yet compiled) programs of this sweep."""
+        return _jit(self)
+
+    @functools.cached_property
+    def _compiled(self) -> dict:
+        return {}
+
+    def programs(self, names=Programs._fields) -> Programs:
+        """The compiled programs (``compile``): those not compiled yet are compiled now, side by
+        side; the others are None unless compiled before."""
+        missing = [n for n in names if n not in self._compiled]
+        if missing:
+            self._compiled.update(compile_programs(self, missing))
+        return Programs(*(self._compiled.get(n) for n in Programs._fields))
+
+    @functools.cached_property
+    def layout(self):
+        """Where each parameter leaf sits in a member's flat parameter vector (``step.Layout``)."""
+        return Layout.of(jax.eval_shape(lambda k: diffusion.init_params(self.net, self.cfg.model, self.spec, k),
+                                        jax.random.PRNGKey(0)))
+
+    @functools.cached_property
+    def data_params(self):
+        """The (padded) members' data-generating parameters, stacked (numpy [M, ...])."""
+        return stacked_data_params(self, self.padded)
+
+    @property
+    def uses_ema(self) -> bool:
+        """The state holds a moving average (some member has train.ema > 0)."""
+        return any(m.train.ema > 0 for m in self.members)
 
     @functools.cached_property
     def host_eval(self) -> dict | None:
@@ -95,6 +129,9 @@ class Sweep:
 
     def sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(AXIS))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
 
     def over_members(self, fn):
         """``fn`` of one member -> the same function of the (local) stacked members, by strategy:
@@ -162,23 +199,26 @@ def build(cfg: C.Config, devices=None, *, strategy: str | None = None, chunk: in
 
 
 def stacked_data_params(sw: Sweep, members=None):
-    """Per-member data-generating parameters, stacked on a leading model axis."""
-    ps = [D.params(m.data) for m in (members or sw.padded)]
-    return jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    """Per-member data-generating parameters, stacked on a leading model axis (numpy)."""
+    if members is None:
+        return sw.data_params
+    ps = [D.params(m.data) for m in members]
+    return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *ps)
 
 
-def seeds_array(sw: Sweep, members=None):
+def seeds_array(sw: Sweep, members=None) -> np.ndarray:
     """The members' seeds: [M] int32."""
-    return jnp.asarray([m.seeds[0] for m in (members or sw.padded)], jnp.int32)
+    return np.asarray([m.seeds[0] for m in (members or sw.padded)], np.int32)
 
 
 def train_keys(members) -> np.ndarray:
     """The train keys of member configs: [M, 2] uint32 (what a host feed orders batches by)."""
-    return np.stack([np.asarray(member_keys(int(m.seeds[0]))["train"]) for m in members])
+    return np.asarray(jax.jit(jax.vmap(lambda s: member_keys(s)["train"]))(np.asarray([m.seeds[0] for m in members],
+                                                                                      np.int32)))
 
 
 def steps_per_call(sw: Sweep) -> int:
-    """K: train.steps_per_call, or 1 for a network that must not step inside a scan (not
+    """K: train.steps_per_call, or 1 for a network that must not step inside a loop (not
     ``sw.loop_safe``; its steps are long enough that one call per step costs nothing)."""
     return sw.cfg.train.steps_per_call if sw.loop_safe else 1
 
@@ -186,40 +226,42 @@ def steps_per_call(sw: Sweep) -> int:
 # --------------------------------------------------------------------------------------------
 # The per-device programs
 # --------------------------------------------------------------------------------------------
-def _init_local(sw: Sweep, seeds, dparams):
-    def one(seed, dp):
+def _init_local(sw: Sweep, seeds, dparams, hyper):
+    def one(seed, dp, hp):
         data = {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"])
-        return init_member(sw.cfg, sw.spec, sw.net, seed), data
+        return init_member(sw.cfg, sw.spec, sw.net, sw.layout, seed, hp, ema=sw.uses_ema), data
     if sw.strategy == "unroll":  # initialisers and rendering are elementwise: vmap gives the same bits
-        return jax.vmap(one)(seeds, dparams)  # and compiles once, not once per member (8 U-Nets: 400 s)
-    return sw.over_members(one)(seeds, dparams)
+        return jax.vmap(one)(seeds, dparams, hyper)  # and compiles once, not once per member (8 U-Nets: 400 s)
+    return sw.over_members(one)(seeds, dparams, hyper)
 
 
-def _advance_local(sw: Sweep, state, data, batches, n: int):
-    """n (static) steps of every local member: one plain step, or a lax.scan of n steps with no
-    conditional in its body (on XLA:GPU a lax.cond copies its predicate to the host every step).
-    ``advance`` compiles this for K = steps_per_call and for 1 and runs a remainder as single
-    steps. batches: None, or host-fed {x, c, n} with leaves [M, n, ...]. Returns (state, mean
-    loss [M])."""
-    stacked_step = sw.over_members(functools.partial(train_step, sw.cfg, sw.spec, sw.apply_fn))  # vmap(train_step)
+def _advance_local(sw: Sweep, state, data, batches, n):
+    """n (traced, 1 <= n <= K) steps of every local member, as one ``fori_loop``: one program for
+    every call length (a call that ends at an evaluation point between multiples of K needs no
+    program of its own) and no conditional in the loop (on XLA:GPU a lax.cond copies its
+    predicate to the host every step). batches: None, or host-fed {x, c, n} with leaves
+    [M, K, ...] (the first n are used). Returns (state, mean loss [M])."""
+    stacked_step = sw.over_members(functools.partial(train_step, sw.cfg, sw.spec, sw.apply_fn, sw.layout))
 
     def batch(i):  # the host-fed batches of step i of this call
         return None if batches is None else jax.tree.map(lambda a: a[:, i], batches)
 
-    if n == 1:
+    k = steps_per_call(sw)
+    if k == 1:
         return stacked_step(state, data, batch(0))
     if batches is None and sw.cfg.train.batches == "epochs":  # on-device data: this call's rows, the
         # epochs' permutations computed once per call (``call_rows``), each step's batch gathered below
-        idx, n_valid = sw.over_members(lambda st, d: call_rows(sw.cfg.train, d, st["key"], st["step"], n))(state, data)
+        idx, n_valid = sw.over_members(lambda st, d: call_rows(sw.cfg.train, d, st.key, st.step, k))(state, data)
         take = sw.over_members(lambda d, i: {"x": d["x_train"][i], "c": d["c_train"][i]})
         batch = lambda i: {**take(data, idx[:, i]), "n": n_valid[:, i]}  # noqa: E731
 
-    def body(st, i):  # the barriers keep XLA from fusing across steps: a scanned step is
-        # bit for bit the one-step program (without them a scalar's AdamW moment moved an ulp)
-        return jax.lax.optimization_barrier(stacked_step(jax.lax.optimization_barrier(st), data, batch(i)))
-    # scan(vmap(train_step)): n steps of every member in one program
-    state, losses = jax.lax.scan(body, state, jnp.arange(n), unroll=sw.cfg.train.scan_unroll or 1)
-    return state, jnp.sum(losses, 0) / n  # losses [n, m]
+    def body(i, carry):  # the barriers keep XLA from fusing across steps: a step in the loop is
+        st, total = carry  # bit for bit the same whatever the call's length
+        st, loss = stacked_step(jax.lax.optimization_barrier(st), data, batch(i))
+        return jax.lax.optimization_barrier((st, total + loss))
+    total = jnp.zeros(jax.tree.leaves(state)[0].shape[:1], jnp.float32)
+    state, total = jax.lax.fori_loop(0, n, body, (state, total))
+    return state, total / n
 
 
 def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
@@ -229,35 +271,34 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
 
     def one(st, dat, pr, seed):
         key = jax.random.fold_in(member_keys(seed)["sample"], step)
-        params = eval_params(st)
+        params = sw.layout.unravel(eval_params(st))
         x = diffusion.sample(apply_fn, cfg.model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
                              n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec),
                              output=ec.sampler_output, loop_safe=sw.loop_safe)
-        losses = [eval_loss(cfg, spec, apply_fn, params, dat[f"x_{s}"], dat[f"c_{s}"], jax.random.fold_in(key, i),
-                            loop_safe=sw.loop_safe) for i, s in ((1, "val"), (2, "test"))]
-        return x.reshape(*pr.shape[:2], *spec.x_shape), *losses
+        val, test = held_back_losses(cfg, spec, apply_fn, params, [(dat["x_val"], dat["c_val"]),
+                                                                  (dat["x_test"], dat["c_test"])],
+                                     [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe)
+        return x.reshape(*pr.shape[:2], *spec.x_shape), val, test
     return sw.over_members(one)(state, data, prompts, seeds)
 
 
-def _compile(sw: Sweep) -> Programs:
-    """The jitted, sharded programs of a sweep (cached per Sweep object by ``Sweep.fns``)."""
-    sh = sw.sharding()
-    init = jax.jit(sw.sharded(functools.partial(_init_local, sw), 2), out_shardings=sh)
-    advance = functools.cache(lambda n: jax.jit(sw.sharded(functools.partial(_advance_local, sw, n=n), 3),
-                                                 donate_argnums=0))  # n -> the program of n steps
+def _jit(sw: Sweep) -> Programs:
+    """The jitted, sharded programs of a sweep (``Sweep.jitted``)."""
+    init = jax.jit(sw.sharded(functools.partial(_init_local, sw), 3), out_shardings=sw.sharding())
+    advance = jax.jit(sw.sharded(functools.partial(_advance_local, sw), 3), donate_argnums=0)
     evaluate = jax.jit(sw.sharded(functools.partial(_evaluate_local, sw), 4))
     return Programs(init, advance, evaluate)
 
 
-def abstract_inputs(sw: Sweep):
-    """ShapeDtypeStructs (with their shardings) of the K-step ``advance`` program's arguments
-    (state, data, batches), as ``init`` and ``advance`` make them: lowering the sweep's own
-    jitted advance with these compiles the very program the first real call runs."""
-    m, sh = len(sw.padded), sw.sharding()
-    one = lambda seed, dp: (init_member(sw.cfg, sw.spec, sw.net, seed),  # noqa: E731 - shapes only
-                            {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"]))
-    state, data = jax.eval_shape(jax.vmap(one), jax.ShapeDtypeStruct((m,), jnp.int32),
-                                 jax.eval_shape(lambda: stacked_data_params(sw)))
+def abstract_inputs(sw: Sweep) -> dict:
+    """ShapeDtypeStructs (with their shardings) of each program's arguments, as ``init``,
+    ``advance`` and ``evaluate`` pass them: {program name: tuple of arguments}."""
+    m, sh, rep = len(sw.padded), sw.sharding(), sw.replicated()
+    put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
+    seeds = jax.ShapeDtypeStruct((m,), jnp.int32)
+    dparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sw.data_params)
+    hyper = {k: jax.ShapeDtypeStruct((m,), jnp.float32) for k in hyper_values(sw.padded)}
+    state, data = jax.eval_shape(functools.partial(_init_local, sw), seeds, dparams, hyper)
     if sw.host_fed:
         data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sw.host_eval.items()}
     batches = None
@@ -266,8 +307,52 @@ def abstract_inputs(sw: Sweep):
         batches = {"x": jax.ShapeDtypeStruct((m, k, b, *sw.spec.x_shape), D.host_dtype(sw.spec)),
                    "c": jax.ShapeDtypeStruct((m, k, b, sw.spec.cond_dim), jnp.float32),
                    "n": jax.ShapeDtypeStruct((m, k), jnp.int32)}
-    put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
-    return jax.tree.map(put, state), jax.tree.map(put, data), jax.tree.map(put, batches)
+    state, data, batches = (jax.tree.map(put, t) for t in (state, data, batches))
+    ec = sw.cfg.eval
+    prompts = jax.ShapeDtypeStruct((m, sw.spec.n_classes, ec.n_samples, sw.spec.cond_dim), jnp.float32, sharding=sh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return {"init": (put(seeds), jax.tree.map(put, dparams), jax.tree.map(put, hyper)),
+            "advance": (state, data, batches, scalar),
+            "evaluate": (state, data, prompts, put(seeds), scalar)}
+
+
+_WHAT = {"init": "initialisation", "advance": "training step", "evaluate": "evaluation (sampler and held-back losses)"}
+
+
+def _kernel_rng():
+    """On GPUs, Threefry as one kernel per call instead of ~265 inlined ops (JAX's
+    jax_threefry_gpu_kernel_lowering: the same bits; init is ~95 % random-number hashing
+    otherwise). Applies to the lowering for cuda/rocm only; CPU and TPU lower as before."""
+    from jax._src import config as jax_config  # the option's scoped form (thread-local, part of the jit key)
+
+    state = getattr(jax_config, "threefry_gpu_kernel_lowering", None)
+    return state(True) if state is not None else contextlib.nullcontext()
+
+
+def lower(sw: Sweep, name: str, platforms=None):
+    """The lowered program ``name`` of ``sw`` (``jax.stages.Lowered``), for the sweep's own
+    platform or for ``platforms`` (e.g. ("cuda",) to inspect a GPU program on a CPU)."""
+    with _kernel_rng():
+        traced = getattr(sw.jitted, name).trace(*abstract_inputs(sw)[name])
+        return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+
+
+def compile_programs(sw: Sweep, names) -> dict:
+    """Compile ``names`` (of ``Programs._fields``) ahead of time: traced and lowered one after
+    another, then compiled side by side (XLA compiles without the GIL), so the first step waits
+    for the longest compile, not the sum. Says so in one line on the jaxconcept logger.
+    Returns {name: jax.stages.Compiled}."""
+    log = logging.getLogger("jaxconcept")
+    what = " and the ".join([", ".join(_WHAT[n] for n in names[:-1]), _WHAT[names[-1]]] if len(names) > 1
+                            else [_WHAT[names[0]]])
+    t0 = time.perf_counter()
+    log.info("compiling the %s for %d member(s)…", what, sw.size)
+    lowered = {n: lower(sw, n) for n in names}
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        futures = {n: pool.submit(low.compile) for n, low in lowered.items()}
+        out = {n: f.result() for n, f in futures.items()}
+    log.info("compiled in %.1f s", time.perf_counter() - t0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,11 +362,13 @@ def init(sw: Sweep, members=None):
     """Stacked train state and per-member datasets, rendered on device, sharded over the mesh.
 
     ``members`` (default: the sweep's own, padded) may name other member configs of the same
-    count and shapes, reusing the compiled function (e.g. to initialise one member at a time).
+    count and shapes, reusing the compiled program (e.g. to initialise one member at a time).
     """
-    seeds = put(sw, seeds_array(sw, members))
-    dparams = jax.tree.map(lambda a: put(sw, a), stacked_data_params(sw, members))
-    state, data = sw.fns.init(seeds, dparams)
+    ms = members or sw.padded
+    seeds = put(sw, seeds_array(sw, ms))
+    dparams = jax.tree.map(lambda a: put(sw, a), stacked_data_params(sw, ms))
+    hyper = {k: put(sw, v) for k, v in hyper_values(ms).items()}
+    state, data = sw.programs(("init",)).init(seeds, dparams, hyper)
     if sw.host_fed:  # held-back sets from the host; the training set streams (``data.host_feed``)
         held = sw.host_eval if members is None else D.host_eval_data(sw.spec, members)
         data = {k: put(sw, v) for k, v in held.items()}
@@ -289,33 +376,29 @@ def init(sw: Sweep, members=None):
 
 
 def advance(sw: Sweep, state, data, n: int, batches=None):
-    """Advance every member ``n`` <= ``steps_per_call(sw)`` steps. Returns (state, mean loss [M]).
-
-    n = K runs the compiled K-step program; a remainder n < K runs n calls of a one-step program
-    (two programs in all, whatever the distances to evaluation points; the same numbers as any
-    other split of the steps). ``state`` is donated.
+    """Advance every member ``n`` <= ``steps_per_call(sw)`` steps with the one compiled training
+    program (n is an argument of it). Returns (state, mean loss [M]). ``state`` is donated.
     ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}."""
     k = steps_per_call(sw)
     assert 0 < n <= k
+    if batches is not None:
+        batches = jax.tree.map(lambda a: put(sw, np.asarray(a)[:, :k]), batches)
+    return sw.programs(("advance",)).advance(state, data, batches, scalar(sw, n))
 
-    def steps(i, j):  # the host-fed batches of steps i..j-1 of this call
-        return None if batches is None else jax.tree.map(lambda a: put(sw, np.asarray(a)[:, i:j]), batches)
-    if n == k:
-        return sw.fns.advance(k)(state, data, steps(0, k))
-    total = 0.0
-    for i in range(n):
-        state, loss = sw.fns.advance(1)(state, data, steps(i, i + 1))
-        total = total + loss
-    return state, total / n
+
+def scalar(sw: Sweep, v: int):
+    """An int32 scalar replicated over the sweep's mesh (the step count, the step)."""
+    return jax.device_put(np.int32(v), sw.replicated())
 
 
 @functools.lru_cache(maxsize=8)
 def _prompts_host(sw: Sweep) -> np.ndarray:
     """Evaluation prompts of every (padded) member, drawn once per member: [M, n_classes, n, cond_dim]."""
     ec = sw.cfg.eval
-    out = [D.eval_prompts(sw.spec, D.params(m.data), jax.random.fold_in(member_keys(m.seeds[0])["data"], 1),
-                          ec.n_samples, ec.prompts) for m in sw.padded]
-    return np.stack([np.asarray(p) for p in out])
+
+    def one(dp, seed):
+        return D.eval_prompts(sw.spec, dp, jax.random.fold_in(member_keys(seed)["data"], 1), ec.n_samples, ec.prompts)
+    return np.asarray(jax.jit(jax.vmap(one))(stacked_data_params(sw), seeds_array(sw)))
 
 
 def evaluate(sw: Sweep, state, data, step: int):
@@ -325,8 +408,8 @@ def evaluate(sw: Sweep, state, data, step: int):
     cond_dim], val [M], test [M]) as global arrays (``host`` gathers them).
     """
     prompts = put(sw, _prompts_host(sw))
-    seeds = put(sw, np.asarray(seeds_array(sw)))
-    samples, val, test = sw.fns.evaluate(state, data, prompts, seeds, jnp.asarray(step, jnp.int32))
+    seeds = put(sw, seeds_array(sw))
+    samples, val, test = sw.programs(("evaluate",)).evaluate(state, data, prompts, seeds, scalar(sw, step))
     return samples, prompts, val, test
 
 
@@ -349,6 +432,11 @@ def host(x):
     return np.asarray(x)
 
 
+def params_tree(sw: Sweep, flat):
+    """Stacked flat parameters [M, P] (numpy or jax) as the network's pytree, leaves [M, ...]."""
+    return sw.layout.unravel(flat)
+
+
 def load_params(run_dir, step):
     """Stacked parameters [M, ...] (real members, numpy) saved at evaluation ``step`` of a run.
 
@@ -357,7 +445,6 @@ def load_params(run_dir, step):
     ms = C.members(cfg)
     spec = D.spec(ms[0].data)
     net = nets.build(cfg.model, spec)
-    seeds = jnp.asarray([m.seeds[0] for m in ms], jnp.int32)
-    like = jax.eval_shape(jax.vmap(lambda s: diffusion.init_params(net, cfg.model, spec, member_keys(s)["init"])),
-                          seeds)
+    like = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(ms), *a.shape), a.dtype), like)
     return rundir.load_params(run_dir, step, like)

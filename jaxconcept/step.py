@@ -1,29 +1,85 @@
-"""One member: its optimiser, random streams, initial state, training batch, training step and
+"""One member's training: its train state, random streams, training batch, AdamW step and
 held-back loss. Nothing here knows about a model axis; ``stack`` maps these over the members.
 
-    state = {"params", "opt", "step": i32[], "key": u32[2], "alive": bool[][, "ema"]}  # one member
+The parameters are one flat float32 vector (``Layout`` turns it into the network's pytree and
+back), so the optimiser, the finite checks and the moving average are a few whole-vector
+operations instead of one small kernel per parameter leaf:
+
+    state = TrainState(params [P], mu [P], nu [P], ema [P] | None, step i32[], key u32[2],
+                       alive bool[], hyper {name: f32[]})                     # one member
     data  = dict(x_train [N, ...], c_train [N, cond_dim], x_val, c_val, x_test, c_test, ...)
     batch = dict(x [B, ...], c [B, cond_dim], n [])  # a host-fed training batch (data.HOST_FED kinds)
 
-The train step is ``train_step``, the loss it differentiates ``diffusion.loss_fn``.
+The train step is ``train_step``, the loss it differentiates ``diffusion.loss_fn``, the update
+``adamw``.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from jaxconcept import config as C, data as D, diffusion
 from jaxconcept.data.batches import batch_indices, epoch_permutation
 
+# train-section fields held per member in the state (``TrainState.hyper``), so that members of
+# one stack may differ in them
+HYPER = ("lr", "weight_decay", "grad_clip", "ema")
+B1, B2, EPS = 0.9, 0.999, 1e-8  # AdamW's moment decays and epsilon (optax.adamw's defaults, the reference's)
 
-def optimizer(tc: C.TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (SPEC A2). The learning rate lives in the optimiser state
-    (inject_hyperparams), so members may differ in it."""
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.inject_hyperparams(optax.adamw)(learning_rate=tc.lr, weight_decay=tc.weight_decay),
-    )
+
+@flax.struct.dataclass
+class TrainState:
+    """The train state of one member (of every member, stacked on a leading model axis, in ``stack``)."""
+
+    params: jax.Array  # [P] float32, the network's and the schedule's parameters (``Layout``)
+    mu: jax.Array  # [P] AdamW's first moment
+    nu: jax.Array  # [P] AdamW's second moment
+    ema: jax.Array | None  # [P] moving average of params (train.ema; evaluated and saved), or None
+    step: jax.Array  # i32[] steps taken (= AdamW's update count while alive)
+    key: jax.Array  # u32[2] the member's "train" key; step i draws from fold_in(key, i)
+    alive: jax.Array  # bool[] False once a step was not finite: the member is frozen
+    hyper: dict  # {HYPER name: f32[]} this member's hyperparameters
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Where each parameter leaf sits in the flat vector: leaves in ``jax.tree`` order, each
+    raveled row-major. ``unravel`` splits (its transpose is one concatenation, so the gradient of
+    the flat vector costs one copy, not one pass per leaf)."""
+
+    treedef: object
+    shapes: tuple  # leaf shapes
+
+    @classmethod
+    def of(cls, tree) -> Layout:
+        """The layout of ``tree`` (arrays or ShapeDtypeStructs, all float32).
+        Raises ValueError for a leaf of another dtype."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if any(jnp.dtype(a.dtype) != jnp.float32 for a in leaves):
+            raise ValueError("a flat parameter vector needs float32 leaves, got "
+                             + ", ".join(sorted({str(a.dtype) for a in leaves})))
+        return cls(treedef, tuple(tuple(a.shape) for a in leaves))
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def ravel(self, tree):
+        """pytree -> [P] (jax arrays)."""
+        return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+    def unravel(self, flat):
+        """[..., P] -> the pytree, each leaf [..., *shape] (jax or numpy, any leading axes)."""
+        sizes = [math.prod(s) for s in self.shapes]
+        split = np.split if isinstance(flat, np.ndarray) else jnp.split
+        parts = split(flat, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+        lead = flat.shape[:-1]
+        return jax.tree.unflatten(self.treedef, [p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)])
 
 
 def member_keys(seed) -> dict:
@@ -34,21 +90,55 @@ def member_keys(seed) -> dict:
     return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "train", "sample", "elicit"))}
 
 
-def init_member(cfg: C.Config, spec: D.DataSpec, net, seed) -> dict:
-    """Train state of one member (``seed`` may be traced): parameters from its "init" stream,
-    AdamW's state, step 0, its "train" key, alive; with ``train.ema`` the moving average too."""
+def hyper_values(members) -> dict:
+    """The per-member hyperparameters (``HYPER``) of member configs: {name: float32 [M]}."""
+    return {k: np.asarray([getattr(m.train, k) for m in members], np.float32) for k in HYPER}
+
+
+def init_member(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, seed, hyper: dict, *, ema: bool) -> TrainState:
+    """Train state of one member (``seed`` and ``hyper`` may be traced): parameters from its
+    "init" stream (``diffusion.init_params``), zero moments, step 0, its "train" key, alive; with
+    ``ema`` the moving average, starting at the parameters."""
     keys = member_keys(seed)
-    params = diffusion.init_params(net, cfg.model, spec, keys["init"])
-    state = {"params": params, "opt": optimizer(cfg.train).init(params), "step": jnp.zeros((), jnp.int32),
-             "key": keys["train"], "alive": jnp.ones((), bool)}
-    if cfg.train.ema:
-        state["ema"] = params  # moving average of the parameters (train.ema), used for evaluation
-    return state
+    params = layout.ravel(diffusion.init_params(net, cfg.model, spec, keys["init"]))
+    zeros = jnp.zeros_like(params)
+    return TrainState(params=params, mu=zeros, nu=zeros, ema=params if ema else None, step=jnp.zeros((), jnp.int32),
+                      key=keys["train"], alive=jnp.ones((), bool), hyper={k: jnp.float32(hyper[k]) for k in HYPER})
 
 
-def eval_params(state: dict):
-    """The parameters that are evaluated and saved: the moving average when train.ema is on."""
-    return state.get("ema", state["params"])
+def eval_params(state: TrainState):
+    """The flat parameters that are evaluated and saved: the moving average when there is one."""
+    return state.params if state.ema is None else state.ema
+
+
+def adamw(state: TrainState, grads, loss) -> TrainState:
+    """One AdamW step on the flat parameters, after clipping the gradient's global norm to
+    ``hyper["grad_clip"]`` (the reference: torch's clip_grad_norm_ and AdamW; the same arithmetic
+    as optax.chain(clip_by_global_norm, adamw) with its defaults b1 0.9, b2 0.999, eps 1e-8).
+
+    A step whose loss, gradient or hyperparameters are not finite is not applied and freezes the
+    member for good (``alive`` False). Deciding before the update lets XLA fuse the keep-or-replace
+    selects into the update's one pass over the vectors.
+    Args:
+      grads: [P] the loss's gradient; loss: f32[].
+    """
+    h = state.hyper
+    g_norm = jnp.sqrt(jnp.sum(jnp.square(grads)))
+    ok = state.alive & jnp.isfinite(loss) & jnp.isfinite(g_norm)
+    for v in h.values():
+        ok &= jnp.isfinite(v)
+    grads = jnp.where(g_norm < h["grad_clip"], grads, grads / g_norm * h["grad_clip"])
+    count = state.step + 1
+    mu = (1 - B1) * grads + B1 * state.mu
+    nu = (1 - B2) * grads ** 2 + B2 * state.nu
+    update = (mu / (1 - B1 ** count)) / (jnp.sqrt(nu / (1 - B2 ** count)) + EPS) + h["weight_decay"] * state.params
+    params = state.params + update * -h["lr"]
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    ema = None
+    if state.ema is not None:  # ema <- d ema + (1 - d) params (d = 0: the parameters themselves)
+        ema = keep((1 - h["ema"]) * params + h["ema"] * state.ema, state.ema)
+    return state.replace(params=keep(params, state.params), mu=keep(mu, state.mu), nu=keep(nu, state.nu), ema=ema,
+                         step=state.step + 1, alive=ok)
 
 
 def draw_batch(tc: C.TrainConfig, data: dict, key, step):
@@ -80,83 +170,88 @@ def call_rows(tc: C.TrainConfig, data: dict, key, step0, n: int):
         step0 + jnp.arange(n))
 
 
-def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, state: dict, data: dict, batch: dict | None = None):
+def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, layout: Layout, state: TrainState, data: dict,
+               batch: dict | None = None):
     """One AdamW step of one member, on ``batch`` when given (host-fed data), else on the batch
     ``draw_batch`` takes from its own training set.
 
-    The step's key is ``fold_in(state["key"], state["step"])``: no key is carried forward. A step
-    whose loss, gradient or hyperparameters are not finite is not applied and freezes the member
-    for good.
+    The step's key is ``fold_in(state.key, state.step)``: no key is carried forward.
     Returns (new_state, loss f32[]).
     """
     tc = cfg.train
-    key = jax.random.fold_in(state["key"], state["step"])
-    k_loss, k_view = jax.random.split(key)
+    k_loss, k_view = jax.random.split(jax.random.fold_in(state.key, state.step))
     if batch is None:
-        x, cond, n_valid = draw_batch(tc, data, state["key"], state["step"])
+        x, cond, n_valid = draw_batch(tc, data, state.key, state.step)
     else:
         x, cond, n_valid = batch["x"], batch["c"], batch["n"]
     x = D.train_view(spec, x, k_view)  # [B, *x_shape] float32
 
-    def loss(params):
-        return diffusion.loss_fn(apply_fn, cfg.model, params, x, cond, k_loss, train=True,
+    def loss(flat):
+        return diffusion.loss_fn(apply_fn, cfg.model, layout.unravel(flat), x, cond, k_loss, train=True,
                                  p_cfg=tc.p_cfg, null_cond=D.null_cond(spec), n_valid=n_valid)
 
-    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-    # Finite loss, gradients and hyperparameters (learning rate, weight decay) give a finite AdamW
-    # update of finite moments. Deciding from these, before the update, lets XLA fuse the
-    # keep-or-replace select below into the update's own pass: deciding from the update's norm
-    # needed a second pass over parameters and moments (about 20 % of a 64-member vector-MLP step on
-    # the CPU). The gradients' norm is the one the clip computes anyway.
-    hyper = jax.tree.leaves(state["opt"][1].hyperparams)  # optimizer(): chain(clip, adamw)
-    ok = (state["alive"] & jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
-          & jnp.all(jnp.stack([jnp.isfinite(h).all() for h in hyper])))
-    updates, opt = optimizer(tc).update(grads, state["opt"], state["params"])
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    params = optax.apply_updates(state["params"], updates)
-    new = {"params": keep(params, state["params"]),
-           "opt": keep(opt, state["opt"]), "step": state["step"] + 1, "key": state["key"], "alive": ok}
-    if "ema" in state:
-        new["ema"] = keep(optax.incremental_update(params, state["ema"], 1.0 - tc.ema), state["ema"])
-    return new, value
+    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    return adamw(state, grads, value), value
 
 
-def eval_loss(cfg: C.Config, spec: D.DataSpec, apply_fn, params, x, c, key, *, loop_safe: bool = True):
-    """Loss of a held-back set, as the reference computes its validation and test losses.
+def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, keys, *, loop_safe: bool = True):
+    """Losses of held-back sets (validation, test), as the reference computes its validation and
+    test losses, with one copy of the network for all of them: every set's batches are stacked
+    and mapped over together.
 
-    With ``eval.val_batches = 0``: the mean of the batch means over the whole set in batches of
-    ``train.batch_size`` (the last one short); else that many random batches. The network is in
-    eval mode; the conditioning is dropped with probability ``train.p_cfg`` and eps predicted with
-    guidance ``eval.w_cfg``, as in the reference.
+    With ``eval.val_batches = 0``: per set, the mean of the batch means over the whole set in
+    batches of ``train.batch_size`` (the last one short); else that many random batches per set.
+    The network is in eval mode; the conditioning is dropped with probability ``train.p_cfg``
+    and eps predicted with guidance ``eval.w_cfg``, as in the reference.
 
     Args:
-      x: [N, *x_shape] as stored; c: [N, cond_dim]; key: draws of the loss (times, noise, batches).
+      params: the network's parameter pytree.
+      sets: [(x [N, *x_shape] as stored, c [N, cond_dim]), ...].
+      keys: one key per set: the draws of its loss (times, noise, batches); batch i of a set
+        draws from fold_in(its key, i).
       loop_safe: the batches are one ``lax.map``; False (a network slow inside XLA loops, see
         ``nets.loop_safe``) traces them as a Python loop. The choice is the caller's, made once.
     Returns:
-      f32[]; NaN for an empty set.
+      [f32[] per set]; NaN for an empty set.
     """
-    n, b = x.shape[0], cfg.train.batch_size
-    if n == 0:
-        return jnp.float32(jnp.nan)
+    b = cfg.train.batch_size
     kw = dict(train=False, p_cfg=cfg.train.p_cfg, null_cond=D.null_cond(spec), w_cfg=cfg.eval.w_cfg)
-    x = D.train_view(spec, x, None)  # no augmentation: only the conversion to the network's input
-    if cfg.eval.val_batches:
-        def one(i):
-            k = jax.random.fold_in(key, i)
-            idx = jax.random.randint(jax.random.fold_in(k, 1), (b,), 0, n)
-            return diffusion.loss_fn(apply_fn, cfg.model, params, x[idx], c[idx], k, **kw)[0]
-        count = cfg.eval.val_batches
-    else:
-        count = -(-n // b)
-        wrap = jnp.arange(count * b) % n  # the short last batch is padded with rows that do not count
-        xp, cp = jnp.take(x, wrap, axis=0), jnp.take(c, wrap, axis=0)
+    xs, cs, ks, nv, owner = [], [], [], [], []
+    for j, ((x, c), key) in enumerate(zip(sets, keys)):
+        n = x.shape[0]
+        if n == 0:
+            continue
+        x = D.train_view(spec, x, None)  # no augmentation: only the conversion to the network's input
+        count = cfg.eval.val_batches or -(-n // b)
+        bk = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))  # [count, 2]
+        if cfg.eval.val_batches:  # random batches
+            idx = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (b,), 0, n))(bk)
+            valid = jnp.full((count,), b)
+        else:  # the whole set; the short last batch is padded with rows that do not count
+            idx = (jnp.arange(count * b) % n).reshape(count, b)
+            valid = jnp.minimum(b, n - jnp.arange(count) * b)
+        xs.append(jnp.take(x, idx, axis=0))
+        cs.append(jnp.take(c, idx, axis=0))
+        ks.append(bk)
+        nv.append(valid)
+        owner += [j] * count
+    out = [jnp.float32(jnp.nan)] * len(sets)
+    if not owner:
+        return out
+    batches = (jnp.concatenate(xs), jnp.concatenate(cs), jnp.concatenate(ks), jnp.concatenate(nv))
 
-        def one(i):
-            xs = jax.lax.dynamic_slice_in_dim(xp, i * b, b)
-            cs = jax.lax.dynamic_slice_in_dim(cp, i * b, b)
-            return diffusion.loss_fn(apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, i),
-                                     n_valid=jnp.minimum(b, n - i * b), **kw)[0]
-    if not loop_safe:
-        return jnp.mean(jnp.stack([one(jnp.int32(i)) for i in range(count)]))
-    return jnp.mean(jax.lax.map(one, jnp.arange(count)))
+    def one(xb, cb, kb, nb):  # the loss of one batch; a full batch passes n_valid = B, the same loss as None
+        return diffusion.loss_fn(apply_fn, cfg.model, params, xb, cb, kb, n_valid=nb, **kw)[0]
+    if loop_safe:
+        per_batch = jax.lax.map(lambda a: one(*a), batches)
+    else:
+        per_batch = jnp.stack([one(*(a[i] for a in batches)) for i in range(len(owner))])
+    owner = np.asarray(owner)
+    for j in set(owner.tolist()):
+        out[j] = jnp.mean(per_batch[np.flatnonzero(owner == j)])
+    return out
+
+
+def eval_loss(cfg: C.Config, spec: D.DataSpec, apply_fn, params, x, c, key, *, loop_safe: bool = True):
+    """The loss of one held-back set (``held_back_losses`` of that set alone): f32[]."""
+    return held_back_losses(cfg, spec, apply_fn, params, [(x, c)], [key], loop_safe=loop_safe)[0]

@@ -38,14 +38,13 @@ def test_sweep_of_three_equals_three_single_runs():
     for i, m in enumerate(C.members(cfg)):
         _, single, single_data = _run_steps(m, 8)
         _leaves_close(jax.tree.map(lambda a: a[i], data), jax.tree.map(lambda a: a[0], single_data), rtol=0, atol=0)
-        _leaves_close(jax.tree.map(lambda a: a[i], state["params"]), jax.tree.map(lambda a: a[0], single["params"]),
-                      rtol=1e-5, atol=1e-6)
+        _leaves_close(state.params[i], single.params[0], rtol=1e-5, atol=1e-6)
 
 
-def test_remainders_are_single_steps_bit_identical_and_no_step_is_conditional():
-    """n < K steps run as n calls of a one-step program: any split of the steps gives the same
-    bits (as the earlier one program with a lax.cond per step did), from two compiled programs,
-    and the scanned K-step program has no conditional (on XLA:GPU one costs a host sync a step)."""
+def test_any_split_of_the_steps_is_one_program_and_the_same_bits():
+    """A call of n <= K steps runs the one compiled training program (n is its argument): any
+    split of the steps gives the same bits, no second program is compiled for a remainder, and
+    the loop has no conditional (on XLA:GPU one costs a host sync a step)."""
     base = C.override(C.preset("vec_tiny"), VEC)
     states = {}
     for k, splits in ((5, [5, 5, 2, 1]), (1, [1] * 13), (13, [13])):
@@ -57,8 +56,9 @@ def test_remainders_are_single_steps_bit_identical_and_no_step_is_conditional():
             losses.append(n * np.asarray(loss))
         states[k] = (state, sum(losses) / 13)
         if k == 5:
-            assert sw.fns[1].cache_info().currsize == 2  # the programs of K steps and of 1
-            text = sw.fns[1](5).lower(state, data, None).as_text()
+            assert sorted(sw._compiled) == ["advance", "init"]  # one training program for 5, 5, 2 and 1 steps
+            assert sw.jitted.advance._cache_size() == 0  # nothing compiled beside the ahead-of-time programs
+            text = stack.lower(sw, "advance").as_text()
             assert "stablehlo.while" in text and "stablehlo.case" not in text and "stablehlo.if" not in text
     for k in (5, 13):
         _leaves_close(states[k][0], states[1][0], rtol=0, atol=0)
@@ -72,25 +72,25 @@ def test_members_differ_in_data_and_seed():
     x = np.asarray(data["x_train"])
     assert x.shape[0] == 4
     assert not np.allclose(x[0], x[2])  # different m
-    leaves = [np.asarray(p) for p in jax.tree.leaves(state["params"])]
-    assert all(np.array_equal(p[0], p[2]) for p in leaves)  # init depends on the seed only
-    assert any(not np.array_equal(p[0], p[1]) for p in leaves)
+    p = np.asarray(state.params)
+    assert np.array_equal(p[0], p[2])  # init depends on the seed only
+    assert not np.array_equal(p[0], p[1])
 
 
 def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.ema=0.5", "train.steps=8", "eval.steps=[8]"])
     sw = plan.build(cfg)
     state, data = stack.init(sw)
-    _leaves_close(state["ema"], state["params"], rtol=0, atol=0)
-    ema = jax.tree.map(np.asarray, state["ema"])  # advance donates (deletes) its input state
+    _leaves_close(state.ema, state.params, rtol=0, atol=0)
+    ema = np.asarray(state.ema)  # advance donates (deletes) its input state
     for _ in range(2):  # ema <- 0.5 ema + 0.5 params after every step
         state, _ = stack.advance(sw, state, data, 1)
-        ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), ema, state["params"])
-    _leaves_close(state["ema"], ema, rtol=1e-6, atol=1e-7)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"])))
-    _, final = loop.train(cfg, tmp_path, progress=False)
+        ema = 0.5 * ema + 0.5 * np.asarray(state.params)
+    _leaves_close(state.ema, ema, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(state.ema, state.params)
+    sw, final = loop.train(cfg, tmp_path, progress=False)
     saved = stack.load_params(tmp_path, 8)
-    _leaves_close(saved, final["ema"], rtol=0, atol=0)
+    _leaves_close(saved, sw.layout.unravel(np.asarray(final.ema)), rtol=0, atol=0)
     with pytest.raises(C.ConfigError, match=r"train\.ema"):
         C.override(cfg, ["train.ema=1.0"])
 
@@ -121,7 +121,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
     params = stack.load_params(tmp_path / "run", 6)
-    _leaves_close(params, state["params"], rtol=0, atol=0)
+    _leaves_close(params, sw.layout.unravel(np.asarray(state.params)), rtol=0, atol=0)
 
 
 def test_one_and_eight_devices_agree():
@@ -130,8 +130,8 @@ def test_one_and_eight_devices_agree():
     sw1, s1, _ = _run_steps(cfg, 8, devices=jax.devices()[:1])
     sw8, s8, _ = _run_steps(cfg, 8)
     assert sw1.mesh.size == 1 and sw8.mesh.size == 8
-    assert len(s8["params"]["gamma"]["b"].sharding.device_set) == 8
-    _leaves_close(s1["params"], s8["params"], rtol=1e-6, atol=1e-7)
+    assert len(s8.params.sharding.device_set) == 8
+    _leaves_close(s1.params, s8.params, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("strategy", ["map", "unroll"])
@@ -139,23 +139,23 @@ def test_strategies_match_vmap(strategy):
     cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
     _, a, _ = _run_steps(cfg, 4)
     _, b, _ = _run_steps(C.override(cfg, [f"train.strategy=\"{strategy}\""]), 4)
-    _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
+    _leaves_close(a.params, b.params, rtol=1e-5, atol=1e-6)
 
 
 def test_diverging_member_is_frozen_others_carry_on():
     cfg = C.override(C.preset("vec_tiny"), VEC + ["seeds=[0,1,2]"])
     sw = plan.build(cfg)
     state, data = stack.init(sw)
-    hp = state["opt"][1].hyperparams
-    hp["learning_rate"] = hp["learning_rate"].at[1].set(jnp.nan)
-    before = jax.tree.map(np.asarray, state["params"])
+    lr = np.asarray(state.hyper["lr"]).copy()
+    lr[1] = np.nan
+    state = state.replace(hyper={**state.hyper, "lr": stack.put(sw, lr)})
+    before = np.asarray(state.params)
     state, loss = stack.advance(sw, state, data, 4)
-    alive = np.asarray(state["alive"])
-    assert alive.tolist() == [True, False, True]
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
-        assert np.isfinite(np.asarray(b)).all()
-        np.testing.assert_array_equal(a[1], np.asarray(b)[1])  # frozen at its last good parameters
-    assert any(not np.array_equal(a[0], np.asarray(b)[0]) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])))
+    assert np.asarray(state.alive).tolist() == [True, False, True]
+    after = np.asarray(state.params)
+    assert np.isfinite(after).all()
+    np.testing.assert_array_equal(before[1], after[1])  # frozen at its last good parameters
+    assert not np.array_equal(before[0], after[0])
 
 
 def test_changed_config_is_refused(tmp_path):
@@ -211,7 +211,7 @@ def test_validation_loss_is_the_mean_of_batch_means_over_the_whole_set():
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.batch_size=4"])
     sw = plan.build(cfg, jax.devices()[:1])
     state, data = stack.init(sw)
-    params = jax.tree.map(lambda a: a[0], state["params"])
+    params = sw.layout.unravel(state.params[0])
     x, c = data["x_val"][0], data["c_val"][0]  # 3 classes x 2 validation examples: batches of 4 + 2
     assert x.shape[0] == 6
     key = jax.random.PRNGKey(4)
@@ -233,7 +233,7 @@ def test_padding_keeps_every_device_and_changes_nothing():
     sw8, s8, _ = _run_steps(cfg, 4)
     assert (sw3.mesh.size, len(sw3.padded), sw8.mesh.size, len(sw8.padded)) == (3, 6, 5, 5)
     for s in (s3, s8):
-        _leaves_close(s1["params"], jax.tree.map(lambda a: a[:5], s["params"]), rtol=1e-6, atol=1e-7)
+        _leaves_close(s1.params, s.params[:5], rtol=1e-6, atol=1e-7)
 
 
 def test_padded_run_writes_only_real_members_and_resumes_on_other_devices(tmp_path):
@@ -243,7 +243,7 @@ def test_padded_run_writes_only_real_members_and_resumes_on_other_devices(tmp_pa
     _, state = loop.train(cfg, tmp_path, progress=False, devices=jax.devices()[:1])  # resumed unpadded
     full = tmp_path / "full"
     _, ref = loop.train(cfg, full, progress=False, devices=jax.devices()[:1])
-    _leaves_close(state["params"], ref["params"], rtol=1e-6, atol=1e-7)
+    _leaves_close(state.params, ref.params, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
@@ -261,7 +261,7 @@ def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
     assert plan.step_memory(auto) <= plan.HEADROOM * budget
     _, a, _ = _run_steps(C.override(cfg, [f"train.memory_budget={budget}"]), 4, dev)
     _, b, _ = _run_steps(C.override(cfg, ['train.strategy="vmap"']), 4, dev)
-    _leaves_close(a["params"], b["params"], rtol=1e-5, atol=1e-6)
+    _leaves_close(a.params, b.params, rtol=1e-5, atol=1e-6)
     with pytest.raises(loop.RunError, match="more than"):
         plan.build(C.override(cfg, ["train.memory_budget=1000"]), dev)
 

@@ -26,6 +26,10 @@ FLAT_DATA = frozenset({
     "crop", "augment", "jitter", "held_out", "train_classes", "masked", "n_per_class", "val_frac", "n_test"})
 
 
+# fields that are gone, with the one value a run's config.json may still hold for them (read and dropped)
+RETIRED = {"train.scan_unroll": 0}  # the training loop's length is traced now: a while loop, not unrolled
+
+
 def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
@@ -99,6 +103,7 @@ def from_dict(d: dict, base: Config | None = None) -> Config:
             kw[k] = _data(base.data, v, axes)
         elif k in SECTIONS:
             names = field_names(type(getattr(base, k)))
+            v = {kk: vv for kk, vv in v.items() if not (f"{k}.{kk}" in RETIRED and vv == RETIRED[f"{k}.{kk}"])}
             for kk in v:
                 if kk not in names:
                     raise ConfigError(f"unknown config key '{k}.{kk}': allowed {', '.join(sorted(names))}")

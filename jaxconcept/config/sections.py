@@ -148,8 +148,7 @@ class TrainConfig:
     grad_clip: Positive = 0.01
     ema: Fraction = 0.0  # decay of an exponential moving average of the parameters, used for evaluation (0 = off)
     p_cfg: Fraction = 0.0  # probability of dropping the conditioning (classifier-free guidance)
-    steps_per_call: PosInt = 100  # K steps per jitted call (lax.scan)
-    scan_unroll: NonNegInt = 0  # lax.scan unroll (0 = none)
+    steps_per_call: PosInt = 100  # at most K steps per call of the compiled training program (a loop on device)
     # "epochs": shuffled epochs without replacement, short last batch (the reference); "replacement"
     batches: Literal["epochs", "replacement"] = "epochs"
     # steps between train-state checkpoints (and one at the last step); evaluation points save samples
