@@ -5,6 +5,7 @@ Each command is a thin shell over library functions; see README.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,34 @@ def _add_config_args(p):
 
 def _config(args) -> C.Config:
     return C.resolve(args.preset, args.config, args.sets)
+
+
+COMPILE_CACHE_MAX_BYTES = 8 << 30  # the persistent compilation cache's size; older entries are evicted first
+
+
+def default_compile_cache() -> Path:
+    """Where compiled programs are kept between processes when nothing else is said:
+    $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxconcept/xla (~/.cache/jaxconcept/xla)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxconcept" / "xla"
+
+
+def _compile_cache(args) -> None:
+    """Turn on JAX's persistent compilation cache for this process (every command): a program
+    compiled once (by any jaxconcept process on this machine with the same versions and device)
+    is read back instead of compiled again. Every program is cached, however fast it compiled;
+    with a size limit JAX guards each read and write with a file lock, so concurrent processes
+    may share the directory. ``--no-compile-cache`` leaves JAX's settings as they are."""
+    if getattr(args, "no_compile_cache", False):
+        return
+    import jax
+
+    path = Path(args.compile_cache) if getattr(args, "compile_cache", None) else default_compile_cache()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
 
 
 class CLIError(Exception):
@@ -225,11 +254,26 @@ def _known_errors() -> tuple:
     return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, rundir.RunError, SDError)
 
 
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR between runs (default $JAX_COMPILATION_CACHE_DIR, else "
+                        "~/.cache/jaxconcept/xla)")
+    g.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled programs between runs")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxconcept", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
+    common = _common()
 
-    p = sub.add_parser("data", help="render a dataset of G (every class) to .npz, optionally a PNG grid")
+    def add(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("data", help="render a dataset of G (every class) to .npz, optionally a PNG grid")
     _add_config_args(p)
     p.add_argument("--n-per-class", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -237,11 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", default=None, help="output .png grid of examples per class")
     p.set_defaults(fn=cmd_data)
 
-    p = sub.add_parser("info", help="parameter count and FLOPs per training step of the configured model")
+    p = add("info", help="parameter count and FLOPs per training step of the configured model")
     _add_config_args(p)
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("train", help="train a run or a sweep (lists in sweep fields) into RUN_DIR")
+    p = add("train", help="train a run or a sweep (lists in sweep fields) into RUN_DIR")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run directory (resumes if it holds the same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -255,12 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for every process to join before giving up with a message (default 300)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("analyze", help="concept-space analysis of a run: analysis.json and figures")
+    p = add("analyze", help="concept-space analysis of a run: analysis.json and figures")
     p.add_argument("run_dir")
     p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
     p.set_defaults(fn=cmd_analyze)
 
-    p = sub.add_parser("elicit", help="hidden capabilities: overprompting and latent interventions")
+    p = add("elicit", help="hidden capabilities: overprompting and latent interventions")
     p.add_argument("run_dir")
     p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
     p.add_argument("--concept", default=None,
@@ -269,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
     p.set_defaults(fn=cmd_elicit)
 
-    p = sub.add_parser("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")
+    p = add("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")
     p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo_images)")
     p.add_argument("--images", action="store_true",
                    help="the CPU image study instead (experiments/images_cpu.json: 8 U-Nets, about 38 min on 2 cores)")
@@ -280,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxconcept.sd import command as sd_command  # argparse only; the work is in jaxconcept/sd/
 
-    p = sub.add_parser("sd", help="Stable Diffusion 1.x from a local folder: overprompt a concept (grid, npz, JSON)")
+    p = add("sd", help="Stable Diffusion 1.x from a local folder: overprompt a concept (grid, npz, JSON)")
     sd_command.add_arguments(p)
     p.set_defaults(fn=sd_command.run)
     return ap
@@ -307,6 +351,7 @@ def _one_line_warnings() -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     _one_line_warnings()
+    _compile_cache(args)
     try:
         return args.fn(args)
     except C.ConfigError as exc:

@@ -280,8 +280,7 @@ def test_a_run_whose_every_member_froze_leaks_no_numpy_warning(tmp_path, monkeyp
 
     def nan_lr(*a, **k):  # every member's learning rate NaN: each step is refused, every member frozen
         state = real_init(*a, **k)
-        state["opt"][1].hyperparams["learning_rate"] = jnp.float32(jnp.nan)
-        return state
+        return state.replace(hyper={**state.hyper, "lr": jnp.float32(jnp.nan)})
     monkeypatch.setattr(stack, "init_member", nan_lr)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -5,6 +5,7 @@ it is also the conditioning vector once non-compositional (and masked) entries a
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -210,27 +211,42 @@ def concept_signal(cfg, key, n: int = 256, method: str = "difference") -> dict:
     """
     if method not in ("difference", "autodiff"):
         raise ValueError(f"method={method!r} is invalid: allowed difference, autodiff")
-    sp, p = spec(cfg), params(cfg)
-    k_lab, k_z, k_u = jax.random.split(key, 3)
-    labels = jax.random.randint(k_lab, (n,), 0, sp.n_classes)
-    lo, hi = p["lo"][labels], p["hi"][labels]
-    z = lo + (hi - lo) * jax.random.uniform(k_z, lo.shape)
-    u = jax.random.uniform(k_u, (n,))
-    size, sigma = sp.opt("image_size"), sp.opt("blur_sigma")
-    out = {}
-    for c, v in zip(sp.concepts, sp.values):
-        sl = SLOTS[c]
-        means = [np.mean(_value_box(c, k, v, cfg.sep_col, cfg.sep_size), axis=0) for k in range(v)]
-        pairs = []
-        for a, b in zip(means[:-1], means[1:]):
-            def g(uu, zz, a=a, b=b):
-                zz = zz.at[sl].set(jnp.asarray(a) + uu * jnp.asarray(b - a))
-                return render(zz, jax.random.PRNGKey(0), size, sigma, 0.0, soft_edge=method == "autodiff")
+    sp = spec(cfg)
+    out = _signal_program(sp, n, method)(params(cfg), key)
+    return {c: float(v) for c, v in out.items()}
 
-            if method == "difference":
-                norms = jax.vmap(lambda zz: jnp.linalg.norm(g(1.0, zz) - g(0.0, zz)))(z)
-            else:
-                norms = jax.vmap(lambda uu, zz: jnp.linalg.norm(jax.jvp(lambda q: g(q, zz), (uu,), (jnp.ones(()),))[1]))(u, z)
-            pairs.append(float(jnp.mean(norms)))
-        out[c] = float(np.mean(pairs))
-    return out
+
+@functools.lru_cache(maxsize=16)
+def _signal_program(sp: DataSpec, n: int, method: str):
+    """``concept_signal``'s computation for data of ``sp``, jitted once: the members of a sweep
+    (other separations, the same shapes) reuse it. (class boxes {lo, hi}, key) -> {concept: f32[]}."""
+    size, sigma = sp.opt("image_size"), sp.opt("blur_sigma")
+
+    def signal(p, key):
+        k_lab, k_z, k_u = jax.random.split(key, 3)
+        labels = jax.random.randint(k_lab, (n,), 0, sp.n_classes)
+        lo, hi = p["lo"][labels], p["hi"][labels]
+        z = lo + (hi - lo) * jax.random.uniform(k_z, lo.shape)
+        u = jax.random.uniform(k_u, (n,))
+        out = {}
+        for i, (c, v) in enumerate(zip(sp.concepts, sp.values)):
+            sl = SLOTS[c]
+            # the mean of the concept's value k: the middle of its box, read off a class with that value
+            cls = [int(np.ravel_multi_index([k if j == i else 0 for j in range(len(sp.values))], sp.values))
+                   for k in range(v)]
+            means = [0.5 * (p["lo"][c_k, sl] + p["hi"][c_k, sl]) for c_k in cls]
+            pairs = []
+            for a, b in zip(means[:-1], means[1:]):
+                def g(uu, zz, a=a, b=b):
+                    zz = zz.at[sl].set(a + uu * (b - a))
+                    return render(zz, jax.random.PRNGKey(0), size, sigma, 0.0, soft_edge=method == "autodiff")
+
+                if method == "difference":
+                    norms = jax.vmap(lambda zz: jnp.linalg.norm(g(1.0, zz) - g(0.0, zz)))(z)
+                else:
+                    norms = jax.vmap(lambda uu, zz: jnp.linalg.norm(
+                        jax.jvp(lambda q: g(q, zz), (uu,), (jnp.ones(()),))[1]))(u, z)
+                pairs.append(jnp.mean(norms))
+            out[c] = jnp.mean(jnp.stack(pairs))
+        return out
+    return jax.jit(signal)

@@ -23,6 +23,7 @@ same shapes for every m and s, so a stack of members vmaps.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -207,17 +208,28 @@ def concept_signal(cfg, key, n: int = 256) -> dict:
     Returns:
         {"dim0": float, ...}.
     """
-    sp, p = spec(cfg), params(cfg)
-    k_lab, k_x = jax.random.split(key)
-    labels = jax.random.randint(k_lab, (n,), 0, sp.n_classes)
+    sp = spec(cfg)
+    return {k: float(v) for k, v in _signal_program(sp, n)(params(cfg), key).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _signal_program(sp: DataSpec, n: int):
+    """``concept_signal``'s computation for data of ``sp``, jitted once: the members of a sweep
+    (other m and s, the same shapes) reuse it. (params, key) -> {concept: f32[]}."""
     d = sp.opt("dim")
-    u = jnp.asarray(_grid(d, sp.opt("perdim")))[labels].astype(jnp.float32)  # [n, dim]
-    k_eps, k_nuis = jax.random.split(k_x)
-    eps = jax.random.normal(k_eps, (n, d), jnp.float32)
-    nuis = _nuisance(sp, k_nuis, n)
-    out = {}
-    for i, name in enumerate(sp.concepts):
-        tangent = jnp.zeros_like(u).at[:, i].set(1.0)
-        _, dx = jax.jvp(lambda uu: generate(p, uu, eps, nuis), (u,), (tangent,))  # [n, D]
-        out[name] = float(jnp.mean(jnp.linalg.norm(dx, axis=-1)) / p["std"][i])
-    return out
+    grid = _grid(d, sp.opt("perdim"))
+
+    def signal(p, key):
+        k_lab, k_x = jax.random.split(key)
+        labels = jax.random.randint(k_lab, (n,), 0, sp.n_classes)
+        u = jnp.asarray(grid)[labels].astype(jnp.float32)  # [n, dim]
+        k_eps, k_nuis = jax.random.split(k_x)
+        eps = jax.random.normal(k_eps, (n, d), jnp.float32)
+        nuis = _nuisance(sp, k_nuis, n)
+        out = {}
+        for i, name in enumerate(sp.concepts):
+            tangent = jnp.zeros_like(u).at[:, i].set(1.0)
+            _, dx = jax.jvp(lambda uu: generate(p, uu, eps, nuis), (u,), (tangent,))  # [n, D]
+            out[name] = jnp.mean(jnp.linalg.norm(dx, axis=-1)) / p["std"][i]
+        return out
+    return jax.jit(signal)
