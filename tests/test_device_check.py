@@ -1,18 +1,21 @@
 """benchmarks/device_check.py in its --tiny mode: the JSON it writes has every field, with sane
-values, and a spent budget skips stages (naming them) instead of overrunning."""
+values; a spent budget skips stages (naming them) instead of overrunning; the check's programs are
+the run's; the measured stacking table merges as documented."""
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "device_check.py"
+BENCH = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def device_check():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    sys.path.insert(0, str(BENCH))  # its helper modules (stacking, check_report, ...) sit beside it
+    spec = importlib.util.spec_from_file_location("device_check", BENCH / "device_check.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -23,46 +26,116 @@ def _positive(v):
 
 
 def test_tiny_run_writes_sane_json(device_check, tmp_path):
-    out = device_check.main(["--tiny", "--members", "2", "--strategies", "vmap", "--dtypes", "float32",
-                             "--measure-s", "0.05", "--budget-s", "300", "--out", str(tmp_path)])
+    out = device_check.main(["--tiny", "--members", "2", "--map-chunks", "", "--measure-s", "0.05",
+                             "--budget-s", "400", "--out", str(tmp_path), "--compile-cache", str(tmp_path / "xla")])
     data = json.loads((tmp_path / "device_check.json").read_text())
     assert data == json.loads(json.dumps(out))  # what main returns is what it wrote
     assert data["complete"] and not data["errors"], data["errors"]
-    assert data["device"]["backend"] == "cpu" and data["preset"] == "tiny"
+    assert not data["skipped"], data["skipped"]
+    assert data["device"]["backend"] == "cpu" and data["tiny"]
+    assert data["config"]["run_members"] == 2 and data["config"]["steps_per_call"] == 5
+    assert set(data["stages"]) == {"ceiling", "flops", "train", "torch", "sampler", "sd"}
 
     c = data["ceiling"]
     assert c["dtype"] == "float32" and _positive(c["tflops"]) and _positive(c["seconds_per_matmul"])
     assert _positive(data["flops_per_model_step"])
+    assert data["init"]["members"] == 2 and _positive(data["init"]["compile_s"])
 
-    (row,) = data["train"]
-    assert row["status"] == "ok" and (row["dtype"], row["members"], row["strategy"]) == ("float32", 2, "vmap")
-    for key in ("model_steps_per_s", "tflops", "compile_s", "step_s", "seconds", "compiled_bytes"):
-        assert _positive(row[key]), (key, row[key])
-    # --steps-per-call's default: the U-Net scans on CPU too (model.conv "auto" = "explicit" there)
-    assert row["calls"] >= 2 and row["steps_per_call"] == 10 and row["loss_finite"]
-    assert row["mfu"] is None or 0 < row["mfu"] <= 1
-    assert math.isclose(row["tflops"], row["model_steps_per_s"] * data["flops_per_model_step"] / 1e12, rel_tol=1e-6)
-    assert row["peak_bytes_in_use"] is None or row["peak_bytes_in_use"] > 0  # CPU: no allocator statistics
+    rows = data["train"]  # the run's size in bfloat16, stacked the CPU's way and with vmap
+    assert [(r["dtype"], r["members"], r["stacking"]) for r in rows] == [("bfloat16", 2, "unroll"),
+                                                                         ("bfloat16", 2, "vmap")]
+    for row in rows:
+        assert row["status"] == "ok" and row["loss_finite"] and row["calls"] >= 2
+        for key in ("model_steps_per_s", "tflops", "compile_s", "lower_s", "step_s", "seconds", "compiled_bytes"):
+            assert _positive(row[key]), (key, row[key])
+        assert row["steps_per_call"] == 5 and 1 <= row["n_per_call"] <= 5
+        assert math.isclose(row["model_steps_per_s"], 2 * row["n_per_call"] * row["calls"] / row["seconds"],
+                            rel_tol=1e-9)
+        assert math.isclose(row["tflops"], row["model_steps_per_s"] * data["flops_per_model_step"] / 1e12,
+                            rel_tol=1e-6)
+        assert row["mfu"] is None or 0 < row["mfu"] <= 1
 
-    s = data["sampler"]
-    assert s["members"] == 2 and s["n_steps"] == 4 and s["samples_per_member"] == 4 * 4
-    assert _positive(s["seconds_per_member"]) and _positive(s["samples_per_s"])
-    assert math.isclose(s["seconds_per_member"] * 2, s["seconds_per_call"], rel_tol=1e-6)
-    assert data["reference"] is None  # not asked for
+    (w,) = data["winners"]  # the faster of the two, as the table's entry
+    best = max(rows, key=lambda r: r["model_steps_per_s"])
+    assert (w["members"], w["strategy"], w["conv"], w["arch"]) == (2, best["strategy"], "auto", "unet")
+    assert w["measured"] == {r["stacking"]: round(r["model_steps_per_s"], 3) for r in rows} and w["tiny"]
+    assert json.loads((tmp_path / "stacking.json").read_text()) == {"format": 1, "entries": [w]}
 
-    (sd,) = data["sd"]  # the tiny Stable Diffusion model: sampling and decoding timed
+    s = data["sampler"]  # the run's evaluate program: 4 sampler steps, 4 samples of each class
+    assert s["members"] == 2 and s["sampler_steps"] == 4 and s["samples_per_member"] % 4 == 0
+    assert _positive(s["seconds_per_member"]) and math.isclose(s["seconds_per_member"] * 2, s["seconds_per_call"])
+    assert data["torch"] == []  # not asked for (no --reference)
+
+    (sd,) = data["sd"]  # the tiny Stable Diffusion model, compiled ahead in the background
     assert (sd["dtype"], sd["size"], sd["batch"], sd["n_steps"]) == ("float32", 32, 1, 2) and sd["finite"]
     for key in ("guided_steps_per_s", "images_per_s", "tflops", "flops_per_guided_step", "sample_s", "decode_s"):
         assert _positive(sd[key]), (key, sd[key])
-    assert math.isclose(sd["guided_steps_per_s"], 2 / sd["sample_s"], rel_tol=1e-6)
     assert math.isclose(sd["images_per_s"], 1 / (sd["sample_s"] + sd["decode_s"]), rel_tol=1e-6)
-    assert data["elapsed_s"] < 300
+    assert data["elapsed_s"] < 400
 
 
 def test_spent_budget_skips_and_says_so(device_check, tmp_path):
-    data = device_check.main(["--tiny", "--members", "1,2", "--budget-s", "0", "--out", str(tmp_path)])
+    data = device_check.main(["--tiny", "--members", "1,2", "--budget-s", "0", "--out", str(tmp_path),
+                              "--no-compile-cache"])
     assert data["complete"] and data["train"] == [] and data["ceiling"] is None and data["sampler"] is None
     skipped = {s["what"] for s in data["skipped"]}
-    assert {"ceiling", "flops", "sampler", "sd bfloat16", "sd float32"} <= skipped and data["sd"] == []
-    assert sum(w.startswith("train ") for w in skipped) == 2 * 2 + 2 * 1  # 2 dtypes x (1 + 2 stackings)
+    assert {"ceiling", "flops", "sampler", "sd float32", "torch"} <= skipped and data["sd"] == []
+    assert sum(w.startswith("train ") for w in skipped) == 3 + 1  # 2 members: unroll, vmap, map/1; 1 member
     assert json.loads((tmp_path / "device_check.json").read_text())["skipped"] == data["skipped"]
+
+
+def test_the_checks_programs_are_the_runs(device_check):
+    """The check's rows change only members, dtype, stacking and conv of the run's config, so its
+    run-sized program lowers to the same text as the one `jaxconcept train` compiles (the
+    persistent cache's key) and other sizes keep every shape but the model axis."""
+    import jax
+
+    import stacking as S
+    from jaxconcept import config as C, stack
+
+    a = device_check.parse(["--tiny"])
+    base = C.resolve(None, a.config, a.all_sets)
+    assert len(C.members(base)) == 2 and S.member_config(base, 2) is base
+    for m in (1, 6, 7):
+        assert len(C.members(S.member_config(base, m))) == m
+    row = S.row_sweep(base, S.Row("bfloat16", 2, "vmap"), jax.devices()[:1])
+    run = stack.build(C.resolve(None, a.config, a.all_sets), jax.devices()[:1], strategy="vmap")
+    assert stack.lower(row, "advance").as_text() == stack.lower(run, "advance").as_text()
+    six = S.row_sweep(base, S.Row("bfloat16", 6, "vmap"), jax.devices()[:1])
+    shapes = lambda sw: [a.shape[1:] for a in jax.tree.leaves(stack.abstract_inputs(sw)["advance"])]  # noqa: E731
+    assert shapes(six) == shapes(row)
+
+
+def test_stacking_table_merges(device_check, tmp_path):
+    import check_report as CR
+
+    def entry(kind, m, strategy, **kw):
+        return {"device_kind": kind, "platform": "gpu", "arch": "unet", "members": m, "strategy": strategy, "chunk": 1,
+                "conv": "auto", "dtype": "bfloat16", **kw}
+
+    table, run = tmp_path / "stacking.json", tmp_path / "run.json"
+    CR.write_json(run, {"format": 1, "entries": [entry("H200", 32, "map"), entry("H200", 8, "vmap")]})
+    assert CR.merge_stacking(run, table) == 2
+    CR.write_json(run, {"format": 1, "entries": [entry("H200", 32, "vmap"), entry("TPU v5", 32, "vmap")]})
+    assert CR.merge_stacking(run, table) == 3
+    got = {(e["device_kind"], e["members"]): e["strategy"] for e in json.loads(table.read_text())["entries"]}
+    assert got == {("H200", 8): "vmap", ("H200", 32): "vmap", ("TPU v5", 32): "vmap"}  # the later one replaced
+
+    CR.write_json(run, {"format": 1, "entries": [entry("cpu", 2, "vmap", tiny=True)]})
+    with pytest.raises(ValueError, match="tiny"):
+        CR.merge_stacking(run, table)
+    CR.write_json(run, {"format": 2, "entries": []})
+    with pytest.raises(ValueError, match="format 1"):
+        CR.merge_stacking(run, table)
+    shipped = json.loads((BENCH.parent / "jaxconcept" / "stacking.json").read_text())
+    assert shipped["format"] == 1 and isinstance(shipped["entries"], list)
+
+
+def test_merge_command_says_what_is_wrong_in_one_line(device_check, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit) as exc:
+        device_check.main(["--merge-stacking", str(bad), "--into", str(tmp_path / "t.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("device_check: ") and "\n" not in err and "not a readable stacking table" in err
