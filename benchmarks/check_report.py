@@ -113,7 +113,8 @@ def winners(report: dict) -> list[dict]:
             continue
         best = max(mine, key=lambda r: r["model_steps_per_s"])
         out.append({"device_kind": dev["kind"], "platform": dev["backend"], "arch": cfg["arch"], "members": m,
-                    "strategy": best["strategy"], "chunk": best["chunk"], "conv": best["conv"], "dtype": best["dtype"],
+                    "strategy": best["strategy"], "chunk": best["chunk"] or 1, "conv": best["conv"],
+                    "dtype": best["dtype"],
                     "model_steps_per_s": round(best["model_steps_per_s"], 3),
                     "measured": {r["stacking"]: round(r["model_steps_per_s"], 3) for r in mine},
                     "shape": {k: cfg[k] for k in ("batch_size", "image_size", "ch", "ch_mult", "num_res_blocks")}

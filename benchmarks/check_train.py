@@ -38,6 +38,8 @@ def train_stage(st, deadline: float):
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     pending = list(st.rows)
     while pending:
+        walls = [r["wall_s"] for r in rep.data["train"]]
+        per_row = max([per_row] + [1.2 * w for w in walls])  # what timing one row has taken so far
         left = deadline - time.perf_counter()
         if left < per_row:
             break

@@ -61,11 +61,11 @@ PACKAGE_TABLE = HERE.parent / "jaxconcept" / "stacking.json"
 # --tiny: the run's config with 2 members on the tiny preset's U-Net and data sizes (device_check.sh
 # passes the same to `jaxconcept train`, so that the dry run shares its compiled programs as a real
 # run does)
-TINY_SETS = ["data.sep_col=[0.2,0.8]", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.num_heads=2",
-             "model.norm_groups=4",
-             "model.time_embed_dim=16", "model.embed_dim=32", "data.image_size=16", "data.n_per_class=32",
-             "train.batch_size=8", "train.steps_per_call=5", "train.steps=40", "train.checkpoint_every=20",
-             "eval.n_points=2", "eval.first=10", "eval.n_samples=4", "eval.sampler_steps=4"]
+TINY_SETS = ["data.sep_col=[0.2,0.8]", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+             "model.num_heads=2", "model.norm_groups=4", "model.time_embed_dim=16", "model.embed_dim=32",
+             "data.image_size=16", "data.n_per_class=32", "train.batch_size=8", "train.steps_per_call=5",
+             "train.steps=40", "train.checkpoint_every=20", "eval.n_points=2", "eval.first=10", "eval.n_samples=4",
+             "eval.sampler_steps=4"]
 TINY_XLA_FLAGS = "--xla_backend_optimization_level=0"
 SHARES = {"train": 55, "torch": 15, "sampler": 5, "sd": 25}  # of what the ceiling and FLOPs leave
 

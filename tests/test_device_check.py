@@ -26,13 +26,14 @@ def _positive(v):
 
 
 def test_tiny_run_writes_sane_json(device_check, tmp_path):
-    out = device_check.main(["--tiny", "--members", "2", "--map-chunks", "", "--measure-s", "0.05",
-                             "--budget-s", "400", "--out", str(tmp_path), "--compile-cache", str(tmp_path / "xla")])
+    # a generous budget: every stage ends when its work is done, so it only bounds a slow machine
+    out = device_check.main(["--tiny", "--no-compare", "--measure-s", "0.05", "--budget-s", "900",
+                             "--out", str(tmp_path), "--compile-cache", str(tmp_path / "xla")])
     data = json.loads((tmp_path / "device_check.json").read_text())
     assert data == json.loads(json.dumps(out))  # what main returns is what it wrote
     assert data["complete"] and not data["errors"], data["errors"]
-    assert not data["skipped"], data["skipped"]
-    assert data["device"]["backend"] == "cpu" and data["tiny"]
+    assert [s["what"] for s in data["skipped"]] == ["torch"], data["skipped"]  # no --reference
+    assert data["device"]["backend"] == "cpu" and data["tiny"] and data["torch"] == []
     assert data["config"]["run_members"] == 2 and data["config"]["steps_per_call"] == 5
     assert set(data["stages"]) == {"ceiling", "flops", "train", "torch", "sampler", "sd"}
 
@@ -41,42 +42,54 @@ def test_tiny_run_writes_sane_json(device_check, tmp_path):
     assert _positive(data["flops_per_model_step"])
     assert data["init"]["members"] == 2 and _positive(data["init"]["compile_s"])
 
-    rows = data["train"]  # the run's size in bfloat16, stacked the CPU's way and with vmap
-    assert [(r["dtype"], r["members"], r["stacking"]) for r in rows] == [("bfloat16", 2, "unroll"),
-                                                                         ("bfloat16", 2, "vmap")]
-    for row in rows:
-        assert row["status"] == "ok" and row["loss_finite"] and row["calls"] >= 2
-        for key in ("model_steps_per_s", "tflops", "compile_s", "lower_s", "step_s", "seconds", "compiled_bytes"):
-            assert _positive(row[key]), (key, row[key])
-        assert row["steps_per_call"] == 5 and 1 <= row["n_per_call"] <= 5
-        assert math.isclose(row["model_steps_per_s"], 2 * row["n_per_call"] * row["calls"] / row["seconds"],
-                            rel_tol=1e-9)
-        assert math.isclose(row["tflops"], row["model_steps_per_s"] * data["flops_per_model_step"] / 1e12,
-                            rel_tol=1e-6)
-        assert row["mfu"] is None or 0 < row["mfu"] <= 1
-
-    (w,) = data["winners"]  # the faster of the two, as the table's entry
-    best = max(rows, key=lambda r: r["model_steps_per_s"])
-    assert (w["members"], w["strategy"], w["conv"], w["arch"]) == (2, best["strategy"], "auto", "unet")
-    assert w["measured"] == {r["stacking"]: round(r["model_steps_per_s"], 3) for r in rows} and w["tiny"]
-    assert json.loads((tmp_path / "stacking.json").read_text()) == {"format": 1, "entries": [w]}
+    (row,) = data["train"]  # the run's own program: its size, dtype and the CPU's stacking
+    assert (row["dtype"], row["members"], row["stacking"]) == ("bfloat16", 2, "unroll")
+    assert row["status"] == "ok" and row["loss_finite"] and row["calls"] >= 2
+    for key in ("model_steps_per_s", "tflops", "compile_s", "lower_s", "step_s", "seconds", "compiled_bytes"):
+        assert _positive(row[key]), (key, row[key])
+    assert row["steps_per_call"] == 5 and 1 <= row["n_per_call"] <= 5
+    assert math.isclose(row["model_steps_per_s"], 2 * row["n_per_call"] * row["calls"] / row["seconds"], rel_tol=1e-9)
+    assert math.isclose(row["tflops"], row["model_steps_per_s"] * data["flops_per_model_step"] / 1e12, rel_tol=1e-6)
+    assert row["mfu"] is None or 0 < row["mfu"] <= 1
+    assert data["winners"] == [] and not (tmp_path / "stacking.json").exists()  # nothing was compared
 
     s = data["sampler"]  # the run's evaluate program: 4 sampler steps, 4 samples of each class
     assert s["members"] == 2 and s["sampler_steps"] == 4 and s["samples_per_member"] % 4 == 0
     assert _positive(s["seconds_per_member"]) and math.isclose(s["seconds_per_member"] * 2, s["seconds_per_call"])
-    assert data["torch"] == []  # not asked for (no --reference)
 
     (sd,) = data["sd"]  # the tiny Stable Diffusion model, compiled ahead in the background
     assert (sd["dtype"], sd["size"], sd["batch"], sd["n_steps"]) == ("float32", 32, 1, 2) and sd["finite"]
     for key in ("guided_steps_per_s", "images_per_s", "tflops", "flops_per_guided_step", "sample_s", "decode_s"):
         assert _positive(sd[key]), (key, sd[key])
     assert math.isclose(sd["images_per_s"], 1 / (sd["sample_s"] + sd["decode_s"]), rel_tol=1e-6)
-    assert data["elapsed_s"] < 400
+
+
+def test_winners_are_the_fastest_stacking_per_size(device_check):
+    import check_report as CR
+
+    def row(m, stacking, strategy, rate, conv="auto", chunk=None, dtype="bfloat16", status="ok"):
+        return {"dtype": dtype, "members": m, "stacking": stacking, "strategy": strategy, "chunk": chunk, "conv": conv,
+                "status": status, "model_steps_per_s": rate}
+
+    report = {"created": "2026-12-05T00:00:00+00:00", "commit": "abc", "tiny": False, "n_params": 10,
+              "device": {"kind": "NVIDIA H200", "backend": "gpu", "jax": "0.11.2"},
+              "config": {"arch": "unet", "batch_size": 64, "image_size": 32, "ch": 64, "ch_mult": [1, 2, 4],
+                         "num_res_blocks": 2},
+              "train": [row(8, "vmap", "vmap", 100.0), row(8, "map/1", "map", 150.0, chunk=1),
+                        row(8, "vmap+explicit", "vmap", 120.0, conv="explicit"), row(1, "vmap", "vmap", 50.0),
+                        row(32, "vmap", "vmap", 300.0), row(32, "map/8", "map", 900.0, chunk=8, status="error"),
+                        row(32, "vmap+explicit", "vmap", 310.0, conv="explicit"),
+                        row(32, "map/1", "map", 999.0, chunk=1, dtype="float32")]}
+    got = CR.winners(report)
+    assert [(w["members"], w["strategy"], w["chunk"], w["conv"]) for w in got] == [(8, "map", 1, "auto"),
+                                                                                   (32, "vmap", 1, "explicit")]
+    assert got[0]["measured"] == {"vmap": 100.0, "map/1": 150.0, "vmap+explicit": 120.0}
+    assert got[1]["device_kind"] == "NVIDIA H200" and got[1]["shape"]["n_params"] == 10 and "tiny" not in got[1]
 
 
 def test_spent_budget_skips_and_says_so(device_check, tmp_path):
-    data = device_check.main(["--tiny", "--members", "1,2", "--budget-s", "0", "--out", str(tmp_path),
-                              "--no-compile-cache"])
+    data = device_check.main(["--tiny", "--members", "1,2", "--map-chunks", "1", "--budget-s", "0",
+                              "--out", str(tmp_path), "--no-compile-cache"])
     assert data["complete"] and data["train"] == [] and data["ceiling"] is None and data["sampler"] is None
     skipped = {s["what"] for s in data["skipped"]}
     assert {"ceiling", "flops", "sampler", "sd float32", "torch"} <= skipped and data["sd"] == []
