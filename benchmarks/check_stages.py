@@ -251,8 +251,8 @@ class Stages:
         if self.peers is None:
             return self.rep.skip("torch", "its process did not start")
         p = self.peers
-        est = len(p.members) * (2 * self.a.measure_s + 2) + 3 * self.a.measure_s + 5
-        if not p.wait_for("ready", deadline - est):
+        one_row = 3 * self.a.measure_s + 3  # the reference's step at least; ensembles as time allows
+        if not p.wait_for("ready", deadline - one_row):
             ended = p.proc.poll() is not None
             p.stop()
             self.rep.data["torch"] = p.rows  # what failed while building or compiling
@@ -353,8 +353,8 @@ class Stages:
                 ref, ens = torch_rows.get(("reference", 1)), torch_rows.get(("ensemble", r["members"]))
                 r["vs_torch_reference"] = r["model_steps_per_s"] / ref if ref else None
                 r["vs_torch_ensemble"] = r["model_steps_per_s"] / ens if ens else None
-        if data["train"]:
-            data["winners"] = CR.winners(data)
+        data["winners"] = CR.winners(data) if data["train"] else []
+        if data["winners"]:
             CR.write_json(self.rep.path.parent / "stacking.json",
                           {"format": CR.TABLE_FORMAT, "entries": data["winners"]})
             for w in data["winners"]:
