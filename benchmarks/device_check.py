@@ -1,6 +1,6 @@
 """What one accelerator does with the reference U-Net, measured in one short run.
 
-    python benchmarks/device_check.py --budget-s 170 --out out        # what device_check.sh runs
+    python benchmarks/device_check.py --budget-s 165 --out out        # what device_check.sh runs
     python benchmarks/device_check.py --reference /tmp/reference      # + the PyTorch peers
     python benchmarks/device_check.py --tiny --out /tmp/dc            # seconds to minutes, on a CPU
     python benchmarks/device_check.py --merge-stacking out/stacking.json   # commit measured winners
@@ -27,16 +27,17 @@ had):
    no training compile is running (XLA autotunes on the device), or when the stage's time
    demands it (``compiles_in_flight`` says so);
 4. torch: ``torch_ensemble.py`` (``--reference``), started after the ceiling so that its models
-   build and compile beside ours, times the reference's own one-model PyTorch step and functorch
-   ensembles of the same members (bf16 autocast, ``torch.compile``) once ours are timed;
+   build and compile beside ours (on a CPU at its own stage, one thread, without torch.compile),
+   times the reference's own one-model PyTorch step and functorch ensembles of the same members
+   (bf16 autocast, ``torch.compile``) once ours are timed;
 5. sampler: the run's ``evaluate`` program (50-step sampler for every class, held-back losses)
    for its 8 members;
 6. sd: Stable Diffusion 1.x at 512 px with random weights (``sd_bench.py``), compiled ahead in
    the background.
 
-The per-(device kind, architecture, members) fastest stackings go to DIR/stacking.json (format:
-``--merge-stacking``'s docstring); ``train.strategy="auto"`` reads the table shipped in
-jaxconcept/stacking.json.
+The per-(device kind, architecture, members) fastest stackings go to DIR/stacking.json (its
+format: benchmarks/check_report.py); ``--merge-stacking`` merges them into the table shipped in
+the package, jaxconcept/stacking.json, from which ``train.strategy="auto"`` is to read them.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ SHARES = {"train": 55, "torch": 15, "sampler": 5, "sd": 25}  # of what the ceili
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget-s", type=float, default=170.0, help="wall-clock budget, compiles included")
+    ap.add_argument("--budget-s", type=float, default=165.0, help="wall-clock budget, compiles included")
     ap.add_argument("--out", default="runs/device_check", help="directory for device_check.json, stacking.json")
     ap.add_argument("--config", default=str(RUN_CONFIG), help="the run whose shapes are measured")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config overrides KEY=VALUE")
