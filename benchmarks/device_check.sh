@@ -22,14 +22,15 @@
 #
 #   bash benchmarks/device_check.sh                                    # OUT=./out
 #   OUT=/tmp/dc REFERENCE=/tmp/reference bash benchmarks/device_check.sh
-#   TINY=1 OUT=/tmp/dc bash benchmarks/device_check.sh     # a CPU dry run of every stage (10 min)
+#   TINY=1 OUT=/tmp/dc bash benchmarks/device_check.sh     # a CPU dry run of every stage (~5 min)
 #
 # Settings (environment): OUT (./out), RUN_DIR (/tmp/jaxconcept_colour_sweep_mini[_tiny]), TOTAL_S
-# (540; tiny 600), TRAIN_S (300, the run's target; tiny 100), ANALYZE_S (60; tiny 180), SLACK_S (15:
-# process starts and packing), CONFIG (experiments/colour_sweep_mini.json), TINY (1: the run's
-# config on the tiny U-Net with 2 members, XLA's backend optimisations off), CHECK_ARGS and
-# TRAIN_ARGS (extra arguments, word-split), REFERENCE, PYTHON (python3), JAX_COMPILATION_CACHE_DIR
-# (/tmp/jaxconcept_jax_cache: the check and the run share it).
+# (540; tiny 900, a bound: stages end when their work is done), TRAIN_S (300, the run's target;
+# tiny 100), ANALYZE_S (60; tiny 180), SLACK_S (15: process starts and packing), CONFIG
+# (experiments/colour_sweep_mini.json), TINY (1: the run's config with 2 members on the tiny U-Net,
+# XLA's backend optimisations off), CHECK_ARGS and TRAIN_ARGS (extra arguments, word-split),
+# REFERENCE, PYTHON (python3), JAX_COMPILATION_CACHE_DIR (/tmp/jaxconcept_jax_cache: the check and
+# the run share it).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -42,7 +43,7 @@ REFERENCE=${REFERENCE:-}
 PY=${PYTHON:-python3}
 if [ "$TINY" = 1 ]; then
     RUN_DIR=${RUN_DIR:-/tmp/jaxconcept_colour_sweep_mini_tiny}
-    TOTAL_S=${TOTAL_S:-600}; TRAIN_S=${TRAIN_S:-100}; ANALYZE_S=${ANALYZE_S:-180}
+    TOTAL_S=${TOTAL_S:-900}; TRAIN_S=${TRAIN_S:-100}; ANALYZE_S=${ANALYZE_S:-180}
     CHECK_ARGS="--tiny $CHECK_ARGS"
     # the check's and the run's programs are compiled with the same flags, so the cache serves both
     export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
