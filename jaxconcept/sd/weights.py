@@ -104,31 +104,39 @@ def _describe(variant) -> str:
     return "full-precision (fp32)" if variant is None else f"{variant!r}-variant"
 
 
+def _read_index(index: Path) -> dict:
+    """The ``weight_map`` {tensor: file name} of a safetensors index; SDError when it has none."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+            return weight_map
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SDError(f"{index}: not a safetensors index (JSON with a weight_map; {exc})") from None
+    raise SDError(f"{index}: not a safetensors index (its weight_map is not {{tensor: file name}})")
+
+
 def _files_of(path: Path, variant) -> tuple:
     """(the weight files of ``variant`` in ``path``, the index they come from or None); ([], None)
     when there are none. SDError when the choice is ambiguous or an index is broken."""
     indexes = sorted(p for p in path.glob("*.json") if _index_variant(p.name) == variant)
+    named = {n for i in indexes for n in _read_index(i).values()}
     singles, shards = [], []
     for p in sorted(path.glob("*.safetensors")):
         v, shard = _variant(p.name)
-        if v == variant:
+        if v == variant and p.name not in named:
             (shards if shard else singles).append(p)
     what = _describe(variant)
     if len(indexes) + len(singles) > 1:
         names = ", ".join(p.name for p in indexes + singles)
         raise SDError(f"{path}: several {what} weights ({names}); which one is the model's is ambiguous: keep one")
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SDError(f"{indexes[0]}: not a safetensors index (JSON with a weight_map; {exc})") from None
+        names = sorted(set(_read_index(indexes[0]).values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise SDError(f"{indexes[0]}: names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                           "not in the folder")
         return [path / n for n in names], indexes[0]
-    if shards and not singles:
+    if shards:
         raise SDError(f"{path}: {what} shards ({shards[0].name}, ...) without their index "
                       "(*.safetensors.index.json): cannot tell which shards make the model")
     return singles, None
@@ -164,28 +172,40 @@ def weight_files(path, variant: str | None = None) -> tuple:
 def read_tensors(files, index: Path | None = None) -> dict:
     """{name: float32 numpy array} of every tensor in ``files`` (one model, maybe sharded).
     SDError for a file that cannot be read, a tensor name in two files, or (``index`` given) a
-    tensor its index places in another file or does not list, or a listed tensor not found."""
+    tensor the index places elsewhere than where it is, checked before any tensor is read."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    weight_map = json.loads(index.read_text())["weight_map"] if index else None
-    out, source = {}, {}
+    def unreadable(f, exc):  # a damaged or foreign file: say which
+        return SDError(f"{f}: cannot be read as safetensors ({type(exc).__name__}: {exc})")
+
+    source = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "numpy") as h:
+                names = list(h.keys())
+        except Exception as exc:  # noqa: BLE001
+            raise unreadable(f, exc) from None
+        for k in names:
+            if k in source:
+                raise SDError(f"{f.parent}: tensor {k} is in both {source[k]} and {f.name}; a model holds each "
+                              "tensor once")
+            source[k] = f.name
+    if index is not None:
+        weight_map = _read_index(index)
+        wrong = sorted(k for k in set(weight_map) | set(source) if weight_map.get(k) != source.get(k))
+        if wrong:
+            k = wrong[0]
+            raise SDError(f"{index}: places tensor {k} in {weight_map.get(k) or 'no file'}, but it is in "
+                          f"{source.get(k) or 'none of the shards'}"
+                          + (f" ({len(wrong) - 1} more such tensors)" if len(wrong) > 1 else ""))
+    out = {}
     for f in files:
         try:
             tensors = load_file(str(f))
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: say which
-            raise SDError(f"{f}: cannot be read as safetensors ({type(exc).__name__}: {exc})") from None
-        for k, v in tensors.items():
-            if k in source:
-                raise SDError(f"{f.parent}: tensor {k} is in both {source[k]} and {f.name}; "
-                              "a model holds each tensor once")
-            if weight_map is not None and weight_map.get(k) != f.name:
-                raise SDError(f"{index}: tensor {k} is in {f.name} but its index says "
-                              f"{weight_map.get(k) or 'nothing of it'}")
-            out[k], source[k] = np.asarray(v, np.float32), f.name
-    if weight_map is not None and set(weight_map) - set(out):
-        lost = sorted(set(weight_map) - set(out))
-        raise SDError(f"{index}: lists {lost[0]} in {weight_map[lost[0]]}, which does not hold it"
-                      + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""))
+        except Exception as exc:  # noqa: BLE001
+            raise unreadable(f, exc) from None
+        out.update({k: np.asarray(v, np.float32) for k, v in tensors.items()})
     return out
 
 
