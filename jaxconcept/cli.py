@@ -217,7 +217,10 @@ def cmd_demo(args):
     from jaxconcept import demo
 
     out = args.out or ("runs/demo_images" if args.images else "runs/demo")
-    demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)
+    cfg = demo.demo_config(args.sets, args.images)
+    print(f"jaxconcept demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
+    figs = demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)["figures"]
+    print("jaxconcept demo: figures\n  " + "\n  ".join(figs))
     return 0
 
 
