@@ -51,8 +51,8 @@ from jaxconcept.sd.pipeline import StableDiffusion, example_inputs
 COMPONENTS = ("text_encoder", "unet", "vae")
 LAYOUT = "a diffusers-layout folder (text_encoder/, unet/, vae/, tokenizer/, each with its files)"
 _SKIP = {"text_encoder": ("embeddings.position_ids",), "vae": ("encoder.", "quant_conv.")}
-log = logging.getLogger(__name__)
 _RENAME = {"vae": {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}}
+log = logging.getLogger(__name__)
 
 
 def require_extra():
