@@ -64,10 +64,7 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
 
     out = Path(out)
     cfg = demo_config(extra_sets, images)
-    print(f"demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
     loop.train(cfg, out, progress=progress)
     plots.all_figures(dynamics.analyze_run(out), out)
     elicit.elicit_run(out, progress=progress, every=ELICIT_EVERY)
-    figs = sorted(str(p) for p in (out / "figures").glob("*"))
-    print("demo: figures\n  " + "\n  ".join(figs))
-    return {"figures": figs}
+    return {"figures": sorted(str(p) for p in (out / "figures").glob("*"))}

@@ -7,6 +7,7 @@ the planned sweep, whose K-step program the plan compiled while measuring it (tr
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -137,6 +138,6 @@ def build(cfg: C.Config, devices=None) -> stack.Sweep:
         return stack.build(cfg, devices)
     chosen, why = plan(stack.build(cfg, devices, strategy="vmap"))
     if jax.process_index() == 0:
-        print(f"jaxconcept: stacking strategy {chosen.strategy}"
-              + (f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else "") + f": {why}", flush=True)
+        chunks = f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else ""
+        logging.getLogger(__name__).info(f"stacking strategy {chosen.strategy}{chunks}: {why}")
     return chosen
