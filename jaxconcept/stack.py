@@ -161,6 +161,7 @@ class Sweep:
         def wrapped(*args):
             in_specs = tuple([spec] * n_in + [P()] * (len(args) - n_in))
             return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
+        wrapped.__name__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "program"))
         return wrapped
 
 
