@@ -291,19 +291,20 @@ def growth(old: dict, cfg: C.Config) -> list[str]:
     already written and, beyond the restored step, the new config's (``C.eval_steps``): a pure
     function of the config and the start, as resuming needs.
 
-    Raises RunError: ``train.steps`` shrinks (one line)."""
+    Raises RunError: ``train.steps`` shrinks and nothing else differs (one line)."""
     diffs = config_diffs(old, cfg)
     try:
         was = C.from_dict(old)
     except (C.ConfigError, TypeError, AttributeError):
         return diffs
     before, after = was.train.steps, cfg.train.steps
-    if after < before:
-        raise RunError(f"train.steps={after} is less than the {before} steps this run directory was trained "
-                       f"to: a run may grow, not shrink; use another --out, or train.steps >= {before}")
     extended = list(was.eval.steps) == [s for s in cfg.eval.steps if s <= before]
     allowed = {"train.steps"} | ({"eval.steps"} if extended else set())
-    return [d for d in diffs if d.split(":")[0] not in allowed]
+    others = [d for d in diffs if d.split(":")[0] not in allowed]
+    if after < before and not others:
+        raise RunError(f"train.steps={after} is less than the {before} steps this run directory was trained "
+                       f"to: a run may grow, not shrink; use another --out, or train.steps >= {before}")
+    return diffs if after < before else others
 
 
 def prepare(cfg: C.Config, run_dir) -> None:
