@@ -12,12 +12,13 @@ Guarantees, and where an object store gives a weaker one (README "Runs in a buck
   line, dropped by readers). In a bucket an object cannot be appended to: the file is read and
   written again whole (one object write per record; fine for a run's few hundred records).
 - ``lock``: locally an fcntl lock on RUN_DIR/.lock (released by the kernel when the process
-  dies) and the file removed at exit. In a bucket (``gs://``) a lock object created with the
+  dies) and the file removed at exit. In a bucket (``gs://``) a lock object, written with the
   precondition "no such object yet" (``if_generation_match=0``), refreshed by its holder every
-  ``LEASE_S / 4`` seconds and deleted at exit; a lock object older than ``LEASE_S`` (its holder
-  was killed without the chance to remove it) is taken over, again under a generation
-  precondition. Weaker than fcntl: a holder is judged gone by the age of its lock object,
-  measured against this machine's clock.
+  ``LEASE_S / 4`` seconds and deleted at exit. A lock object older than ``LEASE_S``, or naming a
+  process of this host that has ended (its holder was killed without the chance to remove it),
+  is taken over under the precondition that it is still the one read. Weaker than fcntl: a
+  holder on another host is judged gone by the age of its lock object against this machine's
+  clock, so a run whose holder stalls for ``LEASE_S`` can be taken over.
 """
 from __future__ import annotations
 
@@ -233,17 +234,18 @@ def _bucket_lock(run_dir):
     blob = client.bucket(bucket).blob(f"{prefix.rstrip('/')}/.lock".lstrip("/"))
     body = f"{_holder()}\n"
     try:
-        blob.upload_from_string(body, if_generation_match=0)
-    except gexc.PreconditionFailed:
         old = client.bucket(bucket).get_blob(blob.name)
-        holder = old.download_as_text() if old is not None else ""
-        age = time.time() - old.updated.timestamp() if old is not None else LEASE_S
-        if age < LEASE_S and not _gone(holder):
-            raise _in_use(run_dir, holder.strip(), f" (its lock refreshed {age:.0f} s ago)") from None
-        try:  # a dead run's lock: taken over only if nobody else took it since we read it
-            blob.upload_from_string(body, if_generation_match=old.generation if old is not None else 0)
-        except gexc.PreconditionFailed:
-            raise _in_use(run_dir, "another process that has just taken it over") from None
+        if old is not None:
+            holder = old.download_as_text(if_generation_match=old.generation).strip()
+            age = time.time() - old.updated.timestamp()
+            if age < LEASE_S and not _gone(holder):
+                raise _in_use(run_dir, holder, f" (its lock refreshed {age:.0f} s ago)")
+        # created only if absent, or replacing only the dead run's lock just read
+        blob.upload_from_string(body, if_generation_match=0 if old is None else old.generation)
+    except (gexc.PreconditionFailed, gexc.NotFound):
+        raise _in_use(run_dir, "another process that started at the same time") from None
+    except gexc.GoogleAPIError as exc:
+        raise RunDirError(f"{run_dir}: cannot take the run lock ({type(exc).__name__}: {exc})") from None
     stop, state = threading.Event(), {"generation": blob.generation}
 
     def refresh():
