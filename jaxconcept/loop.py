@@ -12,7 +12,7 @@ compiled calls: the train state is checkpointed there, with the partial loss sum
 under way (RUN_DIR/checkpoints/segment.json), and ``train`` raises ``Stopped``; running it again
 resumes and ends with exactly the numbers of an uninterrupted run. On a multi-process run the
 notice is JAX's pre-emption service (``multihost_utils.reached_preemption_sync_point``), which
-picks a call every process reaches.
+picks a step every process reaches; each stops at the end of the call that holds it.
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
 
     k = stack.steps_per_call(sw)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    step, t0, frozen_reported, calls = start, time.time(), set(), 0
+    step, t0, frozen_reported = start, time.time(), set()
     carry = _segment(run_dir, start, len(sw.padded))  # the loss sum of an interval a signal cut short
     for stop in sched.stops:
         losses = []
@@ -171,8 +171,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
             losses.append((n, loss))
             step += n
             bar.update(n)
-            calls += 1
-            stops.check(calls)
+            stops.check(step - n, step)
         # summed in the order of an uninterrupted run: the carried partial sum first
         loss_sum = sum((n * stack.host(lv) for n, lv in losses), carry[0])
         loss_n, carry = carry[1] + sum(n for n, _ in losses), (0, 0)
@@ -234,13 +233,18 @@ class _StopRequests:
             raise KeyboardInterrupt
         self.hit = signal.Signals(signum).name
 
-    def check(self, call: int) -> None:
-        """At the end of compiled call number ``call`` (counted alike by every process)."""
+    def check(self, before: int, after: int) -> None:
+        """After a compiled call took the run from step ``before`` to ``after``.
+
+        JAX's service sets the sync point one past the furthest step any process reported, and
+        answers True for that step only; orbax reports the steps it saves. So every step the
+        call made is reported, and every process stops at the end of the call that holds the
+        sync point: the same call, as all follow the same schedule."""
         if self._multi and not self.hit:
             from jax.experimental import multihost_utils
 
             with contextlib.suppress(RuntimeError):  # RuntimeError: the pre-emption service is off
-                if multihost_utils.reached_preemption_sync_point(call):
+                if any(multihost_utils.reached_preemption_sync_point(s) for s in range(before + 1, after + 1)):
                     self.hit = "a pre-emption notice"
 
 
