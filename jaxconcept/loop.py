@@ -83,9 +83,9 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
         check_processes_agree(cfg)
     if cfg.train.tensorboard:
         _summary_writer()  # missing tensorboardX is refused before anything is written
-    rundir.prepare(cfg, run_dir)
     lead = jax.process_index() == 0
     try:
+        rundir.prepare(cfg, run_dir)
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
         with rundir.lock(run_dir) if lead else contextlib.nullcontext(), _StopRequests() as stops:
@@ -94,8 +94,9 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     except rundir.RunDirError as exc:
         raise RunError(str(exc)) from None
     except OSError as exc:
+        hint = "" if rundir.store.is_local(run_dir) else "; does the bucket exist, and may these credentials write to it?"
         raise RunError(f"cannot write the run directory {run_dir}: {exc.strerror or exc} "
-                       f"({exc.filename or run_dir})") from None
+                       f"({exc.filename or run_dir}){hint}") from None
 
 
 def check_processes_agree(cfg: C.Config) -> None:
@@ -211,7 +212,7 @@ class _StopRequests:
     """SIGTERM and SIGINT, while training, ask the run to stop at the next boundary between
     compiled calls (``hit`` names the signal); a second one stops at once (KeyboardInterrupt).
     With several processes, the pre-emption notice is JAX's (its service catches SIGTERM and
-    agrees on a call every process reaches); Ctrl-C is then Python's KeyboardInterrupt. The
+    agrees on a step every process reaches); Ctrl-C is then Python's KeyboardInterrupt. The
     handlers are installed from the main thread only, and put back at exit."""
 
     def __init__(self):

@@ -242,8 +242,10 @@ def _bucket_lock(run_dir):
                 raise _in_use(run_dir, holder, f" (its lock refreshed {age:.0f} s ago)")
         # created only if absent, or replacing only the dead run's lock just read
         blob.upload_from_string(body, if_generation_match=0 if old is None else old.generation)
-    except (gexc.PreconditionFailed, gexc.NotFound):
+    except gexc.PreconditionFailed:
         raise _in_use(run_dir, "another process that started at the same time") from None
+    except gexc.NotFound:
+        raise RunDirError(f"{run_dir}: the bucket {bucket} does not exist") from None
     except gexc.GoogleAPIError as exc:
         raise RunDirError(f"{run_dir}: cannot take the run lock ({type(exc).__name__}: {exc})") from None
     stop, state = threading.Event(), {"generation": blob.generation}

@@ -189,6 +189,14 @@ def test_ctrl_c_while_starting_or_compiling_is_one_line(tmp_path):
     assert "Traceback" not in err and len(lines) == 1 and ("interrupted" in lines[0] or "stopped by SIGINT" in lines[0])
 
 
+def test_importing_checkpoint_leaves_logging_alone():
+    code = ("import logging; import absl.logging; before = logging.getLogger('absl').level; "
+            "import jaxconcept.checkpoint; print(before, logging.getLogger('absl').level)")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV1, capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert before == after  # orbax is quieted only while it runs
+
+
 # --------------------------------------------------------------------------------------------
 # Several processes (jax.distributed on 127.0.0.1)
 # --------------------------------------------------------------------------------------------
