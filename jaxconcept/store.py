@@ -10,7 +10,7 @@ Guarantees, and where an object store gives a weaker one (README "Runs in a buck
   visible whole or not at all; nothing is written when the block fails.
 - ``append_line``: locally one fsynced ``write`` in append mode (a kill leaves at most a half
   line, dropped by readers). In a bucket an object cannot be appended to: the file is read and
-  written again whole (one object write per record; fine for a run's few hundred records).
+  written again whole (one object write per record).
 - ``lock``: locally an fcntl lock on RUN_DIR/.lock (released by the kernel when the process
   dies) and the file removed at exit. In a bucket (``gs://``) a lock object, written with the
   precondition "no such object yet" (``if_generation_match=0``), refreshed by its holder every

@@ -74,11 +74,17 @@ def test_a_run_in_a_bucket_is_stopped_resumed_exactly_and_analysed_there(tmp_pat
     assert "stopped by SIGTERM at step 12 (checkpoint saved)" in err.strip().splitlines()[-1] and "Traceback" not in err
     bucket = _bucket(gcs)
     assert bucket.get_blob("run/.lock") is None and bucket.get_blob("run/checkpoints/12/commit_success.txt")
+    # as if the write of step 12 had been cut short (orbax commits a step in a bucket with this
+    # marker): the step is moved aside, out of the bucket's checkpoints, and training resumes at 8
+    bucket.blob("run/checkpoints/12/commit_success.txt").delete()
     # resumed, then analysed and elicited, in one process (one start of JAX)
     three = ("import sys; from jaxconcept import cli; run = sys.argv[-1]; "
              "sys.exit(cli.main(sys.argv[1:]) or cli.main(['analyze', run]) or cli.main(['elicit', run]))")
     done = subprocess.run([sys.executable, "-c", three, *_cmd(run)[3:]], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "moved to gs://runs/run/checkpoints.bad/12" in done.stderr
+    assert bucket.get_blob("run/checkpoints.bad/12/_CHECKPOINT_METADATA") and not bucket.get_blob(
+        "run/checkpoints/12/_CHECKPOINT_METADATA")
     assert full.wait(300) == 0, full.stderr.read()[-3000:]
     _same_run(tmp_path / "full", _download(gcs, "run", tmp_path / "copy"))
     assert json.loads(bucket.blob("run/analysis.json").download_as_text())["steps"] == [8, 16, 24]
