@@ -14,7 +14,9 @@
     RUN_DIR/tensorboard/          with train.tensorboard: the scalars of metrics.jsonl as TensorBoard
                                   events (metrics.jsonl stays the record)
     RUN_DIR/checkpoints/          orbax train-state checkpoints (resume); checkpoints/config.json
-                                  a second copy of the config, so a lost config.json is noticed
+                                  a second copy of the config, so a lost config.json is noticed;
+                                  checkpoints/segment.json the loss sum of the interval a signal
+                                  cut short (step, steps, dtype, loss_sum[M]: ``loop``)
     RUN_DIR/checkpoints.bad/      checkpoints that failed to restore, moved aside (kept)
     RUN_DIR/.lock                 held by the training process (fcntl; in a bucket a lock object);
                                   names its pid and host; removed at exit
