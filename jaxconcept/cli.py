@@ -388,6 +388,9 @@ def main(argv=None):
     _compile_cache(args)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one in any other command
+        print(f"jaxconcept {args.command}: interrupted", file=sys.stderr)
+        return 130
     except C.ConfigError as exc:
         print(f"jaxconcept {args.command}: config error: {exc}", file=sys.stderr)
         return 2
@@ -396,6 +399,11 @@ def main(argv=None):
         print(f"jaxconcept {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - only the known kinds below are reported without a traceback
+        from jaxconcept import rundir
+
+        if isinstance(exc, rundir.Stopped):
+            print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
+            return rundir.EXIT_STOPPED
         if isinstance(exc, _known_errors()):
             print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
             return 2

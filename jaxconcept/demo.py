@@ -60,9 +60,9 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
     of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
     the demo). A run directory holding the same config resumes.
     """
-    from jaxconcept import dynamics, elicit, loop, plots
+    from jaxconcept import dynamics, elicit, loop, plots, rundir
 
-    out = Path(out)
+    out = rundir.path(out)
     cfg = demo_config(extra_sets, images)
     loop.train(cfg, out, progress=progress)
     plots.all_figures(dynamics.analyze_run(out), out)

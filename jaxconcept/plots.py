@@ -17,6 +17,7 @@ vector examples in concept space) and ``elicit_figure`` (``jaxconcept elicit``).
 """
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -246,25 +247,27 @@ def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40
     draw(0)
     fig.tight_layout()
     anim = mpl_animation.FuncAnimation(fig, draw, frames=len(frames))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    anim.save(path, writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
-    return path
+    with tempfile.TemporaryDirectory() as tmp:  # Pillow writes a file by name; then copied whole into place
+        anim.save(Path(tmp) / "a.gif", writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
+        with rundir.atomic(path, "wb") as f:
+            f.write((Path(tmp) / "a.gif").read_bytes())
+    return rundir.path(path)
 
 
 def all_figures(analysis: dict, run_dir, out_dir=None) -> list[Path]:
     """Every figure of a run into ``out_dir`` (default RUN_DIR/figures). Returns their paths."""
-    out = Path(out_dir) if out_dir else Path(run_dir) / "figures"
+    out = rundir.path(out_dir) if out_dir else rundir.path(run_dir) / "figures"
     return [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
             learning_times(analysis, out / "learning_times.png"),
             animate(analysis, run_dir, out / "trajectories.gif")]
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
+    the path's suffix."""
+    with rundir.atomic(path, "wb") as f:
+        fig.savefig(f, format=rundir.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    return rundir.path(path)
 
 
 def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
