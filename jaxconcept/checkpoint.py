@@ -3,27 +3,46 @@
 A step that fails to restore (damaged files, an emptied directory, a write cut short) is moved
 aside to ``<directory>.bad/<step>[-n]`` — kept for inspection, reported in one line — and the
 manager is rebuilt, so the intact earlier steps restore and the next save of that step succeeds.
+
+The directory is a local path or a bucket (``gs://``: orbax writes the arrays through
+tensorstore's own GCS client, and the step's files through etils.epath). Orbax's INFO logging of
+every save is silenced only while orbax is called (``_quiet``); nothing changes on import.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import shutil
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxconcept import rundir
+from jaxconcept import rundir, store
 
-logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax logs every save and restore at INFO through absl's logger: raised to ERROR while
+    orbax runs, then put back as it was."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _dir(directory):
+    d = store.path(directory)
+    return d.absolute() if store.is_local(d) else d
 
 
 def manager(directory, keep: int) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the ``keep`` newest steps under ``directory``."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=opts,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    with _quiet():
+        return ocp.CheckpointManager(_dir(directory), options=opts, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _fields(tree) -> set:
@@ -39,7 +58,8 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, like) -> None:
 
     Raises rundir.RunDirError naming both layouts and what still works."""
     try:
-        got = _fields(mngr.item_metadata(step))
+        with _quiet():
+            got = _fields(mngr.item_metadata(step))
     except Exception:  # noqa: BLE001 - unreadable metadata: the restore that follows reports it
         return
     want = _fields(like)
@@ -52,21 +72,21 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, like) -> None:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-    mngr.save(int(step), args=ocp.args.StandardSave(state), force=True)
-    mngr.wait_until_finished()
+    with _quiet():
+        mngr.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        mngr.wait_until_finished()
 
 
 def move_aside(directory, step: int, why: str) -> Path:
     """Move checkpoint ``step`` to ``<directory>.bad/`` (process 0 only) and say so in one line."""
-    src = Path(directory) / str(step)
-    bad = Path(f"{Path(directory)}.bad")
+    src = _dir(directory) / str(step)
+    bad = store.path(f"{_dir(directory)}.bad")
     dst = bad / str(step)
     n = 1
     while dst.exists():
         dst, n = bad / f"{step}-{n}", n + 1
     if jax.process_index() == 0 and src.exists():
-        bad.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dst))
+        store.move_tree(src, dst)
     rundir.warn(f"checkpoint at step {step} is unreadable ({why}); moved to {dst}")
     return dst
 
@@ -79,12 +99,14 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _incomplete_steps(directory: Path) -> list[int]:
-    """Step directories without orbax's metadata file: empty, or cut short before it was written."""
+def _incomplete_steps(directory) -> list[int]:
+    """Step directories without orbax's metadata file, or (in a bucket, where orbax writes a step
+    in place) without its commit marker: empty, or cut short before orbax finished them."""
     if not directory.is_dir():
         return []
-    return [int(p.name) for p in directory.iterdir()
-            if p.is_dir() and p.name.isdigit() and not (p / "_CHECKPOINT_METADATA").is_file()]
+    with _quiet():
+        return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and not (
+            (p / "_CHECKPOINT_METADATA").is_file() and ocp.utils.is_checkpoint_finalized(p))]
 
 
 def restore_latest(directory, keep: int, like):
@@ -99,7 +121,7 @@ def restore_latest(directory, keep: int, like):
       ``(manager, step, state)``; step and state are None when nothing restores. The manager is
       the one to save with (rebuilt after any step was moved aside).
     """
-    directory = Path(directory)
+    directory = _dir(directory)
     for step in _incomplete_steps(directory):
         move_aside(directory, step, "incomplete: no checkpoint metadata")
     _barrier("jaxconcept-checkpoint-scan")
@@ -108,14 +130,16 @@ def restore_latest(directory, keep: int, like):
     for step in sorted(mngr.all_steps(), reverse=True):
         check_layout(mngr, step, like)
         try:
-            state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-            jax.block_until_ready(state)
+            with _quiet():
+                state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+                jax.block_until_ready(state)
             return mngr, step, state
         except Exception as exc:  # noqa: BLE001 - any failure to read means "try the previous one"
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             move_aside(directory, step, f"{type(exc).__name__}: {first}")
             _barrier(f"jaxconcept-checkpoint-{step}")
-            mngr.close()
+            with _quiet():
+                mngr.close()
             mngr = manager(directory, keep)
     return mngr, None, None
 

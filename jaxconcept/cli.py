@@ -1,10 +1,14 @@
-"""`jaxconcept` command line: data, info, train, analyze, elicit, demo, sd.
+"""`jaxconcept` command line: config, data, info, train, analyze, elicit, demo, sd.
 
-Each command is a thin shell over library functions; see README.md.
+Each command is a thin shell over library functions; see README.md. The library reports progress
+and warnings through the ``jaxconcept`` logger (``logging``); while a command runs, that logger
+prints one line per message on stderr (``--quiet``: warnings only), as do the library's
+``rundir.RunWarning`` warnings.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -92,7 +96,7 @@ def cmd_data(args):
         raise CLIError(f"data.kind={cfg.data.kind!r} has no generating process to render; it reads a dataset")
     m = C.members(cfg)[0].data
     if len(C.members(cfg)) > 1:
-        print("jaxconcept data: the config is a sweep; rendering its first member", file=sys.stderr)
+        logging.getLogger("jaxconcept").info("the config is a sweep; rendering its first member")
     spec, params = D.spec(m), D.params(m)
     x, cond, labels = D.render_all(spec, params, jax.random.PRNGKey(args.seed), args.n_per_class)
     signal = D.concept_signal(m)
@@ -106,6 +110,29 @@ def cmd_data(args):
 
         plots.data_grid(spec, np.asarray(x), np.asarray(labels), show)
         print(f"wrote {show}")
+    return 0
+
+
+def _differences(cfg: C.Config) -> str:
+    """The fields of ``cfg`` that differ from the defaults, as one line of key=value."""
+    from jaxconcept import rundir
+
+    mine, default = rundir.flat_dict(C.to_dict(cfg)), rundir.flat_dict(C.to_dict(C.Config()))
+    return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
+
+
+def cmd_config(args):
+    """The resolved config as JSON on stdout; what it sweeps and its members on the log."""
+    import json
+
+    cfg = _config(args)
+    ms = C.members(cfg)
+    print(json.dumps(C.to_dict(cfg), indent=1, sort_keys=True))
+    log = logging.getLogger("jaxconcept")
+    log.info("%d member(s), sweeping %s", len(ms), ", ".join(C.swept_fields(cfg)) or "nothing")
+    if args.members:
+        for i, m in enumerate(ms):
+            log.info("member %d: %s", i, json.dumps(C.sweep_settings(m)))
     return 0
 
 
@@ -196,6 +223,8 @@ def cmd_train(args):
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
     if lead:
         print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
+        logging.getLogger("jaxconcept").info("config (what differs from the defaults; all of it: "
+                                             "`jaxconcept config` or RUN_DIR/config.json): %s", _differences(cfg))
     loop.train(cfg, args.out, progress=not args.no_progress)
     if lead:
         print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
@@ -242,7 +271,10 @@ def cmd_demo(args):
     from jaxconcept import demo
 
     out = args.out or ("runs/demo_images" if args.images else "runs/demo")
-    demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)
+    cfg = demo.demo_config(args.sets, args.images)
+    print(f"jaxconcept demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
+    figs = demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)["figures"]
+    print("jaxconcept demo: figures\n  " + "\n  ".join(figs))
     return 0
 
 
@@ -267,19 +299,26 @@ def _common() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxconcept", description=__doc__.splitlines()[0])
+    ap.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only, no progress messages")
     sub = ap.add_subparsers(dest="command", required=True)
     common = _common()
 
     def add(name, **kw):
         return sub.add_parser(name, parents=[common], **kw)
 
-    p = add("data", help="render a dataset of G (every class) to .npz, optionally a PNG grid")
+    p = add("data", help="render a dataset of G (every class) to .npz, optionally a PNG of it")
     _add_config_args(p)
     p.add_argument("--n-per-class", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .npz")
-    p.add_argument("--show", default=None, help="output .png grid of examples per class")
+    p.add_argument("--show", default=None,
+                   help="output .png: a grid of examples per class (images), a scatter in concept space (vectors)")
     p.set_defaults(fn=cmd_data)
+
+    p = add("config", help="print the resolved config (preset, file and overrides) as JSON; its members on stderr")
+    _add_config_args(p)
+    p.add_argument("--members", action="store_true", help="also list every member's sweep values (stderr)")
+    p.set_defaults(fn=cmd_config)
 
     p = add("info", help="parameter count and FLOPs per training step of the configured model")
     _add_config_args(p)
@@ -327,33 +366,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sd", help="Stable Diffusion 1.x from a local folder: overprompt a concept (grid, npz, JSON)")
     sd_command.add_arguments(p)
     p.set_defaults(fn=sd_command.run)
+    for p in sub.choices.values():  # --quiet after the command name too; absent there, the global one stands
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return ap
 
 
-def _one_line_warnings() -> None:
-    """Print the library's run warnings (``rundir.RunWarning``) as one line each."""
+class _OneLine(logging.Formatter):
+    """``jaxconcept: MESSAGE``, ``jaxconcept: warning: MESSAGE`` (and error), on one line."""
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"jaxconcept: {level}" + " ".join(record.getMessage().split("\n"))
+
+
+def _messages(quiet: bool):
+    """While a command runs: the ``jaxconcept`` logger prints on stderr (INFO and up; ``quiet``:
+    WARNING and up) and not also through the root logger's handlers; ``rundir.RunWarning``
+    warnings go to it. Returns the function that puts everything back (``main`` may be called in
+    a process that has its own logging)."""
     import warnings
 
     from jaxconcept import rundir
 
-    plain = warnings.formatwarning
-    if getattr(plain, "jaxconcept", False):
-        return
+    log = logging.getLogger("jaxconcept")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    saved = log.level, log.propagate, warnings.showwarning
+    show = warnings.showwarning
 
-    def fmt(message, category, *a, **kw):
+    def showwarning(message, category, *a, **kw):
         if issubclass(category, rundir.RunWarning):
-            return f"jaxconcept: warning: {message}\n"
-        return plain(message, category, *a, **kw)
-    fmt.jaxconcept = True
-    warnings.formatwarning = fmt
+            log.warning("%s", message)
+        else:
+            show(message, category, *a, **kw)
+
+    def restore():
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        warnings.showwarning = saved[2]
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    warnings.showwarning = showwarning
+    return restore
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    _one_line_warnings()
+    restore = _messages(args.quiet)
     _compile_cache(args)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one in any other command
+        print(f"jaxconcept {args.command}: interrupted", file=sys.stderr)
+        return 130
     except C.ConfigError as exc:
         print(f"jaxconcept {args.command}: config error: {exc}", file=sys.stderr)
         return 2
@@ -362,10 +429,17 @@ def main(argv=None):
         print(f"jaxconcept {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - only the known kinds below are reported without a traceback
+        from jaxconcept import rundir
+
+        if isinstance(exc, rundir.Stopped):
+            print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
+            return rundir.EXIT_STOPPED
         if isinstance(exc, _known_errors()):
             print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
             return 2
         raise
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -274,7 +273,7 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
     Raises:
       rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
     """
-    run_dir = Path(run_dir)
+    run_dir = rundir.path(run_dir)
     cfg = rundir.load_config(run_dir)
     steps = rundir.steps_with(run_dir, "samples")
     if not steps:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +175,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     from jaxconcept import stack
     from jaxconcept.step import member_keys
 
-    run_dir = Path(run_dir)
+    run_dir = rundir.path(run_dir)
     cfg = rundir.load_config(run_dir)
     members = C.members(cfg)
     if not D.spec(members[0].data).held_out:
@@ -230,7 +229,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     return out
 
 
-def _turn_steps(run_dir: Path) -> dict:
+def _turn_steps(run_dir) -> dict:
     """{member index: step of its held-out class's first turn} from analysis.json, when present."""
     path = run_dir / "analysis.json"
     if not path.exists():

@@ -6,22 +6,30 @@ The steps between the start (or the restored checkpoint) and the end are cut at 
 end); between stops ``stack.advance`` runs K steps a call. At every stop one record goes to
 RUN_DIR/metrics.jsonl (the record; with ``train.tensorboard`` also to RUN_DIR/tensorboard), at
 evaluation points the samples and parameters are written, at checkpoints the train state.
+
+SIGTERM (a pre-emption notice) and SIGINT (Ctrl-C) stop a run at the next boundary between
+compiled calls: the train state is checkpointed there, with the partial loss sum of the interval
+under way (RUN_DIR/checkpoints/segment.json), and ``train`` raises ``Stopped``; running it again
+resumes and ends with exactly the numbers of an uninterrupted run. On a multi-process run the
+notice is JAX's pre-emption service (``multihost_utils.reached_preemption_sync_point``), which
+picks a step every process reaches; each stops at the end of the call that holds it.
 """
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxconcept import checkpoint, config as C, data as D, plan, rundir, stack
-from jaxconcept.rundir import RunError
+from jaxconcept.rundir import EXIT_STOPPED, RunError, Stopped  # noqa: F401 - part of train's API
 from jaxconcept.step import eval_params
 
-__all__ = ["RunError", "Schedule", "schedule", "train", "check_processes_agree"]
+__all__ = ["EXIT_STOPPED", "RunError", "Schedule", "Stopped", "schedule", "train", "check_processes_agree"]
 
 
 @dataclass(frozen=True)
@@ -66,26 +74,29 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     Returns:
       (sweep, final stacked state) — the state holds the padded members.
     Raises:
+      Stopped: a signal stopped the run (after a checkpoint).
       RunError: the directory holds another run, is locked by another process, or cannot be
         written; no stacking fits in memory; the processes of a multi-process run disagree.
     """
-    run_dir = Path(run_dir)
+    run_dir = rundir.path(run_dir)
     if jax.process_count() > 1:
         check_processes_agree(cfg)
     if cfg.train.tensorboard:
         _summary_writer()  # missing tensorboardX is refused before anything is written
-    rundir.prepare(cfg, run_dir)
     lead = jax.process_index() == 0
     try:
+        rundir.prepare(cfg, run_dir)
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
-        with rundir.lock(run_dir) if lead else contextlib.nullcontext():
-            return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after)
+        with rundir.lock(run_dir) if lead else contextlib.nullcontext(), _StopRequests() as stops:
+            return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after,
+                          stops=stops)
     except rundir.RunDirError as exc:
         raise RunError(str(exc)) from None
     except OSError as exc:
+        hint = "" if rundir.store.is_local(run_dir) else "; does the bucket exist, and may these credentials write to it?"
         raise RunError(f"cannot write the run directory {run_dir}: {exc.strerror or exc} "
-                       f"({exc.filename or run_dir})") from None
+                       f"({exc.filename or run_dir}){hint}") from None
 
 
 def check_processes_agree(cfg: C.Config) -> None:
@@ -127,7 +138,7 @@ def member_records(members) -> list[dict]:
             for i, m in enumerate(members)]
 
 
-def _train(cfg, run_dir, *, progress, devices, stop_after):
+def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
     from tqdm.auto import tqdm
 
     lead = jax.process_index() == 0
@@ -152,15 +163,22 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
     k = stack.steps_per_call(sw)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     step, t0, frozen_reported = start, time.time(), set()
+    carry = _segment(run_dir, start, len(sw.padded))  # the loss sum of an interval a signal cut short
     for stop in sched.stops:
         losses = []
-        while step < stop:
+        while step < stop and not stops.hit:
             n = min(k, stop - step)
             state, loss = stack.advance(sw, state, data, n, None if feed is None else feed(step, k))
             losses.append((n, loss))
             step += n
             bar.update(n)
-        loss = sw.real(sum(n * stack.host(lv) for n, lv in losses) / sum(n for n, _ in losses))
+            stops.check(step - n, step)
+        # summed in the order of an uninterrupted run: the carried partial sum first
+        loss_sum = sum((n * stack.host(lv) for n, lv in losses), carry[0])
+        loss_n, carry = carry[1] + sum(n for n, _ in losses), (0, 0)
+        if step < stop:  # a signal: checkpoint here, with the interval's partial sum
+            _stop_inside(sw, run_dir, mngr, state, step, loss_sum, loss_n, stops.hit, lead, trained=step > start)
+        loss = sw.real(loss_sum / loss_n)
         alive = sw.real(stack.host(state.alive))
         rate = (step - start) / max(time.time() - t0, 1e-9)
         bar.set_postfix({"loss": f"{np.mean(loss[alive]):.3f}" if alive.any() else "all frozen",
@@ -178,13 +196,84 @@ def _train(cfg, run_dir, *, progress, devices, stop_after):
             rundir.append_metrics(run_dir, record)
             if board is not None:
                 _write_scalars(board, record)
-        if step in sched.checkpoints:
+        if step in sched.checkpoints or (stops.hit and stop != sched.stops[-1]):
             checkpoint.save_real(mngr, step, state, sw.size)
+        if stops.hit and stop != sched.stops[-1]:
+            mngr.close()
+            raise Stopped(step, stops.hit)
     bar.close()
     mngr.close()
     if board is not None:
         board.close()
     return sw, state
+
+
+class _StopRequests:
+    """SIGTERM and SIGINT, while training, ask the run to stop at the next boundary between
+    compiled calls (``hit`` names the signal); a second one stops at once (KeyboardInterrupt).
+    With several processes, the pre-emption notice is JAX's (its service catches SIGTERM and
+    agrees on a step every process reaches); Ctrl-C is then Python's KeyboardInterrupt. The
+    handlers are installed from the main thread only, and put back at exit."""
+
+    def __init__(self):
+        self.hit, self._old = None, {}
+
+    def __enter__(self):
+        self._multi = jax.process_count() > 1
+        if threading.current_thread() is threading.main_thread():
+            for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = signal.Signals(signum).name
+
+    def check(self, before: int, after: int) -> None:
+        """After a compiled call took the run from step ``before`` to ``after``.
+
+        JAX's service sets the sync point one past the furthest step any process reported, and
+        answers True for that step only; orbax reports the steps it saves. So every step the
+        call made is reported, and every process stops at the end of the call that holds the
+        sync point: the same call, as all follow the same schedule."""
+        if self._multi and not self.hit:
+            from jax.experimental import multihost_utils
+
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the pre-emption service is off
+                if any(multihost_utils.reached_preemption_sync_point(s) for s in range(before + 1, after + 1)):
+                    self.hit = "a pre-emption notice"
+
+
+def _segment(run_dir, start: int, m: int):
+    """(loss sum [m], steps) of the interval that a signal cut short at ``start``
+    (RUN_DIR/checkpoints/segment.json, when it names that step), else (0, 0)."""
+    try:
+        seg = rundir.read_json(run_dir / "checkpoints" / "segment.json", "an interrupted interval's loss sum")
+        if seg["step"] == start and start > 0:
+            real = np.asarray(seg["loss_sum"], seg["dtype"])
+            return np.concatenate([real, np.zeros(m - len(real), real.dtype)]), int(seg["steps"])
+    except (rundir.RunDirError, KeyError, TypeError, ValueError):
+        pass
+    return 0, 0
+
+
+def _stop_inside(sw, run_dir, mngr, state, step, loss_sum, loss_n, why, lead, trained):
+    """Checkpoint ``step`` inside an interval (unless nothing was ``trained`` since the restored
+    one), with the interval's loss sum so far (exact: a float's repr reads back the same float),
+    and raise Stopped."""
+    if trained:
+        if lead:
+            real = sw.real(np.asarray(loss_sum))
+            rundir.write_json(run_dir / "checkpoints" / "segment.json",
+                              {"step": step, "steps": loss_n, "dtype": str(real.dtype), "loss_sum": real.tolist()})
+        checkpoint.save_real(mngr, step, state, sw.size)
+    mngr.close()
+    raise Stopped(step, why, saved=trained)
 
 
 def _evaluate_and_save(sw, state, data, step, run_dir):
@@ -212,7 +301,7 @@ def _summary_writer():
     return SummaryWriter
 
 
-def _tensorboard(run_dir: Path, start: int):
+def _tensorboard(run_dir, start: int):
     """A writer of RUN_DIR/tensorboard; the events an interrupted run wrote after ``start`` (the
     restored step) are purged, as those steps are trained and written again."""
     return _summary_writer()(str(run_dir / "tensorboard"), purge_step=start + 1)

@@ -7,6 +7,8 @@ the planned sweep, whose K-step program the plan compiled while measuring it (tr
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import jax
@@ -15,6 +17,7 @@ from jaxconcept import config as C, stack
 from jaxconcept.rundir import RunError
 
 HEADROOM = 0.85  # "auto" plans for this share of the memory budget
+TABLE = Path(__file__).with_name("strategies.json")  # the stackings measured fastest, per device kind
 
 
 def host_available_memory(root: str = "/") -> tuple[float, str]:
@@ -85,11 +88,43 @@ def step_memory(sw: stack.Sweep) -> float:
     return memory(sw)[0]
 
 
-def plan(sw: stack.Sweep) -> tuple[stack.Sweep, str]:
+def measured_choice(device_kind: str, arch: str, members: int, table: list | None = None) -> dict | None:
+    """The stacking measured fastest for ``members`` members per device of ``arch`` ("unet",
+    "mlp") on a device of ``device_kind`` (``jax.Device.device_kind``, e.g. "cpu", "NVIDIA H200"),
+    from ``table`` (default: jaxconcept/strategies.json, written from benchmarks/device_check.py's
+    measurements): the first entry that matches, or None where nothing was measured.
+
+    An entry: {"device_kind", "arch", "min_members", "max_members", "strategy" ("vmap", "map",
+    "unroll"), "chunk" (for "map"), "conv" (optional: the ``model.conv`` it was measured with,
+    applied where the config says "auto"), "source" (where the measurement is written up)}."""
+    if table is None:
+        table = json.loads(TABLE.read_text())["measured"]
+    for e in table:
+        if (e["device_kind"] == device_kind and e["arch"] == arch
+                and e.get("min_members", 1) <= members <= e.get("max_members", float("inf"))):
+            return e
+    return None
+
+
+def first_choice(sw: stack.Sweep, table: list | None = None) -> tuple[str, int, str | None, str]:
+    """(strategy, chunk, conv or None, why) to try first for ``sw``: the measured fastest
+    (``measured_choice``), else the rule of thumb: "unroll" for a U-Net on a CPU (XLA:CPU runs
+    vmapped, grouped convolutions slowly), "vmap" elsewhere."""
+    per_dev = len(sw.padded) // sw.mesh.size
+    kind = sw.mesh.devices.flat[0].device_kind
+    e = measured_choice(kind, sw.cfg.model.arch, per_dev, table)
+    if e is not None:
+        return e["strategy"], e.get("chunk", 1), e.get("conv"), f"measured fastest on {kind} ({e['source']})"
+    rule = "unroll" if sw.backend == "cpu" and sw.cfg.model.arch == "unet" else "vmap"
+    return rule, 1, None, (f"not measured on {kind} (benchmarks/device_check.py measures it): {rule}, the rule for "
+                           f"{sw.cfg.model.arch} on {sw.backend}")
+
+
+def plan(sw: stack.Sweep, table: list | None = None) -> tuple[stack.Sweep, str]:
     """The fastest stacking of ``sw``'s members whose step fits in memory.
 
-    Preference: "vmap" (on CPU, "unroll" for conv nets: XLA:CPU's grouped convolutions are slow),
-    then "map" in chunks of half as many members, and so on down to one member at a time; a chunk
+    Preference: ``first_choice`` (the measured fastest for this device kind, else "vmap", or on
+    a CPU "unroll" for conv nets), then "map" in chunks of half as many members, and so on down to one member at a time; a chunk
     is compiled only when a prediction from the plans measured so far (the memory chunking cannot
     shrink, plus temporaries in proportion to the chunk) says it is smaller than every refused
     plan and may fit. Each plan tried is compiled from shapes, and the chosen one's program is the
@@ -98,17 +133,20 @@ def plan(sw: stack.Sweep) -> tuple[stack.Sweep, str]:
     Raises RunError naming each plan measured, the budget and its source, and what to change.
     """
     per_dev = len(sw.padded) // sw.mesh.size
-    first = dataclasses.replace(sw, strategy="unroll" if sw.backend == "cpu" and sw.cfg.model.arch == "unet"
-                                else "vmap", chunk=1)  # XLA:CPU runs vmapped (grouped) convolutions slowly
+    strategy, chunk, conv, why = first_choice(sw, table)
+    if conv is not None and sw.cfg.model.conv == "auto" and conv != "auto":
+        cfg = dataclasses.replace(sw.cfg, model=dataclasses.replace(sw.cfg.model, conv=conv))
+        sw = stack.build(cfg, list(sw.mesh.devices.flat), strategy="vmap")
+    first = dataclasses.replace(sw, strategy=strategy, chunk=min(chunk, per_dev))
     if per_dev == 1:
-        return first, "one member per device: nothing to chunk"
+        return first, f"one member per device: nothing to chunk; {why}"
     budget, source = memory_budget(sw.cfg)
     limit = HEADROOM * budget
     mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     need, fixed = memory(first)
     tried = [f"{first.strategy} of {per_dev} members {mib(need)}"]
     if not need > limit:  # NaN (no analysis) counts as fitting
-        return first, (f"{per_dev} member(s) per device need {mib(need)} of {mib(budget)} ({source}, "
+        return first, (f"{why}; {per_dev} member(s) per device need {mib(need)} of {mib(budget)} ({source}, "
                        f"{HEADROOM:.0%} planned)")
     smallest, temp, c = need, need - fixed, per_dev
     while c > 1:
@@ -137,6 +175,6 @@ def build(cfg: C.Config, devices=None) -> stack.Sweep:
         return stack.build(cfg, devices)
     chosen, why = plan(stack.build(cfg, devices, strategy="vmap"))
     if jax.process_index() == 0:
-        print(f"jaxconcept: stacking strategy {chosen.strategy}"
-              + (f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else "") + f": {why}", flush=True)
+        chunks = f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else ""
+        logging.getLogger(__name__).info(f"stacking strategy {chosen.strategy}{chunks}: {why}")
     return chosen

@@ -11,25 +11,29 @@ samples are needed) and writes one file:
     learning_times.png    the held-out class's learning time per concept vs its concept signal
                           (mean and spread over seeds; open triangles: some seeds never learned)
     trajectories.gif      the trajectories growing over training beside the samples at each step
+
+Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
+vector examples in concept space) and ``elicit_figure`` (``jaxconcept elicit``).
 """
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib import animation as mpl_animation
+from matplotlib.figure import Figure
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import animation as mpl_animation  # noqa: E402
-from matplotlib.offsetbox import AnnotationBbox, OffsetImage  # noqa: E402
+from jaxconcept import config as C
+from jaxconcept import probe as P
+from jaxconcept import rundir
 
-from jaxconcept import config as C  # noqa: E402
-from jaxconcept import probe as P  # noqa: E402
-from jaxconcept import rundir  # noqa: E402
-
-CLASS_COLOURS = plt.get_cmap("tab10")
+# Figures are built as matplotlib.figure.Figure objects and saved, never through pyplot: no
+# backend is chosen and no global figure state is touched, whatever the importing program uses.
+CLASS_COLOURS = matplotlib.colormaps["tab10"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +51,7 @@ def _xy(points) -> np.ndarray:
 def _colour_map(analysis):
     vals = np.asarray(analysis["colour_by"]["values"], np.float64)
     norm = matplotlib.colors.Normalize(vals.min(), vals.max() if vals.max() > vals.min() else vals.min() + 1)
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     return [cmap(norm(v)) for v in vals], matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
 
 
@@ -115,7 +119,8 @@ def _label_corners(ax, analysis):
 def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
     """Concept-space trajectories of every member (see module docstring). Returns ``path``."""
     colours, sm = _colour_map(analysis)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
     _concept_axes(ax, analysis)
     last = analysis["steps"][-1]
     if analysis["kind"] != "vector":  # thumbnails of each class's final samples, outside its corner
@@ -144,7 +149,8 @@ def accuracy(analysis: dict, path) -> Path:
     names = analysis["class_names"]
     ncol = min(4, len(names))
     nrow = -(-len(names) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.2 * ncol, 2.6 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True)
     steps = np.asarray(analysis["steps"])
     for c, name in enumerate(names):
         ax = axes.flat[c]
@@ -168,8 +174,8 @@ def learning_times(analysis: dict, path) -> Path:
     training classes (grey); mean +- std over seeds, seeds as dots, open triangles at the top for
     groups where some seed never learned."""
     concepts = analysis["concepts"]
-    fig, axes = plt.subplots(1, len(concepts), figsize=(4.4 * len(concepts), 3.4), squeeze=False,
-                             gridspec_kw={"wspace": 0.35})
+    fig = Figure(figsize=(4.4 * len(concepts), 3.4))
+    axes = fig.subplots(1, len(concepts), squeeze=False, gridspec_kw={"wspace": 0.35})
     top = analysis["steps"][-1]
     names = analysis["class_names"]
     for j, con in enumerate(concepts):
@@ -215,7 +221,8 @@ def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40
     shown = [_member_samples(analysis, run_dir, steps[t], member, 6 if images else 256) for t in frames]
     if not images:
         shown = [_xy(_vector_coords(run_dir, member, s)) for s in shown]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.6, 4.6))
+    fig = Figure(figsize=(9.6, 4.6))
+    ax, ax2 = fig.subplots(1, 2)
 
     def draw(f):
         ax.clear()
@@ -240,35 +247,36 @@ def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40
     draw(0)
     fig.tight_layout()
     anim = mpl_animation.FuncAnimation(fig, draw, frames=len(frames))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    anim.save(path, writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
-    plt.close(fig)
-    return path
+    with tempfile.TemporaryDirectory() as tmp:  # Pillow writes a file by name; then copied whole into place
+        anim.save(Path(tmp) / "a.gif", writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
+        with rundir.atomic(path, "wb") as f:
+            f.write((Path(tmp) / "a.gif").read_bytes())
+    return rundir.path(path)
 
 
 def all_figures(analysis: dict, run_dir, out_dir=None) -> list[Path]:
     """Every figure of a run into ``out_dir`` (default RUN_DIR/figures). Returns their paths."""
-    out = Path(out_dir) if out_dir else Path(run_dir) / "figures"
+    out = rundir.path(out_dir) if out_dir else rundir.path(run_dir) / "figures"
     return [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
             learning_times(analysis, out / "learning_times.png"),
             animate(analysis, run_dir, out / "trajectories.gif")]
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
+    the path's suffix."""
+    with rundir.atomic(path, "wb") as f:
+        fig.savefig(f, format=rundir.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    return rundir.path(path)
 
 
 def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
-    """A grid of rendered examples: one row per class (labelled), x horizontal, y up."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(spec.n_classes, per_class, figsize=(per_class * 1.1, spec.n_classes * 1.15),
-                             squeeze=False)
+    """A grid of rendered image examples [N, H, W, 3]: one row per class (labelled), x horizontal,
+    y up. Vector data (``spec.kind == "vector"``) is drawn by ``data_scatter`` instead."""
+    if spec.kind == "vector":
+        return data_scatter(spec, x, labels, path)
+    fig = Figure(figsize=(per_class * 1.1, spec.n_classes * 1.15))
+    axes = fig.subplots(spec.n_classes, per_class, squeeze=False)
     for c in range(spec.n_classes):
         idx = np.flatnonzero(labels == c)[:per_class]
         for j, ax in enumerate(axes[c]):
@@ -280,6 +288,25 @@ def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
     return _save(fig, path)
 
 
+def data_scatter(spec, x, labels, path) -> Path:
+    """Vector examples [N, dim + dim_nuisance] in concept space: the first two concept coordinates
+    (one concept: against zero) as drawn, one colour per class, held-out classes as crosses."""
+    z = _xy(np.asarray(x)[:, : len(spec.concepts)])
+    fig = Figure(figsize=(5.6, 5.0))
+    ax = fig.subplots()
+    for c, name in enumerate(spec.class_names):
+        held = c in spec.held_out
+        pts = z[np.asarray(labels) == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=14 if held else 8, marker="x" if held else "o", lw=0.8 if held else 0,
+                   alpha=0.7, color=CLASS_COLOURS(c % 10), label=name + (" (held out)" if held else ""))
+    ax.set_xlabel(spec.concepts[0])
+    ax.set_ylabel(spec.concepts[1] if len(spec.concepts) > 1 else "")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.set_title(f"{len(z)} examples of {spec.n_classes} classes in concept space", fontsize=9)
+    return _save(fig, path)
+
+
 def elicit_figure(result: dict, path) -> Path:
     """Held-out accuracy vs step: naive, overprompted, latent-intervened; members grouped by their
     sweep setting, mean line with the seeds' spread (min-max band)."""
@@ -288,7 +315,8 @@ def elicit_figure(result: dict, path) -> Path:
     for m in result["members"]:
         key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
         groups.setdefault(key, []).append(m)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
+    fig = Figure(figsize=(4.2 * len(groups), 3.4))
+    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
     styles = {"naive": ("k", "naive prompt"), "over": ("tab:blue", "overprompting"),
               "latent": ("tab:red", "latent intervention")}
     for ax, (key, ms) in zip(axes[0], groups.items()):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,8 @@ def probe_for(data_cfg, *, bar: float | None = None, band: float = 0.0, seed: in
         probe = Probe("images", spec.concepts, spec.values, net_params=net_params, widths=tuple(widths),
                       accuracy=acc, corner_accuracy=corner_acc, key=ck)
         if verbose:
-            print(f"probe {ck}: {steps} steps, min accuracy {acc.min():.4f}, at the corners {corner_acc.min():.4f}")
+            logging.getLogger(__name__).info(f"probe {ck}: {steps} steps, min accuracy {acc.min():.4f}, at the corners "
+                                             f"{corner_acc.min():.4f}")
         _check(probe, spec, bar, f"{steps} training steps (max_steps={max_steps})")
         return probe, {"accuracy": acc.tolist(), "corner_accuracy": corner_acc.tolist(), "bar": bar, "steps": steps,
                        "data": ck}
@@ -372,8 +374,8 @@ def _train_celeba_probe(data_cfg, spec, net, bar, key, ck, max_steps, batch_size
     probe = Probe("celeba", spec.concepts, spec.values, net_params=net_params, widths=widths, depth=depth,
                   accuracy=acc, key=ck)
     got = ", ".join(f"{c} {a:.3f}" for c, a in zip(spec.concepts, probe.concept_accuracy))
-    print(f"jaxconcept: attribute probe {ck}: {steps} steps, test accuracy {got} on {len(test_y)} images "
-          f"(bar {bar})", flush=True)
+    logging.getLogger(__name__).info(f"attribute probe {ck}: {steps} steps, test accuracy {got} on {len(test_y)} "
+                                     f"images (bar {bar})")
     if not met:
         i = int(np.argmin(probe.concept_accuracy))
         raise ProbeError(

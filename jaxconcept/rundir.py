@@ -14,38 +14,35 @@
     RUN_DIR/tensorboard/          with train.tensorboard: the scalars of metrics.jsonl as TensorBoard
                                   events (metrics.jsonl stays the record)
     RUN_DIR/checkpoints/          orbax train-state checkpoints (resume); checkpoints/config.json
-                                  a second copy of the config, so a lost config.json is noticed
+                                  a second copy of the config, so a lost config.json is noticed;
+                                  checkpoints/segment.json the loss sum of the interval a signal
+                                  cut short (step, steps, dtype, loss_sum[M]: ``loop``)
     RUN_DIR/checkpoints.bad/      checkpoints that failed to restore, moved aside (kept)
-    RUN_DIR/.lock                 held (fcntl) by the training process; names its pid and host
+    RUN_DIR/.lock                 held by the training process (fcntl; in a bucket a lock object);
+                                  names its pid and host; removed at exit
 
 Before training, ``prepare`` checks the directory can hold the run (no other config, no
 training files without one) and ``write_run_files`` writes config.json and members.json.
 
-Every file is written whole or not at all: a temporary file in the same directory, flushed and
-fsynced, then renamed over the final name. Readers ignore temporary files; ``metrics.jsonl`` is
-appended one fsynced line at a time and a half-written last line is dropped when read.
+RUN_DIR is a local path or a bucket (``gs://``): every file goes through ``store`` (etils.epath).
+Every file is written whole or not at all (``store.atomic``: locally a temporary file, flushed,
+fsynced and renamed over the final name; in a bucket one object write). Readers ignore temporary
+files; ``metrics.jsonl`` gets one record at a time (``store.append_line``) and a half-written
+last line is dropped when read. Files are readable as the umask allows (0644 by default).
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
 import re
-import socket
-import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
 
-from jaxconcept import config as C
+from jaxconcept import config as C, store
+from jaxconcept.store import RunDirError, RunWarning, atomic, lock, path, warn  # noqa: F401 - the run directory's API
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.npz$")
-
-
-class RunDirError(ValueError):
-    """A run directory (or a file in it) is missing, unreadable or not what was expected."""
 
 
 class RunError(RuntimeError):
@@ -53,45 +50,18 @@ class RunError(RuntimeError):
     step does not fit in memory, its processes disagree. The command line prints it as one line."""
 
 
-class RunWarning(UserWarning):
-    """Something in a run the user should know of that does not stop it (a checkpoint moved aside,
-    a diverged member, a refused float16); the command line prints it as one line."""
+EXIT_STOPPED = 75  # the command's exit code when a signal stopped training after a checkpoint (sysexits' EX_TEMPFAIL)
 
 
-def warn(message: str) -> None:
-    warnings.warn(message, RunWarning, stacklevel=3)
+class Stopped(Exception):
+    """Training stopped on a signal (SIGTERM, SIGINT, a pre-emption notice) after checkpointing
+    ``step``; running the same training again resumes from there. The command line prints it as
+    one line and exits with ``EXIT_STOPPED``."""
 
-
-# --------------------------------------------------------------------------------------------
-# Writing whole files
-# --------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic(path, mode: str = "w"):
-    """Open a temporary file beside ``path``; on success it is fsynced and renamed to ``path``,
-    on any error removed. ``mode``: "w" (text) or "wb"."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    def __init__(self, step: int, why: str, saved: bool = True):
+        done = "checkpoint saved" if saved else "nothing trained since the last checkpoint"
+        super().__init__(f"stopped by {why} at step {step} ({done}); run the same command to resume")
+        self.step, self.why = step, why
 
 
 def clean_json(obj):
@@ -116,7 +86,7 @@ def write_json(path, obj, indent: int | None = 1) -> None:
 
 def read_json(path, what: str):
     """Parse a JSON file, or raise RunDirError naming it and what to do."""
-    p = Path(path)
+    p = store.path(path)
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
@@ -126,43 +96,15 @@ def read_json(path, what: str):
 
 
 # --------------------------------------------------------------------------------------------
-# The lock
-# --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def lock(run_dir):
-    """Hold an advisory lock on ``run_dir`` for the duration (one training process per run).
-
-    The lock is an fcntl lock on RUN_DIR/.lock: the kernel drops it when its process dies, so a
-    lock file left by a killed run is simply taken over. Raises RunDirError naming the holder.
-    """
-    import fcntl
-
-    p = Path(run_dir) / ".lock"
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise RunDirError(f"{run_dir} is in use by {holder}; wait for it to finish, or stop it, "
-                              "before training into this directory again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-# --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
 def _step_file(run_dir, sub, step):
-    return Path(run_dir) / sub / f"step_{int(step):07d}.npz"
+    return store.path(run_dir) / sub / f"step_{int(step):07d}.npz"
 
 
 def load_config(run_dir) -> C.Config:
-    p = Path(run_dir) / "config.json"
-    if not Path(run_dir).is_dir():
+    p = store.path(run_dir) / "config.json"
+    if not p.parent.is_dir():
         raise RunDirError(f"{run_dir} is not a directory (give a run directory written by `jaxconcept train`)")
     if not p.exists():
         raise RunDirError(f"{run_dir} is not a run directory: no config.json (run `jaxconcept train` first)")
@@ -174,16 +116,16 @@ def load_config(run_dir) -> C.Config:
 
 
 def load_members(run_dir) -> list[dict]:
-    d = read_json(Path(run_dir) / "members.json", "the members of the sweep; `jaxconcept train` rewrites it")
+    d = read_json(store.path(run_dir) / "members.json", "the members of the sweep; `jaxconcept train` rewrites it")
     if not isinstance(d, list) or not all(isinstance(m, dict) and "index" in m for m in d):
-        raise RunDirError(f"{Path(run_dir) / 'members.json'} is not a list of members; delete it and run "
+        raise RunDirError(f"{store.path(run_dir) / 'members.json'} is not a list of members; delete it and run "
                           "`jaxconcept train` on this directory to have it written again")
     return d
 
 
 def load_metrics(run_dir) -> list[dict]:
     """Every complete record of metrics.jsonl (a half-written or garbled line is skipped)."""
-    p = Path(run_dir) / "metrics.jsonl"
+    p = store.path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
     out = []
@@ -199,15 +141,15 @@ def load_metrics(run_dir) -> list[dict]:
 
 def steps_with(run_dir, sub="samples") -> list[int]:
     """Steps for which RUN_DIR/<sub>/step_*.npz exists, increasing (temporary files ignored)."""
-    d = Path(run_dir) / sub
+    d = store.path(run_dir) / sub
     if not d.is_dir():
         return []
     return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP_FILE.match(p.name)))
 
 
-def _load_npz(p: Path, what: str):
+def _load_npz(p, what: str):
     try:
-        f = np.load(p)
+        f = np.load(io.BytesIO(p.read_bytes()))  # read whole: a bucket's objects are not files
         f.files  # noqa: B018 - reads the zip directory: fails here on a damaged file
         return f
     except FileNotFoundError:
@@ -235,7 +177,7 @@ def load_tree(path, like, what: str):
     Raises RunDirError: the file is missing, damaged, or holds another structure or shapes."""
     import jax
 
-    p = Path(path)
+    p = store.path(path)
     with _load_npz(p, what) as f:
         flat, treedef = jax.tree_util.tree_flatten_with_path(like)
         try:
@@ -304,19 +246,16 @@ def save_params(run_dir, step, params) -> None:
 
 
 def append_metrics(run_dir, record: dict) -> None:
-    """Append one record as one fsynced line (a kill leaves at most a half line, dropped on reading)."""
-    line = json.dumps(clean_json(record), allow_nan=False) + "\n"
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one line (``store.append_line``: a kill leaves at most a half line,
+    dropped on reading)."""
+    store.append_line(store.path(run_dir) / "metrics.jsonl", json.dumps(clean_json(record), allow_nan=False) + "\n")
 
 
 def reconcile_metrics(run_dir, step: int) -> list[dict]:
     """Rewrite metrics.jsonl atomically with its complete records up to ``step`` (the restored
     step; later ones will be recomputed identically). Returns the records kept."""
     keep = [r for r in load_metrics(run_dir) if r["step"] <= step]
-    with atomic(Path(run_dir) / "metrics.jsonl") as f:
+    with atomic(store.path(run_dir) / "metrics.jsonl") as f:
         f.write("".join(json.dumps(clean_json(r), allow_nan=False) + "\n" for r in keep))
     return keep
 
@@ -343,13 +282,41 @@ def config_diffs(old: dict, cfg: C.Config) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def prepare(cfg: C.Config, run_dir: Path) -> None:
-    """Check ``run_dir`` can hold this run (nothing written yet): a directory or nothing, under a
-    writable directory, holding no other run.
+def growth(old: dict, cfg: C.Config) -> list[str]:
+    """The differences of ``config_diffs`` that are not a run growing (``cfg`` resumes a run of
+    ``old`` and trains it on to a larger ``train.steps``).
 
-    Raises RunError: a file is in the way, the directory holds a run of another config, or
-    training files without a config."""
-    for parent in [run_dir, *run_dir.parents]:
+    A run may grow: ``train.steps`` larger, and explicit ``eval.steps`` the old ones followed by
+    steps beyond the old end (with sqrt-spaced evaluation, ``eval.steps`` stays empty). Training
+    does not depend on ``train.steps`` (the learning rate is constant, every draw is keyed by the
+    step), so the grown run trains as a longer run would; its evaluation points are the ones
+    already written and, beyond the restored step, the new config's (``C.eval_steps``): a pure
+    function of the config and the start, as resuming needs.
+
+    Raises RunError: ``train.steps`` shrinks and nothing else differs (one line)."""
+    diffs = config_diffs(old, cfg)
+    try:
+        was = C.from_dict(old)
+    except (C.ConfigError, TypeError, AttributeError):
+        return diffs
+    before, after = was.train.steps, cfg.train.steps
+    extended = list(was.eval.steps) == [s for s in cfg.eval.steps if s <= before]
+    allowed = {"train.steps"} | ({"eval.steps"} if extended else set())
+    others = [d for d in diffs if d.split(":")[0] not in allowed]
+    if after < before and not others:
+        raise RunError(f"train.steps={after} is less than the {before} steps this run directory was trained "
+                       f"to: a run may grow, not shrink; use another --out, or train.steps >= {before}")
+    return diffs if after < before else others
+
+
+def prepare(cfg: C.Config, run_dir) -> None:
+    """Check ``run_dir`` can hold this run (nothing written yet): a directory or nothing, under a
+    writable directory, holding no other run (the same run grown is allowed: ``growth``).
+
+    Raises RunError: a file is in the way, the directory holds a run of another config (or of
+    more steps), or training files without a config."""
+    run_dir = store.path(run_dir)
+    for parent in [run_dir, *run_dir.parents] if store.is_local(run_dir) else []:
         if parent.exists() and not parent.is_dir():
             raise RunError(f"--out {run_dir}: {parent} is a file, not a directory")
         if parent.exists():
@@ -361,7 +328,7 @@ def prepare(cfg: C.Config, run_dir: Path) -> None:
                 old = read_json(p, what)
             except RunDirError as exc:
                 raise RunError(str(exc)) from None
-            diffs = config_diffs(old, cfg) if isinstance(old, dict) else ["(not a config)"]
+            diffs = growth(old, cfg) if isinstance(old, dict) else ["(not a config)"]
             if diffs:
                 raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
                                "use another --out, or the same config to resume")
@@ -373,11 +340,16 @@ def prepare(cfg: C.Config, run_dir: Path) -> None:
                            "trained with is unknown; restore config.json, or use another --out")
 
 
-def write_run_files(run_dir: Path, cfg: C.Config, members: list[dict]) -> None:
-    """config.json (once; both copies) and members.json (``members``, one record per member,
-    when missing, unreadable or of another length). Process 0 only."""
+def write_run_files(run_dir, cfg: C.Config, members: list[dict]) -> None:
+    """config.json (both copies: when missing, or the run grew) and members.json (``members``,
+    one record per member, when missing, unreadable or of another length). Process 0 only."""
+    run_dir = store.path(run_dir)
     for p in (run_dir / "config.json", run_dir / "checkpoints" / "config.json"):
-        if not p.exists():
+        try:
+            same = p.exists() and not config_diffs(read_json(p, "the run's config"), cfg)
+        except RunDirError:
+            same = False
+        if not same:
             write_json(p, C.to_dict(cfg), indent=2)
     try:
         ok = len(load_members(run_dir)) == len(members)

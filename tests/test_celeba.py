@@ -285,8 +285,8 @@ def test_missing_data_is_one_clear_message_and_exit_code_2(tmp_path, capsys, set
     for name, path in (("EMPTY", empty), ("TFRECORD", tfrecord)):
         sets = [s.replace(name, json.dumps(str(path))) for s in sets]
         says = says.replace(name, re.escape(str(path)))
-    args = ["train", "--preset", "celeba_tiny", "--out", str(tmp_path / "run"), "--no-progress"]
-    capsys.readouterr()
+    args = ["--quiet", "train", "--preset", "celeba_tiny", "--out", str(tmp_path / "run"), "--no-progress"]  # no
+    capsys.readouterr()  # progress lines (the stacking strategy is chosen before the data is read)
     assert cli.main(args + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1

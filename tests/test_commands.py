@@ -25,3 +25,71 @@ def test_demo_command_takes_overrides_and_rejects_bad_ones(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "bad"), "--set", "train.ema=2"]) == 2
     assert "train.ema" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_messages_go_through_the_jaxconcept_logger_and_quiet_leaves_them_out(capsys, caplog):
+    """Progress lines are ``logging`` records of the ``jaxconcept`` logger: the command line prints them
+    as one line on stderr, ``--quiet`` (before or after the command) leaves them out, and afterwards
+    the logger is as it was (a program that calls ``main`` keeps its own logging). Warnings under
+    ``--quiet``: tests/test_sd.py."""
+    import logging
+
+    log = logging.getLogger("jaxconcept")
+    before = log.level, log.propagate, list(log.handlers)
+    sweep = ["data", "--preset", "vec_tiny", "--set", "seeds=[0,1]", "--out", "/dev/null"]
+    assert main(sweep) == 0
+    assert capsys.readouterr().err == "jaxconcept: the config is a sweep; rendering its first member\n"
+    for argv in (["--quiet", *sweep], [*sweep, "-q"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().err == ""
+    assert (log.level, log.propagate, log.handlers) == before
+    with caplog.at_level(logging.INFO, logger="jaxconcept"):  # outside the command line: records, nothing printed
+        logging.getLogger("jaxconcept.data").info("a message")
+    assert [r.getMessage() for r in caplog.records] == ["a message"]
+    assert capsys.readouterr().err == ""
+
+
+def test_importing_the_library_changes_nothing_process_wide():
+    """Importing the modules leaves logging, warnings and matplotlib's backend as they were (the
+    backend set to svg here, so that a module choosing one would show)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import logging, warnings, matplotlib
+state = lambda: (logging.getLogger().level, logging.getLogger().handlers[:], logging.getLogger('jaxconcept').level,
+                 logging.getLogger('jaxconcept').handlers[:], warnings.showwarning, warnings.formatwarning,
+                 list(warnings.filters), matplotlib.rcParams['backend'])
+before = state()
+import jaxconcept.cli, jaxconcept.plots, jaxconcept.demo, jaxconcept.plan, jaxconcept.probe, jaxconcept.elicit, \\
+    jaxconcept.dynamics, jaxconcept.sd.command, jaxconcept.sd.weights, jaxconcept.data.celeba
+assert state() == before, (before, state())
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MPLBACKEND": "svg"})
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_config_prints_the_resolved_config_and_its_members(capsys):
+    import json
+
+    from jaxconcept import config as C
+
+    argv = ["config", "--preset", "vec_tiny", "--set", "seeds=[3,4]", "--set", "train.lr=0.002", "--members"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    cfg = C.from_dict(json.loads(out.out), C.preset("vec_tiny"))
+    assert cfg == C.override(C.preset("vec_tiny"), ["seeds=[3,4]", "train.lr=0.002"]) and cfg.train.lr == 0.002
+    lines = out.err.strip().splitlines()
+    assert lines[0] == "jaxconcept: 2 member(s), sweeping seed" and len(lines) == 3 and '"seed": 4' in lines[2]
+    assert main(["config", "--preset", "vec_tiny", "--set", "train.lr=-1"]) == 2  # a bad value: one line
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_the_demo_config_is_the_experiments_file():
+    from jaxconcept import config as C
+
+    cfg = demo.demo_config()
+    assert cfg == C.load(demo.DEMO_CONFIG) and cfg.name == "demo" and len(C.members(cfg)) == 6
+    assert demo.demo_config(["train.steps=10"]).train.steps == 10

@@ -162,9 +162,14 @@ def _flat(d, prefix=""):
 
 def _same_as_before(new: dict, old: dict, data_cls):
     """Flat dicts equal to the letter (ints stay ints), but for the old flat data section's fields
-    of other data kinds and fields added since (at their defaults)."""
+    of other data kinds, fields retired since (at the value they may still be read with) and
+    fields added since (at their defaults)."""
+    from jaxconcept.config.files import RETIRED
+
     for k in sorted(set(old) | set(new)):
-        if k not in new:
+        if k not in new and k in RETIRED:
+            assert old[k] == RETIRED[k], k
+        elif k not in new:
             kinds = [c for c in C.DATA_KINDS.values() if k[5:] in C.field_names(c)]
             assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
         elif k not in old:

@@ -229,3 +229,20 @@ def test_dataset_on_presets(name):
     assert np.all(dev < 6 * np.asarray(p["std"])[None])
     x, cond, labels = D.render_all(sp, p, jax.random.PRNGKey(1), 3)
     assert x.shape == (sp.n_classes * 3, cfg.dim + cfg.dim_nuisance) and cond.shape == (sp.n_classes * 3, sp.cond_dim)
+
+
+def test_cli_data_show_draws_vector_data_in_concept_space(tmp_path, capsys):
+    """``data --show`` on vector data: a scatter of the concept coordinates (two concepts, and the
+    first two of three), not an image grid; a sweep says in one line that it renders one member."""
+    from PIL import Image
+
+    from jaxconcept.cli import main
+
+    for name, sets in (("two", ["seeds=[0,1]"]), ("three", ["data.dim=3", "data.m=[1,1,1]", "data.s=[0.1,0.1,0.1]"])):
+        png = tmp_path / f"{name}.png"
+        capsys.readouterr()
+        assert main(["data", "--preset", "vec_tiny", "--show", str(png), *[a for s in sets for a in ("--set", s)]]) == 0
+        Image.open(png).verify()
+        out, err = capsys.readouterr()
+        assert out == f"wrote {png}\n"
+        assert err == ("jaxconcept: the config is a sweep; rendering its first member\n" if name == "two" else ""), err

@@ -92,11 +92,18 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-def test_kills_at_each_write_point_leave_a_resumable_complete_run(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run of SETS trained without interruption (one device): what every interrupted one must equal."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "run"
+    subprocess.run(_cmd(full), check=True, env=ENV1, capture_output=True)
+    return full
+
+
+def test_kills_at_each_write_point_leave_a_resumable_complete_run(tmp_path, uninterrupted):
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
-    full, run = tmp_path / "full", tmp_path / "run"
-    subprocess.run(_cmd(full), check=True, env=ENV1, capture_output=True)
+    full, run = uninterrupted, tmp_path / "run"
     # each start resumes from the newest good checkpoint and dies at the next write of one kind (the
     # parameter files share the samples' writer, rundir.atomic)
     for point in ("samples:2", "metrics:2", "checkpoint:1", "reconcile:1"):
@@ -110,6 +117,84 @@ def test_kills_at_each_write_point_leave_a_resumable_complete_run(tmp_path):
     _same_run(full, run)
     assert (run / "checkpoints.bad").is_dir()  # the cut-short checkpoint was moved aside, not lost
     assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Signals: SIGTERM (pre-emption) and Ctrl-C stop at a call boundary after a checkpoint
+# --------------------------------------------------------------------------------------------
+PAUSER = textwrap.dedent('''
+    """Run `jaxconcept train`, pausing before its PAUSE_CALL-th compiled call until the test has
+    sent its signal: the signal lands at a known point inside an interval between stops."""
+    import os, sys, time
+    from pathlib import Path
+    from jaxconcept import cli, stack
+
+    advance, calls, marker = stack.advance, {"n": 0}, Path(os.environ["PAUSE_FILE"])
+
+    def pausing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == int(os.environ["PAUSE_CALL"]):
+            marker.write_text("paused")
+            deadline = time.time() + 120
+            while not marker.with_suffix(".sent").exists() and time.time() < deadline:
+                time.sleep(0.01)  # the signal's handler runs here, in the main thread
+        return advance(*a, **k)
+    stack.advance = pausing
+    sys.exit(cli.main(sys.argv[1:]))
+''')
+
+
+def _signalled(tmp, out, sig, pause_call, env=ENV1):
+    """Train into ``out`` through PAUSER and send ``sig`` while it is paused; returns the process
+    (finished) and its stderr."""
+    pauser, marker = tmp / "pauser.py", tmp / f"pause_{sig.name}"
+    pauser.write_text(PAUSER)
+    proc = subprocess.Popen([sys.executable, str(pauser), *_cmd(out)[3:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(env, PAUSE_FILE=str(marker), PAUSE_CALL=str(pause_call)))
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    marker.with_suffix(".sent").write_text("")
+    _, err = proc.communicate(timeout=240)
+    return proc, err
+
+
+def test_sigterm_and_ctrl_c_stop_after_a_checkpoint_and_resume_to_the_uninterrupted_run(tmp_path, uninterrupted):
+    full, run = uninterrupted, tmp_path / "run"
+    # steps_per_call 4, stops 8, 16, 24: paused before the call 8 -> 12, then (resumed at 12) 16 -> 20,
+    # so each signal stops the run inside an interval, whose partial loss sum must carry over
+    proc, err = _signalled(tmp_path, run, signal.SIGTERM, pause_call=3)
+    assert proc.returncode == loop.EXIT_STOPPED, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("jaxconcept train: stopped by SIGTERM at step 12 (checkpoint saved); "
+                                            "run the same command to resume"), err[-3000:]
+    assert "Traceback" not in err and not (run / ".lock").exists()
+    proc, err = _signalled(tmp_path, run, signal.SIGINT, pause_call=2)
+    assert proc.returncode == loop.EXIT_STOPPED and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGINT at step 20 (checkpoint saved)" in err.strip().splitlines()[-1]
+    done = subprocess.run(_cmd(run), env=ENV1, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_run(full, run)
+
+
+def test_ctrl_c_while_starting_or_compiling_is_one_line(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path / "run"), env=ENV1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("jaxconcept train:")  # printed as training starts: compiling next
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("jaxconcept train:")]
+    assert proc.returncode in (130, loop.EXIT_STOPPED), err[-3000:]
+    assert "Traceback" not in err and len(lines) == 1 and ("interrupted" in lines[0] or "stopped by SIGINT" in lines[0])
+
+
+def test_importing_checkpoint_leaves_logging_alone():
+    code = ("import logging; import absl.logging; before = logging.getLogger('absl').level; "
+            "import jaxconcept.checkpoint; print(before, logging.getLogger('absl').level)")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV1, capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert before == after  # orbax is quieted only while it runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +264,67 @@ def test_a_second_train_on_a_locked_directory_is_refused(tmp_path, capsys):
         assert "in use by" in capsys.readouterr().err
     loop.train(_cfg(), tmp_path / "run", progress=False)  # released: a stale lock file is taken over
     assert rundir.steps_with(tmp_path / "run") == [8]
+    assert not (tmp_path / "run" / ".lock").exists()  # removed at exit
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "members.json", "metrics.jsonl", "samples/step_0000008.npz", "params/step_0000008.npz"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o002)  # a group that shares a file system
+    try:
+        rundir.write_json(tmp_path / "a.json", {"x": 1})
+        rundir.save_tree(tmp_path / "t.npz", {"w": np.zeros(2)})
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "t.npz")] == [0o664, 0o664]
+
+
+def test_a_process_that_opened_the_lock_as_its_holder_finished_locks_the_current_file(tmp_path, monkeypatch):
+    import contextlib
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = contextlib.ExitStack()
+    first.enter_context(rundir.lock(run))
+    flock = fcntl.flock
+
+    def holder_finishes_first(fd, op):  # between the second process's open and its flock
+        first.close()
+        return flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", holder_finishes_first)
+    with rundir.lock(run):
+        monkeypatch.setattr(fcntl, "flock", flock)
+        with pytest.raises(rundir.RunDirError, match=f"in use by pid {os.getpid()}"):
+            with rundir.lock(run):  # a third process finds the lock held, on the file that is there
+                pass
+    assert not (run / ".lock").exists()
+
+
+def test_train_steps_may_grow_and_not_shrink(tmp_path, capsys):
+    sets = [*SETS[:3], "eval.steps=[]", "eval.n_points=3", "eval.first=4", *SETS[4:]]  # sqrt-spaced points
+    short, long = (C.override(C.preset("vec_tiny"), [*sets, f"train.steps={n}"]) for n in (16, 24))
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    loop.train(short, grown, progress=False)
+    loop.train(long, grown, progress=False)
+    loop.train(long, fresh, progress=False)
+    # the points written stay; beyond the old end, the longer run's own
+    assert C.eval_steps(short) == [4, 9, 16] and C.eval_steps(long) == [4, 11, 24]
+    assert rundir.steps_with(grown) == [4, 9, 16, 24] and rundir.steps_with(fresh) == [4, 11, 24]
+    for step in (4, 24):
+        np.testing.assert_array_equal(rundir.load_samples(grown, step)["samples"],
+                                      rundir.load_samples(fresh, step)["samples"])
+    pg, pf = np.load(grown / "params" / "step_0000024.npz"), np.load(fresh / "params" / "step_0000024.npz")
+    for k in pf.files:
+        np.testing.assert_array_equal(pg[k], pf[k])
+    assert C.load(grown / "config.json") == long == C.load(grown / "checkpoints" / "config.json")
+    args = ["train", "--preset", "vec_tiny", *[a for s in sets for a in ("--set", s)], "--set", "train.steps=16",
+            "--out", str(grown)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "may grow, not shrink" in err and len(err.strip().splitlines()) == 1
 
 
 def test_damaged_run_files_are_repaired_or_refused_with_one_message(tmp_path):

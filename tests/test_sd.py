@@ -247,13 +247,21 @@ def test_every_strength_starts_from_the_same_noise(sd):
 
 
 # --- the command ----------------------------------------------------------------------------------
-def _sd(tmp_path, *extra, out="out"):
-    return ["sd", str(FIXTURE), "--prompt", PROMPT, "--concept", CONCEPT, "--steps", "4", "--size", "32", "--n", "2",
+def _sd(tmp_path, *extra, out="out", size=("--size", "32")):
+    return ["sd", str(FIXTURE), "--prompt", PROMPT, "--concept", CONCEPT, "--steps", "4", *size, "--n", "2",
             "--no-progress", "--out", str(tmp_path / out), *extra]
 
 
 def test_sd_command_end_to_end(tmp_path, capsys):
-    assert main(_sd(tmp_path, "--ref", REF, "--strengths", "0,3")) == 0
+    """Also: the image size defaults to the model's own. The fixture's UNet samples 16x16 latents and
+    its VAE doubles them: 32 px, not SD-1.x's 512 (which asks this tiny model for hundreds of GB)."""
+    from jaxconcept.cli import build_parser
+    from jaxconcept.sd import configs
+
+    argv = _sd(tmp_path, "--ref", REF, "--strengths", "0,3", size=())
+    assert build_parser().parse_args(argv).size is None  # checked first: 512 would run
+    assert command.default_size(configs.from_folder(FIXTURE)) == 32
+    assert main(argv) == 0
     out = tmp_path / "out"
     Image.open(out / "grid.png").verify()
     with np.load(out / "images.npz") as f:
@@ -262,15 +270,37 @@ def test_sd_command_end_to_end(tmp_path, capsys):
     assert strengths.tolist() == [0, 3] and seeds.tolist() == [0, 1]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["method"] == "extrapolate" and settings["steps"] == 4 and settings["seconds"]["sample_and_decode"] > 0
+    assert settings["size"] == 32 and settings["variant"] == "fp32"
     assert np.abs(images[0].astype(int) - images[1]).max() > 0  # overprompting changed the images
     assert np.abs(images[0, 0].astype(int) - images[0, 1]).max() > 0  # seeds differ
-    # weight at s = 0 is naive prompting too, from the same noise per seed: the same images
-    assert main(_sd(tmp_path, "--method", "weight", "--strengths", "0,0", out="w")) == 0
+    err = capsys.readouterr().err  # the files read, one line each (the VAE has only fp16 ones: said so)
+    assert "jaxconcept: unet: diffusion_pytorch_model.safetensors\n" in err
+    assert "jaxconcept: warning: " in err and "vae: no full-precision (fp32) weights" in err
+    # weight at s = 0 is naive prompting too, from the same noise per seed: the same images. The fixture
+    # has fp16 files only for the VAE: --variant fp16 reads those and says so for the others; --quiet
+    # leaves out the progress lines, not the warnings
+    assert main(["--quiet", *_sd(tmp_path, "--method", "weight", "--strengths", "0,0", "--variant", "fp16",
+                                 out="w")]) == 0
     with np.load(tmp_path / "w" / "images.npz") as f:
         again = f["images"]
     np.testing.assert_array_equal(again[0], images[0])
     np.testing.assert_array_equal(again[1], images[0])
-    assert "jaxconcept sd: weight" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "jaxconcept sd: weight" in out
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("jaxconcept: warning: ") and "no 'fp16'-variant weights" in ln
+                                   for ln in lines), err
+    assert json.loads((tmp_path / "w" / "settings.json").read_text())["variant"] == "fp16"
+
+
+def test_sd_out_of_memory_is_one_line_naming_the_size(tmp_path, capsys, monkeypatch):
+    """XLA's own out-of-memory error, from a buffer no machine has, stands in for sampling too large
+    an image (a real --size 8192 on the fixture ends in the same line, after 25 s on 2 CPU cores)."""
+    monkeypatch.setattr(P, "generate", lambda *a, **k: jnp.zeros((2 ** 48,), jnp.float32))  # a petabyte
+    assert main(_sd(tmp_path, "--size", "64")) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the lines naming the files read
+    assert last.startswith("jaxconcept sd: out of memory") and "--size=64 " in last, last
+    assert not (tmp_path / "out").exists()
 
 
 def test_sd_command_bad_inputs_fail_in_one_line(tmp_path, capsys, monkeypatch):
@@ -292,11 +322,13 @@ def test_sd_command_bad_inputs_fail_in_one_line(tmp_path, capsys, monkeypatch):
         "--steps=0": _sd(tmp_path, "--steps", "0"),
         "is a file": _sd(tmp_path, out="afile"),
         "--point": _sd(tmp_path, "--point", "unet/context"),
+        "(1000 characters) has": _sd(tmp_path, "--prompt", f"{PROMPT} " * 40),
     }
     for want, argv in cases.items():
         assert main(argv) == 2, want
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and want in err and err.startswith("jaxconcept sd: "), (want, err)
+        assert len(err) < 300, err  # a long prompt is not quoted whole
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     assert main(_sd(tmp_path)) == 2

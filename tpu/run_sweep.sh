@@ -7,6 +7,6 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 gcloud compute tpus tpu-vm scp --recurse "$repo" "$name":~/jaxconcept --zone "$zone" --worker=all
 gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "
   set -e; cd ~/jaxconcept
-  pip install -q -U 'jax[tpu]' && pip install -q -e .
+  pip install -q -U 'jax[tpu]' && pip install -q -e '.[gcs]'
   jaxconcept train --distributed --no-progress --config $config --out $out $*
 "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class DataError(ValueError):
@@ -64,12 +65,15 @@ class DataSpec:
 
 
 def _mod(kind):
+    """The module of data kind ``kind``. Raises DataError for an unknown kind."""
     if kind == "images":
         from jaxconcept.data import images as m
     elif kind == "celeba":
         from jaxconcept.data import celeba as m
-    else:
+    elif kind == "vector":
         from jaxconcept.data import vector as m
+    else:
+        raise DataError(f"data.kind={kind!r} is unknown: allowed images, vector, celeba")
     return m
 
 
@@ -155,7 +159,7 @@ def storage_tolerance(spec: DataSpec, params) -> float:
     float16 option of ``eval.sample_dtype``: vectors 1 % of the smallest class spread (the
     probe's finest scale: its bands are multiples of it), images half an 8-bit level."""
     if spec.kind == "vector":
-        return 0.01 * float(jnp.min(params["std"]))
+        return 0.01 * float(np.min(params["std"]))
     return 0.5 / 255
 
 
@@ -182,4 +186,5 @@ def host_eval_data(spec: DataSpec, members) -> dict:
 def concept_signal(cfg, key=None, n: int = 256, **kw) -> dict:
     """{concept: signal}: how strongly G's output changes with each concept (see each kind's
     ``concept_signal``; images: the finite difference of G between a concept's values)."""
-    return _mod(cfg.kind).concept_signal(cfg, key if key is not None else jax.random.PRNGKey(0), n, **kw)
+    key = np.zeros(2, np.uint32) if key is None else key  # PRNGKey(0)'s bits, without a program to make them
+    return _mod(cfg.kind).concept_signal(cfg, key, n, **kw)

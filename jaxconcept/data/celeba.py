@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -220,8 +221,8 @@ def _build(path: Path, idx: Index, parts: dict, crop: int, size: int) -> None:
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        print(f"jaxconcept: preparing {sum(len(p) for p, _ in parts.values())} images of {idx.describe()} at "
-              f"{size}x{size} (once; cached in {path.parent})", flush=True)
+        logging.getLogger(__name__).info(f"preparing {sum(len(p) for p, _ in parts.values())} images of "
+                                         f"{idx.describe()} at {size}x{size} (once; cached in {path.parent})")
         for name, (pos, y) in parts.items():
             x = np.lib.format.open_memmap(tmp / f"x_{name}.npy", "w+", np.uint8, (len(pos), size, size, 3))
             read_images(idx, pos, crop, size, x)

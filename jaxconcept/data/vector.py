@@ -100,7 +100,7 @@ def params(cfg) -> dict:
     Args:
         cfg: a data config whose ``m`` and ``s`` are flat (one member; see ``config.members``).
     Returns:
-        {"mean": [n_classes, dim], "std": [dim], "step": [dim]} float32: class means, per-dimension
+        {"mean": [n_classes, dim], "std": [dim], "step": [dim]} float32 (numpy): class means, per-dimension
         spread, and the distance between neighbouring values of each concept.
     """
     m, s = np.asarray(cfg.m, np.float64), np.asarray(cfg.s, np.float64)
@@ -110,8 +110,7 @@ def params(cfg) -> dict:
     extent = (cfg.perdim - 1) * m if cfg.normalize else np.ones_like(m)  # each concept spans [0, 1]
     step, std = m / extent, s / extent
     mean = _grid(cfg.dim, cfg.perdim) * step[None, :]
-    return {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32),
-            "step": jnp.asarray(step, jnp.float32)}
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32)}
 
 
 def class_means(spec: DataSpec, params) -> jax.Array:

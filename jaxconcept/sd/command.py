@@ -5,8 +5,9 @@
 
 writes OUT/grid.png (rows: strengths; columns: seeds), OUT/images.npz (uint8 images [S, N, H, W,
 3], strengths, seeds) and OUT/settings.json (every setting, the model's sizes, seconds taken).
-Every strength of one seed starts from the same noise. Bad inputs raise ``SDError`` (the CLI
-prints it in one line, exit code 2) before any weights are read.
+Every strength of one seed starts from the same noise. The image size defaults to the model's
+own (``default_size``). Bad inputs raise ``SDError`` (the CLI prints it in one line, exit code 2)
+before any weights are read; running out of accelerator memory is one too, naming the size.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +36,12 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=4, help="images per strength (seeds seed .. seed+n-1)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight w")
-    p.add_argument("--size", type=int, default=512, help="image height and width in pixels")
+    p.add_argument("--size", type=int, default=None,
+                   help="image height and width in pixels (default the model's: its UNet's sample_size times the "
+                        "VAE's upsampling, 512 for SD-1.x)")
+    p.add_argument("--variant", default="fp32", choices=("fp32", "fp16"),
+                   help="which weight files to read: full precision (*.safetensors, default) or the fp16 variant "
+                        "(*.fp16.safetensors); computation is float32 (or --dtype) either way")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--point", default=None, help="steer: text-encoder tap point (default the middle layer's output)")
@@ -64,11 +69,29 @@ def check_args(a) -> list[float]:
         raise SDError(f"--guidance={a.guidance}: allowed a finite number")
     if not 0 <= a.seed < 2 ** 31 - a.n:
         raise SDError(f"--seed={a.seed}: allowed 0 <= seed < 2^31 - n")
-    if a.size <= 0:
+    if a.size is not None and a.size <= 0:
         raise SDError(f"--size={a.size}: allowed a positive multiple of the model's latent factor (8 for SD-1.x)")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise SDError(f"--out {a.out}: is a file; give a directory")
     return _strengths(a.strengths)
+
+
+def default_size(cfg) -> int:
+    """The image side the model was trained at: the UNet's ``sample_size`` (latent pixels) times the
+    VAE's upsampling 2**(levels - 1) (SD-1.x: 64 x 8 = 512). SDError for a non-square sample_size."""
+    side = cfg.unet.sample_size
+    if isinstance(side, (tuple, list)):
+        if len(set(side)) != 1:
+            raise SDError(f"the UNet's sample_size={list(side)} is not square: give --size")
+        side = side[0]
+    return int(side) * 2 ** (len(cfg.vae.block_out_channels) - 1)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Whether ``exc`` is XLA's out-of-memory error (status RESOURCE_EXHAUSTED)."""
+    import jax
+
+    return isinstance(exc, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(exc)
 
 
 def latent_size(cfg, size: int) -> int:
@@ -123,6 +146,7 @@ def run(a) -> int:
 
     t0 = time.perf_counter()
     cfg = configs.from_folder(folder)
+    a.size = a.size or default_size(cfg)
     lat = latent_size(cfg, a.size)
     tok = Tokenizer.from_folder(folder / "tokenizer", cfg.clip.max_position_embeddings)
     method = a.method or ("extrapolate" if a.ref else "weight")
@@ -131,7 +155,7 @@ def run(a) -> int:
     if a.point and (method != "steer" or a.point not in overprompt.steer_points(model)):
         raise SDError(f"--point {a.point!r}: allowed with --method steer, one of "
                       f"{', '.join(overprompt.steer_points(model))}")
-    params = weights.load_params(folder, cfg)
+    params = weights.load_params(folder, cfg, None if a.variant == "fp32" else a.variant)
     t_load = time.perf_counter() - t0
     cond = overprompt.conditioning(model, params, plan, a.point)  # [S, T, D]
     null = overprompt.null_conditioning(model, params, tok)  # [T, D]
@@ -140,10 +164,17 @@ def run(a) -> int:
     t1 = time.perf_counter()
     with tqdm(total=a.n * a.steps, desc="jaxconcept sd", unit="step", disable=a.no_progress) as bar:
         for seed in seeds:
-            noise = jax.random.normal(jax.random.PRNGKey(seed), (lat, lat, cfg.unet.in_channels))
-            x = pipeline.generate(model, params, cond, null, noise, n_steps=a.steps, guidance=a.guidance,
-                                  chunk=max(1, a.steps // 10), progress=bar.update)
-            rows.append(np.asarray(jnp.round(x * 255)).astype(np.uint8))  # [S, H, W, 3]
+            try:
+                noise = jax.random.normal(jax.random.PRNGKey(seed), (lat, lat, cfg.unet.in_channels))
+                x = pipeline.generate(model, params, cond, null, noise, n_steps=a.steps, guidance=a.guidance,
+                                      chunk=max(1, a.steps // 10), progress=bar.update)
+                rows.append(np.asarray(jnp.round(x * 255)).astype(np.uint8))  # [S, H, W, 3]
+            except Exception as exc:  # noqa: BLE001 - only XLA's out-of-memory is reported in one line
+                if not _out_of_memory(exc):
+                    raise
+                raise SDError(f"out of memory on {jax.default_backend()} at --size={a.size} ({lat}x{lat} latents, "
+                              f"{len(strengths)} strengths x 2 with guidance, --dtype {a.dtype}); the model's own "
+                              f"size is {default_size(cfg)}: try a smaller --size") from None
     t_sample = time.perf_counter() - t1
     images = np.stack(rows, axis=1)  # [S, N, H, W, 3]
     out = Path(a.out)
@@ -159,5 +190,5 @@ def run(a) -> int:
                     jax=jax.__version__, backend=jax.default_backend())
     _write(out / "settings.json", lambda f: f.write((json.dumps(settings, indent=1) + "\n").encode()))
     print(f"jaxconcept sd: {method} on {a.concept!r}, {len(strengths)} strengths x {a.n} seeds, {a.steps} steps, "
-          f"{a.size} px in {t_sample:.1f} s -> {out}/grid.png, images.npz, settings.json", file=sys.stdout)
+          f"{a.size} px in {t_sample:.1f} s -> {out}/grid.png, images.npz, settings.json")
     return 0

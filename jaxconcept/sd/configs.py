@@ -48,6 +48,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     transformer_layers_per_block: int = 1
+    sample_size: int = 64  # the latent side it was trained at (SD-1.x: 64, images 8x that: 512 px)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from jaxconcept.interventions import Edit
 from jaxconcept.sd import SDError
 from jaxconcept.sd import pipeline as P
-from jaxconcept.sd.tokenizer import Tokenizer, word_pattern
+from jaxconcept.sd.tokenizer import Tokenizer, quote, word_pattern
 
 METHODS = ("extrapolate", "weight", "token", "repeat", "steer")
 NEEDS_REF = ("extrapolate", "steer")
@@ -85,8 +85,9 @@ def plan(tok: Tokenizer, prompt: str, concept: str, method: str, strengths, ref:
         ref_prompt = word_pattern(concept).sub(lambda m: ref.strip(), prompt)
         n, n_ref = len(tok.tokens(prompt)), len(tok.tokens(ref_prompt))
         if n != n_ref:
-            raise SDError(f"the reference {ref!r} is misaligned: {ref_prompt!r} has {n_ref} tokens, the prompt {n} "
-                          f"({concept!r} is {len(tok.tokens(concept))} token(s), {ref!r} {len(tok.tokens(ref))})")
+            raise SDError(f"the reference {quote(ref)} is misaligned: {quote(ref_prompt)} has {n_ref} tokens, "
+                          f"the prompt {n} ({quote(concept)} is {len(tok.tokens(concept))} token(s), "
+                          f"{quote(ref)} {len(tok.tokens(ref))})")
         out["ref_ids"] = tok.encode(ref_prompt)
     if method == "repeat":
         if (s < 0).any() or (s != np.round(s)).any():
