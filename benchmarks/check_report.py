@@ -1,24 +1,28 @@
 """The budget, the JSON report and the measured stacking table of ``device_check.py``.
 
-The stacking table (DIR/stacking.json of a check; the package's jaxconcept/stacking.json, which
-``train.strategy="auto"`` reads) is one JSON object:
+The table is ``plan.measured_choice``'s (jaxconcept/strategies.json, shipped in the package;
+``train.strategy="auto"`` tries its entry first, the first entry that matches winning). A check
+writes the entries it measured to DIR/strategies.json in the same form:
 
-    {"format": 1,
-     "entries": [{"device_kind": "NVIDIA H200",      # jax Device.device_kind
-                  "platform": "gpu",                 # jax Device.platform
-                  "arch": "unet",                    # model.arch
-                  "members": 32,                     # members per device in the timed stack
-                  "strategy": "map",                 # train.strategy: "vmap", "map" or "unroll"
-                  "chunk": 8,                        # train.map_batch_size (members per lax.map chunk)
-                  "conv": "auto",                    # model.conv to use: "auto" or "explicit"
-                  "dtype": "bfloat16",               # model.dtype timed
-                  "model_steps_per_s": 1234.5,       # the winner's rate
-                  "measured": {"vmap": 1000.0, "map/8": 1234.5, "vmap+explicit": 990.1},
-                  "shape": {"batch_size": 64, "image_size": 32, "ch": 64, "ch_mult": [1, 2, 4],
-                            "num_res_blocks": 2, "n_params": 10635013},
-                  "source": "device_check 2026-12-05T10:00:00+00:00, commit abc1234, jax 0.11.2"}]}
+    {"measured": [{"device_kind": "NVIDIA H200",   # jax Device.device_kind
+                   "arch": "unet",                 # model.arch
+                   "min_members": 1,               # members per device this entry covers, from
+                   "max_members": 16,              #   the geometric midpoints between timed sizes
+                   "strategy": "map",              # train.strategy: "vmap", "map" or "unroll"
+                   "chunk": 1,                     # train.map_batch_size for "map"
+                   "conv": "auto",                 # model.conv applied where the config says "auto"
+                   "members": 8,                   # the stack size timed
+                   "dtype": "bfloat16",            # model.dtype timed
+                   "model_steps_per_s": 1234.5,    # the winner's rate; then every stacking's
+                   "timed": {"vmap": 1000.0, "map/1": 1234.5, "vmap+explicit": 990.1},
+                   "shape": {"batch_size": 64, "image_size": 32, "ch": 64, "ch_mult": [1, 2, 4],
+                             "num_res_blocks": 2, "n_params": 10635013},
+                   "source": "benchmarks/device_check.py 2026-12-05T10:00:00+00:00, commit abc1234, jax 0.11.2"},
+                  ...]}
 
-One entry per (device_kind, arch, members); a later measurement replaces an earlier one.
+``merge_strategies`` puts a check's entries into the package's table: they replace every entry of
+the same device kind and architecture (one check times the whole range), other keys of the
+table (its "_doc") are kept.
 """
 from __future__ import annotations
 
@@ -28,8 +32,7 @@ import os
 import time
 from pathlib import Path
 
-TABLE_FORMAT = 1
-KEY = ("device_kind", "arch", "members")
+NEEDED = ("device_kind", "arch", "strategy", "source")
 
 
 class Budget:
@@ -103,41 +106,43 @@ def fmt(v, spec: str, none: str = "-") -> str:
 
 def winners(report: dict) -> list[dict]:
     """Table entries (module docstring) of a check's report: per stack size timed in more than
-    one stacking in the first dtype, the fastest."""
+    one stacking in the first dtype, the fastest, covering the members per device from the
+    geometric midpoint below it to the one above (the smallest from 1, the largest without end)."""
     rows = [r for r in report["train"] if r.get("status") == "ok" and r["dtype"] == report["train"][0]["dtype"]]
     cfg, dev = report["config"], report["device"]
+    sizes = sorted(m for m in {r["members"] for r in rows} if sum(r["members"] == m for r in rows) > 1)
+    edges = [math.floor(math.sqrt(a * b)) for a, b in zip(sizes, sizes[1:])]  # hi of the smaller size
     out = []
-    for m in sorted({r["members"] for r in rows}):
+    for i, m in enumerate(sizes):
         mine = [r for r in rows if r["members"] == m]
-        if len(mine) < 2:
-            continue
         best = max(mine, key=lambda r: r["model_steps_per_s"])
-        out.append({"device_kind": dev["kind"], "platform": dev["backend"], "arch": cfg["arch"], "members": m,
-                    "strategy": best["strategy"], "chunk": best["chunk"] or 1, "conv": best["conv"],
-                    "dtype": best["dtype"],
-                    "model_steps_per_s": round(best["model_steps_per_s"], 3),
-                    "measured": {r["stacking"]: round(r["model_steps_per_s"], 3) for r in mine},
-                    "shape": {k: cfg[k] for k in ("batch_size", "image_size", "ch", "ch_mult", "num_res_blocks")}
-                    | {"n_params": report.get("n_params")},
-                    "source": f"device_check {report['created']}, commit {report.get('commit')}, jax {dev['jax']}"}
-                   | ({"tiny": True} if report.get("tiny") else {}))
+        e = {"device_kind": dev["kind"], "arch": cfg["arch"], "min_members": 1 if i == 0 else edges[i - 1] + 1}
+        if i < len(edges):
+            e["max_members"] = edges[i]
+        e |= {"strategy": best["strategy"], "chunk": best["chunk"] or 1, "conv": best["conv"], "members": m,
+              "dtype": best["dtype"], "model_steps_per_s": round(best["model_steps_per_s"], 3),
+              "timed": {r["stacking"]: round(r["model_steps_per_s"], 3) for r in mine},
+              "shape": {k: cfg[k] for k in ("batch_size", "image_size", "ch", "ch_mult", "num_res_blocks")}
+              | {"n_params": report.get("n_params")},
+              "source": f"benchmarks/device_check.py {report['created']}, commit {report.get('commit')}, "
+                        f"jax {dev['jax']}" + (", --tiny" if report.get("tiny") else "")}
+        out.append(e | ({"tiny": True} if report.get("tiny") else {}))
     return out
 
 
-def merge_stacking(src, into) -> int:
-    """Merge the entries of a check's stacking.json into the table ``into`` (created if missing):
-    an entry replaces the one with the same (device_kind, arch, members). Returns the entry count.
-    Raises ValueError (one line) for a file of another format or entries from a --tiny run."""
+def merge_strategies(src, into) -> int:
+    """Merge the entries of a check's strategies.json into the table ``into``: they replace every
+    entry of the same (device_kind, arch). Returns the table's entry count.
+    Raises ValueError (one line) for a file that is not such a table or entries from a --tiny run."""
     new = _read_table(src)
-    if any(e.get("tiny") for e in new["entries"]):
+    if any(e.get("tiny") for e in new["measured"]):
         raise ValueError(f"{src}: entries from a --tiny run (the tiny U-Net) do not belong in the table")
     into = Path(into)
-    table = _read_table(into) if into.exists() else {"format": TABLE_FORMAT, "entries": []}
-    keys = {tuple(e[k] for k in KEY) for e in new["entries"]}
-    kept = [e for e in table["entries"] if tuple(e[k] for k in KEY) not in keys]
-    table["entries"] = sorted(kept + new["entries"], key=lambda e: tuple(str(e[k]).zfill(6) for k in KEY))
+    table = _read_table(into) if into.exists() else {"measured": []}
+    keys = {(e["device_kind"], e["arch"]) for e in new["measured"]}
+    table["measured"] = [e for e in table["measured"] if (e["device_kind"], e["arch"]) not in keys] + new["measured"]
     write_json(into, table)
-    return len(table["entries"])
+    return len(table["measured"])
 
 
 def _read_table(path) -> dict:
@@ -145,10 +150,10 @@ def _read_table(path) -> dict:
         t = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable stacking table ({type(exc).__name__}: {exc})") from None
-    if not isinstance(t, dict) or t.get("format") != TABLE_FORMAT or not isinstance(t.get("entries"), list):
-        raise ValueError(f"{path}: not a stacking table of format {TABLE_FORMAT}")
-    for e in t["entries"]:
-        missing = [k for k in KEY + ("strategy", "chunk", "conv") if k not in e]
+    if not isinstance(t, dict) or not isinstance(t.get("measured"), list):
+        raise ValueError(f"{path}: not a stacking table (an object with a \"measured\" list)")
+    for e in t["measured"]:
+        missing = [k for k in NEEDED if k not in e]
         if missing:
             raise ValueError(f"{path}: an entry lacks {', '.join(missing)}")
     return t

@@ -166,10 +166,12 @@ class Stages:
               + (f"; float32 {r['float32_tflops']:.3f}" if "float32_tflops" in r else ""), flush=True)
 
     def flops(self, _):
+        from jaxconcept import diffusion
+
         if not self.c.budget.fits(1):
             return self.rep.skip("flops", f"{self.c.budget.left():.1f} s left")
         t = time.perf_counter()
-        self.flops_per_step = CR.finite(S.step_flops(self.c.base))
+        self.flops_per_step = CR.finite(diffusion.train_step_flops(self.c.base))
         self.rep.data["flops_per_model_step"] = self.flops_per_step
         self.rep.data["flops_s"] = round(time.perf_counter() - t, 3)
         gflop = CR.fmt(self.flops_per_step and self.flops_per_step / 1e9, '.3f')
@@ -355,11 +357,11 @@ class Stages:
                 r["vs_torch_ensemble"] = r["model_steps_per_s"] / ens if ens else None
         data["winners"] = CR.winners(data) if data["train"] else []
         if data["winners"]:
-            CR.write_json(self.rep.path.parent / "stacking.json",
-                          {"format": CR.TABLE_FORMAT, "entries": data["winners"]})
+            CR.write_json(self.rep.path.parent / "strategies.json", {"measured": data["winners"]})
             for w in data["winners"]:
-                how = ", ".join(f"{k} {v:.1f}" for k, v in w["measured"].items())
-                print(f"fastest for {w['members']} members: {w['strategy']}"
+                how = ", ".join(f"{k} {v:.1f}" for k, v in w["timed"].items())
+                span = f"{w['min_members']}-{w.get('max_members', '')}"
+                print(f"fastest for {w['members']} members (the table's entry for {span}): {w['strategy']}"
                       + (f"/{w['chunk']}" if w["strategy"] == "map" else "")
                       + (" with model.conv=explicit" if w["conv"] == "explicit" else "")
                       + f" ({w['model_steps_per_s']:.1f} model-steps/s; {how})", flush=True)

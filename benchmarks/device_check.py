@@ -3,7 +3,7 @@
     python benchmarks/device_check.py --budget-s 165 --out out        # what device_check.sh runs
     python benchmarks/device_check.py --reference /tmp/reference      # + the PyTorch peers
     python benchmarks/device_check.py --tiny --out /tmp/dc            # seconds to minutes, on a CPU
-    python benchmarks/device_check.py --merge-stacking out/stacking.json   # commit measured winners
+    python benchmarks/device_check.py --merge-strategies out/strategies.json  # commit the winners
 
 Every training configuration is the run's own config (``--config``, default
 experiments/colour_sweep_mini.json; ``--tiny`` shrinks it to the tiny U-Net) with only the
@@ -35,9 +35,9 @@ had):
 6. sd: Stable Diffusion 1.x at 512 px with random weights (``sd_bench.py``), compiled ahead in
    the background.
 
-The per-(device kind, architecture, members) fastest stackings go to DIR/stacking.json (its
-format: benchmarks/check_report.py); ``--merge-stacking`` merges them into the table shipped in
-the package, jaxconcept/stacking.json, from which ``train.strategy="auto"`` is to read them.
+The fastest stacking per (device kind, architecture, stack size) goes to DIR/strategies.json, in
+the form of the table ``train.strategy="auto"`` reads (jaxconcept/strategies.json, shipped in the
+package; benchmarks/check_report.py describes it); ``--merge-strategies`` merges it there.
 """
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import check_stages  # noqa: E402
-from check_report import Budget, Report, merge_stacking  # noqa: E402
+from check_report import Budget, Report, merge_strategies  # noqa: E402
 
 SCHEMA = 2
 RUN_CONFIG = HERE.parent / "experiments" / "colour_sweep_mini.json"
-PACKAGE_TABLE = HERE.parent / "jaxconcept" / "stacking.json"
+PACKAGE_TABLE = HERE.parent / "jaxconcept" / "strategies.json"
 # --tiny: the run's config with 2 members on the tiny preset's U-Net and data sizes (device_check.sh
 # passes the same to `jaxconcept train`, so that the dry run shares its compiled programs as a real
 # run does)
@@ -74,7 +74,7 @@ SHARES = {"train": 55, "torch": 15, "sampler": 5, "sd": 25}  # of what the ceili
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=165.0, help="wall-clock budget, compiles included")
-    ap.add_argument("--out", default="runs/device_check", help="directory for device_check.json, stacking.json")
+    ap.add_argument("--out", default="runs/device_check", help="directory for device_check.json, strategies.json")
     ap.add_argument("--config", default=str(RUN_CONFIG), help="the run whose shapes are measured")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config overrides KEY=VALUE")
     ap.add_argument("--tiny", action="store_true", help="the run's config on the tiny U-Net: a CPU dry run")
@@ -102,9 +102,9 @@ def parse(argv):
     ap.add_argument("--no-compile-cache", action="store_true")
     ap.add_argument("--run-args", action="store_true", help="print the `jaxconcept train` arguments of the run "
                     "these shapes match (with --tiny: the tiny overrides) and exit")
-    ap.add_argument("--merge-stacking", metavar="FILE", default=None,
-                    help="merge a run's stacking.json into the package's table and exit")
-    ap.add_argument("--into", default=str(PACKAGE_TABLE), help="the table --merge-stacking writes")
+    ap.add_argument("--merge-strategies", metavar="FILE", default=None,
+                    help="merge a check's strategies.json into the package's table and exit")
+    ap.add_argument("--into", default=str(PACKAGE_TABLE), help="the table --merge-strategies writes")
     a = ap.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v] if s else []  # noqa: E731
     try:
@@ -227,9 +227,9 @@ def main(argv=None) -> dict | None:
     if a.run_args:
         print(" ".join(run_args(a)))
         return None
-    if a.merge_stacking:
+    if a.merge_strategies:
         try:
-            n = merge_stacking(a.merge_stacking, a.into)
+            n = merge_strategies(a.merge_strategies, a.into)
         except ValueError as exc:
             print(f"device_check: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -16,8 +16,8 @@
 #   3. jaxconcept analyze on the evaluation points written.
 #
 # What comes back in $OUT: log.txt (everything printed), device_check.json (every figure),
-# stacking.json (the fastest stacking per stack size: `python benchmarks/device_check.py
-# --merge-stacking $OUT/stacking.json` puts it in the package's table), run.tar.gz (the run's
+# strategies.json (the fastest stacking per stack size: `python benchmarks/device_check.py
+# --merge-strategies $OUT/strategies.json` puts it in the package's table), run.tar.gz (the run's
 # metrics.jsonl, analysis.json, members.json, config and figures). Checkpoints stay in $RUN_DIR.
 #
 #   bash benchmarks/device_check.sh                                    # OUT=./out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import queue
 import threading
 import time
@@ -269,27 +268,3 @@ def time_advance(sw, compiled, state, data, min_time: float, fits, target_call_s
     return {"steps_per_call": k, "n_per_call": n, "first_call_s": first_s, "calls": calls, "seconds": dt,
             "step_s": dt / (calls * n), "model_steps_per_s": sw.size * n * calls / dt,
             "loss_finite": bool(np.isfinite(loss[: sw.size]).all())}
-
-
-def step_flops(cfg) -> float:
-    """FLOPs of one member's training step (loss forward + backward at train.batch_size) from
-    XLA's cost analysis of the *lowered* program (no compile; ``diffusion.step_flops`` compiles)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxconcept import config as C, data as D, diffusion, nets
-
-    spec = D.spec(C.members(cfg)[0].data)
-    net, mc, b = nets.build(cfg.model, spec), cfg.model, cfg.train.batch_size
-    apply_fn = diffusion.make_apply(net)
-    params = jax.eval_shape(lambda k: diffusion.init_params(net, mc, spec, k), jax.random.PRNGKey(0))
-    x = jax.ShapeDtypeStruct((b, *spec.x_shape), jnp.float32)
-    c = jax.ShapeDtypeStruct((b, spec.cond_dim), jnp.float32)
-
-    def f(p, x, c, k):
-        return jax.value_and_grad(lambda p: diffusion.loss_fn(apply_fn, mc, p, x, c, k, p_cfg=cfg.train.p_cfg)[0])(p)
-
-    cost = jax.jit(f).lower(params, x, c, jax.random.PRNGKey(0)).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    v = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    return v if math.isfinite(v) and v > 0 else float("nan")

@@ -51,7 +51,7 @@ def test_tiny_run_writes_sane_json(device_check, tmp_path):
     assert math.isclose(row["model_steps_per_s"], 2 * row["n_per_call"] * row["calls"] / row["seconds"], rel_tol=1e-9)
     assert math.isclose(row["tflops"], row["model_steps_per_s"] * data["flops_per_model_step"] / 1e12, rel_tol=1e-6)
     assert row["mfu"] is None or 0 < row["mfu"] <= 1
-    assert data["winners"] == [] and not (tmp_path / "stacking.json").exists()  # nothing was compared
+    assert data["winners"] == [] and not (tmp_path / "strategies.json").exists()  # nothing was compared
 
     s = data["sampler"]  # the run's evaluate program: 4 sampler steps, 4 samples of each class
     assert s["members"] == 2 and s["sampler_steps"] == 4 and s["samples_per_member"] % 4 == 0
@@ -65,7 +65,10 @@ def test_tiny_run_writes_sane_json(device_check, tmp_path):
 
 
 def test_winners_are_the_fastest_stacking_per_size(device_check):
+    """Each size timed in several stackings gives the table's entry for the members per device
+    around it (geometric midpoints), in the form plan.measured_choice reads."""
     import check_report as CR
+    from jaxconcept import plan
 
     def row(m, stacking, strategy, rate, conv="auto", chunk=None, dtype="bfloat16", status="ok"):
         return {"dtype": dtype, "members": m, "stacking": stacking, "strategy": strategy, "chunk": chunk, "conv": conv,
@@ -79,12 +82,17 @@ def test_winners_are_the_fastest_stacking_per_size(device_check):
                         row(8, "vmap+explicit", "vmap", 120.0, conv="explicit"), row(1, "vmap", "vmap", 50.0),
                         row(32, "vmap", "vmap", 300.0), row(32, "map/8", "map", 900.0, chunk=8, status="error"),
                         row(32, "vmap+explicit", "vmap", 310.0, conv="explicit"),
+                        row(96, "vmap", "vmap", 700.0), row(96, "map/8", "map", 800.0, chunk=8),
                         row(32, "map/1", "map", 999.0, chunk=1, dtype="float32")]}
     got = CR.winners(report)
-    assert [(w["members"], w["strategy"], w["chunk"], w["conv"]) for w in got] == [(8, "map", 1, "auto"),
-                                                                                   (32, "vmap", 1, "explicit")]
-    assert got[0]["measured"] == {"vmap": 100.0, "map/1": 150.0, "vmap+explicit": 120.0}
+    assert [(w["members"], w["min_members"], w.get("max_members"), w["strategy"], w["chunk"], w["conv"])
+            for w in got] == [(8, 1, 16, "map", 1, "auto"), (32, 17, 55, "vmap", 1, "explicit"),
+                              (96, 56, None, "map", 8, "auto")]
+    assert got[0]["timed"] == {"vmap": 100.0, "map/1": 150.0, "vmap+explicit": 120.0}
     assert got[1]["device_kind"] == "NVIDIA H200" and got[1]["shape"]["n_params"] == 10 and "tiny" not in got[1]
+    for m, want in ((1, 8), (16, 8), (17, 32), (55, 32), (56, 96), (1000, 96)):
+        assert plan.measured_choice("NVIDIA H200", "unet", m, got)["members"] == want
+    assert plan.measured_choice("NVIDIA H100", "unet", 8, got) is None
 
 
 def test_spent_budget_skips_and_says_so(device_check, tmp_path):
@@ -119,36 +127,39 @@ def test_the_checks_programs_are_the_runs(device_check):
     assert shapes(six) == shapes(row)
 
 
-def test_stacking_table_merges(device_check, tmp_path):
+def test_strategies_table_merges(device_check, tmp_path):
     import check_report as CR
 
     def entry(kind, m, strategy, **kw):
-        return {"device_kind": kind, "platform": "gpu", "arch": "unet", "members": m, "strategy": strategy, "chunk": 1,
-                "conv": "auto", "dtype": "bfloat16", **kw}
+        return {"device_kind": kind, "arch": "unet", "min_members": m, "strategy": strategy, "source": "test", **kw}
 
-    table, run = tmp_path / "stacking.json", tmp_path / "run.json"
-    CR.write_json(run, {"format": 1, "entries": [entry("H200", 32, "map"), entry("H200", 8, "vmap")]})
-    assert CR.merge_stacking(run, table) == 2
-    CR.write_json(run, {"format": 1, "entries": [entry("H200", 32, "vmap"), entry("TPU v5", 32, "vmap")]})
-    assert CR.merge_stacking(run, table) == 3
-    got = {(e["device_kind"], e["members"]): e["strategy"] for e in json.loads(table.read_text())["entries"]}
-    assert got == {("H200", 8): "vmap", ("H200", 32): "vmap", ("TPU v5", 32): "vmap"}  # the later one replaced
+    table, run = tmp_path / "strategies.json", tmp_path / "run.json"
+    CR.write_json(table, {"_doc": "kept", "measured": [entry("cpu", 1, "unroll"), entry("H200", 1, "vmap")]})
+    CR.write_json(run, {"measured": [entry("H200", 1, "map", max_members=16), entry("H200", 17, "vmap")]})
+    assert CR.merge_strategies(run, table) == 3
+    got = json.loads(table.read_text())
+    assert got["_doc"] == "kept"  # the device kind's old entries replaced, the others kept
+    assert [(e["device_kind"], e["min_members"], e["strategy"]) for e in got["measured"]] == [
+        ("cpu", 1, "unroll"), ("H200", 1, "map"), ("H200", 17, "vmap")]
 
-    CR.write_json(run, {"format": 1, "entries": [entry("cpu", 2, "vmap", tiny=True)]})
+    CR.write_json(run, {"measured": [entry("cpu", 1, "vmap", tiny=True)]})
     with pytest.raises(ValueError, match="tiny"):
-        CR.merge_stacking(run, table)
-    CR.write_json(run, {"format": 2, "entries": []})
-    with pytest.raises(ValueError, match="format 1"):
-        CR.merge_stacking(run, table)
-    shipped = json.loads((BENCH.parent / "jaxconcept" / "stacking.json").read_text())
-    assert shipped["format"] == 1 and isinstance(shipped["entries"], list)
+        CR.merge_strategies(run, table)
+    CR.write_json(run, {"entries": []})
+    with pytest.raises(ValueError, match="measured"):
+        CR.merge_strategies(run, table)
+    CR.write_json(run, {"measured": [{"device_kind": "H200", "arch": "unet"}]})
+    with pytest.raises(ValueError, match="strategy, source"):
+        CR.merge_strategies(run, table)
+    shipped = CR._read_table(BENCH.parent / "jaxconcept" / "strategies.json")  # the package's table reads
+    assert all(not e.get("tiny") for e in shipped["measured"])
 
 
 def test_merge_command_says_what_is_wrong_in_one_line(device_check, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(SystemExit) as exc:
-        device_check.main(["--merge-stacking", str(bad), "--into", str(tmp_path / "t.json")])
+        device_check.main(["--merge-strategies", str(bad), "--into", str(tmp_path / "t.json")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("device_check: ") and "\n" not in err and "not a readable stacking table" in err
