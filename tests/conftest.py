@@ -20,6 +20,9 @@ if "JAXCONCEPT_TEST_PROBE_CACHE" not in os.environ:
     os.environ["JAXCONCEPT_TEST_PROBE_CACHE"] = tempfile.mkdtemp(prefix="jaxconcept_test_probes_")
     atexit.register(shutil.rmtree, os.environ["JAXCONCEPT_TEST_PROBE_CACHE"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# the command line's size limit (cli.COMPILE_CACHE_MAX_BYTES) in every process sharing the cache: a
+# cache written without it holds no access times, which a process with it warns about
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
