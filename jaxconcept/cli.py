@@ -113,14 +113,6 @@ def cmd_data(args):
     return 0
 
 
-def _differences(cfg: C.Config) -> str:
-    """The fields of ``cfg`` that differ from the defaults, as one line of key=value."""
-    from jaxconcept import rundir
-
-    mine, default = rundir.flat_dict(C.to_dict(cfg)), rundir.flat_dict(C.to_dict(C.Config()))
-    return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
-
-
 def cmd_config(args):
     """The resolved config as JSON on stdout; what it sweeps and its members on the log."""
     import json
@@ -223,8 +215,6 @@ def cmd_train(args):
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
     if lead:
         print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
-        logging.getLogger("jaxconcept").info("config (what differs from the defaults; all of it: "
-                                             "`jaxconcept config` or RUN_DIR/config.json): %s", _differences(cfg))
     loop.train(cfg, args.out, progress=not args.no_progress)
     if lead:
         print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")

@@ -17,6 +17,7 @@ picks a step every process reaches; each stops at the end of the call that holds
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -28,6 +29,8 @@ import numpy as np
 from jaxconcept import checkpoint, config as C, data as D, plan, rundir, stack
 from jaxconcept.rundir import EXIT_STOPPED, RunError, Stopped  # noqa: F401 - part of train's API
 from jaxconcept.step import eval_params
+
+log = logging.getLogger("jaxconcept")
 
 __all__ = ["EXIT_STOPPED", "RunError", "Schedule", "Stopped", "schedule", "train", "check_processes_agree"]
 
@@ -144,6 +147,8 @@ def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
     lead = jax.process_index() == 0
     sw = plan.build(cfg, devices)
     if lead:
+        log.info("config (what differs from the defaults; all of it: `jaxconcept config` or RUN_DIR/config.json): "
+                 "%s", rundir.differences_from_defaults(cfg))
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         rundir.write_run_files(run_dir, cfg, member_records(sw.members))
     state, data = stack.init(sw)

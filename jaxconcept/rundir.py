@@ -282,6 +282,12 @@ def config_diffs(old: dict, cfg: C.Config) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def differences_from_defaults(cfg: C.Config) -> str:
+    """The fields of ``cfg`` that differ from ``C.Config()``, as one line of key=value."""
+    mine, default = flat_dict(C.to_dict(cfg)), flat_dict(C.to_dict(C.Config()))
+    return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
+
+
 def growth(old: dict, cfg: C.Config) -> list[str]:
     """The differences of ``config_diffs`` that are not a run growing (``cfg`` resumes a run of
     ``old`` and trains it on to a larger ``train.steps``).

@@ -72,12 +72,14 @@ def test_overprompts_match_the_paper_list():
     assert np.all(np.asarray(I.overprompts(sp, p, 3, 1, [0.0, 1.0]))[:, 7] <= 0.25 + 1e-6)  # size pushed smaller
 
 
-def test_vector_end_to_end_train_analyze_elicit(tmp_path):
+def test_vector_end_to_end_train_analyze_elicit(tmp_path, capsys):
     run = tmp_path / "run"
     sets = ["train.steps=300", "train.steps_per_call=100", "eval.steps=[100,200,300]", "data.n_per_class=64",
             "model.hidden=[64]", "eval.n_samples=32", "eval.sampler_steps=20", "seeds=[0,1]", "data.s=[0.1,0.1]"]
     args = sum((["--set", s] for s in sets), [])
     assert main(["train", "--preset", "vec2x2", "--no-progress", *args, "--out", str(run)]) == 0
+    logged = [ln for ln in capsys.readouterr().err.splitlines() if "differs from the defaults" in ln]
+    assert len(logged) == 1 and "train.steps=300" in logged[0] and "seeds=[0, 1]" in logged[0]
     assert main(["analyze", str(run)]) == 0
     assert main(["elicit", str(run)]) == 0
     a = json.loads((run / "analysis.json").read_text())
