@@ -4,13 +4,20 @@ Every function takes the dict written by ``dynamics.analyze_run`` (and the run d
 samples are needed) and writes one file:
 
     trajectories.png      the classes' paths through concept space for every member: training
-                          classes dashed, held-out solid, coloured by the swept separation, turns
-                          starred; corner thumbnails of each class's final samples (images) or a
+                          classes dashed, held-out solid, coloured by the swept separation, our
+                          turns starred, the reference's marker (training classes saturated) a
+                          red X; corner thumbnails of each class's final samples (images) or a
                           scatter of one member's final samples (vectors)
     accuracy.png          joint accuracy per class vs step, one panel per class
     learning_times.png    the held-out class's learning time per concept vs its concept signal
-                          (mean and spread over seeds; open triangles: some seeds never learned)
+                          (mean and spread over seeds; open triangles: some seeds never learned),
+                          the measure named in the title
     trajectories.gif      the trajectories growing over training beside the samples at each step
+
+and, from the dict ``elicit.elicit_run`` writes (elicit.json):
+
+    elicit.png            held-out accuracy of every elicitation arm vs step, saturation dotted
+    elicit_turn.png       each arm's emergence step minus the saturation step, per member
 """
 from __future__ import annotations
 
