@@ -105,14 +105,23 @@ def time_vs_signal(members: list[dict], times: list, signals: list, run_length: 
             "difference": diff, "verdict": verdict}
 
 
+def _knob(member: dict, concept: str):
+    """The sweep value that sets a concept's signal (sep_col, sep_size, m_i), else its signal."""
+    if concept in ("colour", "size"):
+        return member.get({"colour": "sep_col", "size": "sep_size"}[concept])
+    if concept.startswith("dim") and member.get("m") is not None:
+        return member["m"][int(concept[3:])]
+    return member["signal"].get(concept)
+
+
 def claim1(analysis: dict) -> list[dict]:
     """Claim 1 rows: for each held-out class, and for the training classes' mean, each concept
-    whose signal varies over the run's settings."""
+    whose signal the run's settings vary (through its separation: sep_col, sep_size, m_i)."""
     members, names, rows = analysis["members"], analysis["class_names"], []
     run_length = analysis.get("run_length", analysis["steps"][-1])
     for con in analysis["concepts"]:
         signals = [m["signal"].get(con) for m in members]
-        if any(s is None for s in signals) or len(set(np.round(signals, 9))) < 2:
+        if any(s is None for s in signals) or len({json.dumps(_knob(m, con)) for m in members}) < 2:
             continue
         classes = [(names[h], [m["learning_time"][names[h]][con] for m in members]) for h in analysis["held_out"]]
         train = [names[c] for c in analysis["train_classes"]]
@@ -131,24 +140,27 @@ def claim1(analysis: dict) -> list[dict]:
     return rows
 
 
+def _median(values) -> str:
+    got = [v for v in values if v is not None]
+    return _fmt(float(np.median(got))) if got else "-"
+
+
 def claim2(analysis: dict) -> list[dict]:
     """Claim 2 rows: per held-out class, how many members memorise then generalise, with the
     saturation step and our turn beside."""
-    rows = []
+    rows, ms = [], analysis["members"]
     for h in analysis["held_out"]:
         name = analysis["class_names"][h]
-        ms = analysis["members"]
         paths = [m["path"][name] for m in ms]
         k = sum(p["memorise_then_generalise"] for p in paths)
         sat = [m.get("saturation") for m in ms]
         turn = [m["turn"][name]["step"] if m["turn"][name]["turned"] else None for m in ms]
         gap = [p["own_step"] - s for p, s in zip(paths, sat) if p["own_step"] is not None and s is not None]
-        med = lambda v: _fmt(float(np.median([x for x in v if x is not None]))) if any(x is not None for x in v) else "-"  # noqa: E731
         frac = k / len(ms)
-        rows.append({"claim": 2, "what": f"{name}: memorise ({paths[0].get('memo', 'training class')}), then generalise",
-                     "ours": f"{k} of {len(ms)} members", "statistic":
-                     f"saturation median {med(sat)} ({sum(s is None for s in sat)} never); our turn median {med(turn)}; "
-                     f"first at own corner - saturation median {med(gap)}",
+        rows.append({"claim": 2, "what": f"{name}: memorise ({paths[0].get('memo', 'a training class')}), then generalise",
+                     "ours": f"{k} of {len(ms)} members",
+                     "statistic": f"saturation median {_median(sat)} ({sum(s is None for s in sat)} never); our turn "
+                                  f"median {_median(turn)}; first at own corner - saturation median {_median(gap)}",
                      "verdict": "reproduced" if frac >= 0.75 else "partly" if frac >= 0.5 else "not",
                      "numbers": {"n": len(ms), "memorise_then_generalise": k, "saturation": sat, "turn": turn,
                                  "own_minus_saturation": gap}})
@@ -175,9 +187,8 @@ def claim3(result: dict, seed: int = 0) -> list[dict]:
                                           else f"lead of {ARMS[arm]} over naive"),
                      "ours": "; ".join(f"{k}: {_interval(b)}" for k, b in by.items()),
                      "statistic": f"pooled {_interval(pooled)} over {pooled['n']} members; never: naive "
-                                  f"{int(naive_cens.sum())}, "
-                                  f"arm {int(cens.sum())}; emergence - saturation median "
-                                  f"{_fmt(float(np.median(rel))) if rel else '-'}",
+                                  f"{int(naive_cens.sum())}, arm {int(cens.sum())}; emergence - saturation median "
+                                  f"{_median(rel)}",
                      "verdict": "biased: no verdict" if biased else stats.verdict(pooled["low"], pooled["mean"]),
                      "numbers": {"pooled": pooled, "by_setting": by, "lead": lead.tolist(), "censored": cens.tolist(),
                                  "emergence_minus_saturation": rel}})
