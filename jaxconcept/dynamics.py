@@ -402,13 +402,17 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
       turn_kw: keyword arguments for ``sudden_turn``.
       write: write RUN_DIR/analysis.json.
     Returns:
-      The analysis dict: run-level description ("steps", "concepts", "class_names", ...), "probes"
-      (test accuracy of each probe), "members" (per member: config values, signals, probe,
-      "learning_time" {class: {concept|"joint": step|None}}, "turn" {held-out class: ...},
-      "accuracy" {class: {concept|"joint": [T]}}, "coords" {class: [T][n_concepts]}),
-      and "summary" (learning time vs signal/separation per class and concept).
+      The analysis dict: run-level description ("steps", "run_length", "measure", "definition",
+      "concepts", "class_names", ...), "probes" (test accuracy of each probe), "members" (per
+      member: config values, signals, probe, "learning_time" {class: {concept|"joint": step|None}}
+      by ``measure`` and "learning_time_<other measure>" beside it, "turn" {held-out class: our
+      detector}, "saturation" (step or None) and "saturation_msd" [T], "path" {held-out class:
+      ``corner_path`` and "memo"}, "accuracy" {class: {concept|"joint": [T]}}, "coords" {class:
+      [T][n_concepts]}), "summary" (learning time vs signal/separation per class and concept) and
+      "claims" (``claims.table``; claim 3 when RUN_DIR/elicit.json is there).
     Raises:
       rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
+      ValueError: an unknown measure.
     """
     run_dir = Path(run_dir)
     cfg = rundir.load_config(run_dir)
