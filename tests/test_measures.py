@@ -173,3 +173,20 @@ def test_mask_prob_masks_that_fraction_of_training_examples(p):
     assert (prompt_dim1 == 0).all() == (p == 1.0)  # prompts keep the concept unless every example lost it
     with pytest.raises(C.ConfigError, match=r"data\.mask_prob=1\.5 is invalid"):
         C.override(base, ["data.mask_prob=1.5"])
+
+
+def test_image_elicitation_has_every_arm_and_vectors_have_no_fixed_colours():
+    from jaxconcept import elicit
+
+    cfg = C.preset("tiny")
+    member = C.members(cfg)[0]
+    spec, p = D.spec(member.data), D.params(member.data)
+    st = elicit.setting(cfg, member, None, samplers=(None, None, None))
+    assert st.concept == "colour" and (st.n_over, st.n_ref) == (len(elicit.OVER_STRENGTHS), 5)
+    np.testing.assert_array_equal(np.asarray(st.conds[-5:]), np.asarray(I.reference_overprompts(spec, p, 3)))
+    pr = D.prompts(spec, p)
+    for got, c in zip(st.comp, (1, 2, 0)):  # red-small, blue-large, red-large: never the held-out prompt
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(pr[c]))
+    vec = C.members(C.preset("vec2x2"))[0]
+    sv = elicit.setting(C.preset("vec2x2"), vec, None, samplers=(None, None, None))
+    assert sv.n_ref == 0 and sv.comp is not None and len(sv.conds) == 1 + len(elicit.OVER_STRENGTHS)
