@@ -221,39 +221,51 @@ def cmd_train(args):
     return 0
 
 
-def cmd_analyze(args):
-    from jaxconcept import dynamics, plots
+def _measure(args) -> str:
+    return args.measure.replace("-", "_")
 
-    analysis = dynamics.analyze_run(args.run_dir, args.threshold)
+
+def cmd_analyze(args):
+    from jaxconcept import claims, dynamics, plots
+
+    analysis = dynamics.analyze_run(args.run_dir, args.threshold, measure=_measure(args))
     figs = plots.all_figures(analysis, args.run_dir)
-    print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints, "
-          f"threshold {args.threshold}")
+    print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints; "
+          f"learning time: {analysis['definition']}")
     for m in analysis["members"]:
         for c in analysis["held_out"]:
             name = analysis["class_names"][c]
-            lt = ", ".join(f"{k} {'-' if v is None else round(v)}" for k, v in m["learning_time"][name].items())
+            lt = ", ".join(f"{k} {'never' if v is None else round(v)}" for k, v in m["learning_time"][name].items())
             t = m["turn"][name]
-            turn = f"turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn"
+            turn = f"our turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn (ours)"
             frozen = f"; frozen (diverged) at step {m['frozen_at']}" if m.get("frozen_at") is not None else ""
-            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; {turn}{frozen}")
+            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; saturation at step "
+                  f"{m['saturation'] if m['saturation'] is not None else 'never'}; {turn}{frozen}")
     for m in analysis["members"]:
         if m.get("nan_samples"):
             print(f"  member {m['index']}: {m['nan_samples']} non-finite sample(s) counted as wrong")
+    if analysis["claims"]:
+        print("claims (the summary table; analysis.json 'claims'):")
+        print(claims.format_table(analysis["claims"]))
     print(f"jaxconcept analyze: wrote {args.run_dir}/analysis.json and " + ", ".join(str(f) for f in figs))
     return 0
 
 
 def cmd_elicit(args):
-    from jaxconcept import elicit
+    from jaxconcept import claims, elicit
 
     if args.every < 1:
         raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
-    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every)
+    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
+                            measure=_measure(args))
+    print(f"jaxconcept elicit: emergence: {out['definition']}; turn = saturation of the training classes")
     for m in out["members"]:
-        print(f"member {m['index']}: emergence naive {m['emergence_step']['naive']}, "
-              f"overprompting {m['concept']} {m['emergence_step']['over']}, latent {m['emergence_step']['latent']}; "
-              f"turn {m['turn_step']}")
-    print(f"wrote {args.run_dir}/elicit.json and figures/elicit.png")
+        e, rel = m["emergence_step"], m["emergence_minus_turn"]
+        arms = ", ".join(f"{k} {'never' if v is None else round(v)}"
+                         + ("" if rel.get(k) is None else f" (turn {rel[k]:+.0f})") for k, v in e.items())
+        print(f"  member {m['index']} ({m['concept']} pushed): {arms}; turn {m['turn_step']}")
+    print(claims.format_table(out["claims"]))
+    print(f"wrote {args.run_dir}/elicit.json, figures/elicit.png and figures/elicit_turn.png")
     return 0
 
 
@@ -328,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for every process to join before giving up with a message (default 300)")
     p.set_defaults(fn=cmd_train)
 
-    p = add("analyze", help="concept-space analysis of a run: analysis.json and figures")
+    p = add("analyze", help="concept-space analysis of a run: analysis.json, the claims table, figures")
     p.add_argument("run_dir")
-    p.add_argument("--threshold", type=_threshold, default=0.8, help="accuracy that counts as learned, in (0, 1]")
+    p.add_argument("--measure", choices=("reference", "first-crossing"), default="reference",
+                   help="learning time: the reference's (smoothed, 3 checkpoints above; default) or the first crossing")
+    p.add_argument("--threshold", type=_threshold, default=None,
+                   help="accuracy that counts as learned, in (0, 1] (default 0.9 for reference, 0.8 for first-crossing)")
     p.set_defaults(fn=cmd_analyze)
 
     p = add("elicit", help="hidden capabilities: overprompting and latent interventions")
@@ -340,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concept to overprompt and steer (default: the weakest concept signal)")
     p.add_argument("--every", type=int, default=1, metavar="K",
                    help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
+    p.add_argument("--measure", choices=("reference", "first-crossing"), default="reference",
+                   help="emergence: the reference's smoothed rule (default) or the first crossing")
     p.set_defaults(fn=cmd_elicit)
 
     p = add("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")

@@ -9,9 +9,24 @@ Definitions used throughout:
   two-valued image concept). A class's *trajectory* is the mean over its samples, per checkpoint.
 * Accuracy of a class at a checkpoint, per concept: the fraction of its samples showing the
   prompted value of that concept (``probe.correct``); *joint*: showing every prompted value.
-* Learning time T (``learning_time``): the first step at which an accuracy curve reaches the
-  threshold (0.8), linearly interpolated between the two checkpoints around the crossing; the
-  first checkpoint's step when it is already above; ``None`` = not learned within the run.
+* Learning time T (``learning_time``), two measures (``MEASURES``; ``DEFINITIONS`` says each in words):
+    "reference" (the default; the reference's analysis_concept_space.ipynb): the accuracy curve
+      is smoothed over checkpoints by a Gaussian of sigma 1.5 checkpoints (``smooth``: mode
+      "reflect", truncated at 4 sigma, as scipy.ndimage.gaussian_filter1d), and T is the step of
+      the first checkpoint i whose smoothed accuracy is above the threshold (0.9) at i-1, i and
+      i+1 (a binary erosion with a window of 3 and nothing above the threshold outside the run,
+      so neither the first nor the last checkpoint can be T); ``None`` = never, which the
+      statistics count as the run's length, censored (``stats.censor``).
+    "first_crossing": the first step at which the raw curve reaches the threshold (0.8),
+      linearly interpolated between the two checkpoints around the crossing; the first
+      checkpoint's step when it is already above. It counts single-checkpoint flukes.
+* Saturation (``saturation``), the reference's turn marker: the first checkpoint at which the
+  training classes' trajectories, smoothed by a Gaussian of sigma 2 checkpoints (truncated at 6
+  sigma), lie within a mean squared distance of 0.01 of their corners (mean over classes and
+  concepts). The reference computes it on trajectories averaged over seeds; here per member.
+* Memorise, then generalise (``corner_path``): whether the held-out class is nearest the training
+  class that shares all but its weakest-signal concept before it is first nearest its own corner,
+  and whether it ends nearest its own corner.
 * Sudden turn (``sudden_turn``), for a held-out class's trajectory p_0 .. p_{T-1}:
     1. The nearest training class c* is the training-class corner the trajectory comes closest to.
     2. The approach index a is the first checkpoint whose distance to c* is within ``tol`` of
@@ -38,10 +53,11 @@ import warnings
 
 import numpy as np
 
+from jaxconcept import claims
 from jaxconcept import config as C
 from jaxconcept import data as D
 from jaxconcept import probe as P
-from jaxconcept import rundir
+from jaxconcept import rundir, stats
 
 SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
 
@@ -99,8 +115,44 @@ def corners(values, class_values) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Learning times and turns
 # --------------------------------------------------------------------------------------------
-def learning_time(steps, acc, threshold: float = 0.8):
-    """First step at which ``acc`` reaches ``threshold``, linearly interpolated (see module doc).
+MEASURES = ("reference", "first_crossing")
+THRESHOLDS = {"reference": 0.9, "first_crossing": 0.8}  # each measure's default threshold
+SIGMA_TIME, CONSECUTIVE = 1.5, 3  # the reference's smoothing (checkpoints) and window
+SIGMA_TURN, TRUNCATE_TURN, SATURATED = 2.0, 6.0, 0.01  # the reference's saturation marker
+DEFINITIONS = {
+    "reference": "T = step of the first checkpoint whose accuracy, smoothed over checkpoints by a Gaussian of "
+                 "sigma {sigma} checkpoints, is above {threshold} there and at both neighbours (the reference's); "
+                 "never = the run length, censored",
+    "first_crossing": "T = first step at which the raw accuracy reaches {threshold}, interpolated between "
+                      "checkpoints; never = the run length, censored",
+}
+
+
+def definition(measure: str, threshold: float) -> str:
+    """The learning-time measure in words, for analysis.json and the figures."""
+    return DEFINITIONS[measure].format(sigma=SIGMA_TIME, threshold=threshold)
+
+
+def smooth(values, sigma: float, truncate: float = 4.0, axis: int = 0) -> np.ndarray:
+    """Gaussian smoothing along ``axis`` as scipy.ndimage.gaussian_filter1d(values, sigma, axis,
+    mode="reflect", truncate=truncate): kernel radius int(truncate * sigma + 0.5), the edge
+    sample repeated in the mirror (d c b a | a b c d | d c b a). Float64, same shape."""
+    v = np.moveaxis(np.asarray(values, np.float64), axis, 0)
+    r = int(truncate * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    n = len(v)
+    idx = np.arange(-r, n + r)
+    while idx.min() < 0 or idx.max() >= n:  # reflect until inside (radius beyond the length)
+        idx = np.where(idx < 0, -idx - 1, idx)
+        idx = np.where(idx >= n, 2 * n - idx - 1, idx)
+    pad = v[idx]
+    out = sum(w * pad[i: i + n] for i, w in enumerate(k))
+    return np.moveaxis(out, 0, axis)
+
+
+def first_crossing(steps, acc, threshold: float = THRESHOLDS["first_crossing"]):
+    """First step at which ``acc`` reaches ``threshold``, linearly interpolated (module doc).
 
     Args:
       steps: [T] increasing checkpoint steps; acc: [T] accuracies (NaN counts as not reached).
@@ -116,6 +168,76 @@ def learning_time(steps, acc, threshold: float = 0.8):
         return float(steps[i])
     frac = (threshold - acc[i - 1]) / (acc[i] - acc[i - 1])  # acc[i-1] < threshold <= acc[i]
     return float(steps[i - 1] + frac * (steps[i] - steps[i - 1]))
+
+
+def reference_time(steps, acc, threshold: float = THRESHOLDS["reference"], sigma: float = SIGMA_TIME,
+                   consecutive: int = CONSECUTIVE):
+    """The reference's learning time (module doc): the step of the first checkpoint i whose
+    smoothed accuracy exceeds ``threshold`` at every checkpoint of the window of ``consecutive``
+    (odd) centred on i; the window may not leave the run.
+
+    Args:
+      steps: [T] checkpoint steps; acc: [T] accuracies (NaN counts as 0).
+    Returns:
+      float step, or None (never; the statistics censor it at the run length).
+    """
+    if consecutive < 1 or consecutive % 2 == 0:
+        raise ValueError(f"consecutive={consecutive} is invalid: allowed an odd integer >= 1")
+    above = smooth(np.nan_to_num(np.asarray(acc, np.float64), nan=0.0), sigma) > threshold
+    h = consecutive // 2
+    for i in range(h, len(above) - h):
+        if above[i - h: i + h + 1].all():
+            return float(steps[i])
+    return None
+
+
+def learning_time(steps, acc, threshold: float | None = None, measure: str = "reference"):
+    """Learning time of an accuracy curve by ``measure`` ("reference" or "first_crossing", module
+    doc), at ``threshold`` (default: the measure's, ``THRESHOLDS``). Returns a step or None.
+    Raises ValueError for an unknown measure."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(MEASURES)}")
+    threshold = THRESHOLDS[measure] if threshold is None else threshold
+    return (reference_time if measure == "reference" else first_crossing)(steps, acc, threshold)
+
+
+def saturation(steps, train_traj, train_corners, sigma: float = SIGMA_TURN, tol: float = SATURATED):
+    """The reference's turn marker: the first step at which the training classes have saturated.
+
+    Args:
+      steps: [T]; train_traj: [K, T, n_concepts] the training classes' mean coordinates;
+      train_corners: [K, n_concepts] their corners.
+    Returns:
+      (step or None, [T] mean squared distance to the corners after smoothing each trajectory
+      along T by a Gaussian of ``sigma`` checkpoints truncated at 6 sigma, as the reference).
+    """
+    traj = smooth(np.nan_to_num(np.asarray(train_traj, np.float64), nan=0.5), sigma, TRUNCATE_TURN, axis=1)
+    msd = ((traj - np.asarray(train_corners, np.float64)[:, None, :]) ** 2).mean(axis=(0, 2))  # [T]
+    hit = np.flatnonzero(msd < tol)
+    return (int(steps[hit[0]]) if len(hit) else None), msd
+
+
+def corner_path(steps, traj, corners, own: int, memo: int) -> dict:
+    """Memorise, then generalise, from the nearest class corner at each checkpoint.
+
+    Args:
+      steps: [T]; traj: [T, n_concepts] the held-out class's mean coordinates; corners:
+      [n_classes, n_concepts] every class's corner; own: the held-out class; memo: the training
+      class it is expected to pass (it shares all but the weakest-signal concept).
+    Returns:
+      {"memorised_step": first step nearest ``memo`` before the first step nearest ``own`` (None
+      if none), "own_step": first step nearest ``own`` (None if never), "ends_own": nearest
+      ``own`` at the last checkpoint, "memorise_then_generalise": both of the above}.
+    """
+    traj = np.nan_to_num(np.asarray(traj, np.float64), nan=-1.0)
+    near = np.linalg.norm(traj[:, None, :] - np.asarray(corners, np.float64)[None], axis=-1).argmin(-1)  # [T]
+    own_i = np.flatnonzero(near == own)
+    first_own = int(own_i[0]) if len(own_i) else len(near)
+    memo_i = np.flatnonzero(near[:first_own] == memo)
+    ends = bool(len(near) and near[-1] == own)
+    return {"memorised_step": int(steps[memo_i[0]]) if len(memo_i) else None,
+            "own_step": int(steps[first_own]) if len(own_i) else None, "ends_own": ends,
+            "memorise_then_generalise": bool(len(memo_i)) and ends}
 
 
 def _angle(u, v) -> float:
@@ -201,37 +323,49 @@ def separation(member: dict, concept: str):
     return None
 
 
-def summarize_times(members: list[dict], cls: str, concept: str) -> list[dict]:
+def summarize_times(members: list[dict], cls: str, concept: str, run_length: float | None = None) -> list[dict]:
     """Learning time of ``concept`` (or "joint") for class ``cls`` vs signal and separation.
 
-    Members that differ only in their seed form one group.
+    Members that differ only in their seed form one group (``claims.setting_key``).
 
     Args:
       members: analysis member records (with "learning_time", "signal", sweep values).
+      run_length: where "never" is censored (default: the latest learning time, else 0).
     Returns:
       one dict per group, ordered by signal: signal (mean over seeds), separation, mean and std
-      of the learning time over the seeds that learned it, n, n_learned, times (None = not learned).
+      over seeds with never counted as ``run_length`` (censored), n, n_learned, times (None = never).
     """
     groups: dict = {}
     for m in members:
-        key = json.dumps([m.get("sep_col"), m.get("sep_size"), m.get("m"), m.get("s"), m.get("attributes")])
-        groups.setdefault(key, []).append(m)
+        groups.setdefault(claims.setting_key(m), []).append(m)
+    if run_length is None:
+        run_length = max([t for m in members for t in [m["learning_time"][cls][concept]] if t is not None], default=0.0)
     out = []
     sig_name = concept if concept != "joint" else None
     for ms in groups.values():
         times = [m["learning_time"][cls][concept] for m in ms]
-        got = np.array([t for t in times if t is not None], np.float64)
+        t, cens = stats.censor(times, run_length)
         sig = [m["signal"].get(sig_name) for m in ms] if sig_name else []
         sig = [s for s in sig if s is not None]
         out.append({
             "signal": float(np.mean(sig)) if sig else None,
             "separation": separation(ms[0], concept) if sig_name else None,
             "sep_col": ms[0].get("sep_col"), "sep_size": ms[0].get("sep_size"), "m": ms[0].get("m"),
-            "s": ms[0].get("s"),
-            "mean": float(got.mean()) if len(got) else None, "std": float(got.std()) if len(got) else None,
-            "n": len(times), "n_learned": int(len(got)), "times": times,
+            "s": ms[0].get("s"), "mask_prob": ms[0].get("mask_prob"),
+            "mean": float(t.mean()), "std": float(t.std()),
+            "n": len(times), "n_learned": int((~cens).sum()), "times": times,
         })
     return sorted(out, key=lambda g: (g["signal"] is None, g["signal"] or 0.0, json.dumps(g["m"])))
+
+
+def memorised_class(spec, cls: int, signal: dict) -> int:
+    """The training class a held-out class ``cls`` is expected to pass on its way: ``cls`` with
+    its weakest-signal concept (among those where it differs from class 0) at value 0."""
+    vals = list(spec.class_values(cls))
+    cand = [i for i, v in enumerate(vals) if v != 0]
+    k = min(cand, key=lambda i: (signal.get(spec.concepts[i], float("inf")), i))
+    vals[k] = 0
+    return int(np.ravel_multi_index(vals, spec.values))
 
 
 def colour_axis(members: list[dict]) -> tuple[str, list]:
@@ -254,24 +388,30 @@ def _round(a, nd=4):
     return np.round(np.asarray(a, np.float64), nd).tolist()
 
 
-def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, turn_kw: dict | None = None,
-                write: bool = True) -> dict:
+def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "reference", probe_kw: dict | None = None,
+                turn_kw: dict | None = None, write: bool = True) -> dict:
     """Concept-space analysis of every member and checkpoint of a run; writes analysis.json.
 
     Args:
       run_dir: a run directory (rundir.py layout) with at least one samples/step_*.npz.
-      threshold: accuracy that counts as learned.
+      threshold: accuracy that counts as learned by ``measure`` (default: the measure's, ``THRESHOLDS``).
+      measure: the learning-time measure of "learning_time" and the figures, "reference" (default) or
+        "first_crossing"; the other measure (at its own default threshold) is kept beside it.
       probe_kw: keyword arguments for ``probe.probe_for`` (e.g. k, max_steps).
       turn_kw: keyword arguments for ``sudden_turn``.
       write: write RUN_DIR/analysis.json.
     Returns:
-      The analysis dict: run-level description ("steps", "concepts", "class_names", ...), "probes"
-      (test accuracy of each probe), "members" (per member: config values, signals, probe,
-      "learning_time" {class: {concept|"joint": step|None}}, "turn" {held-out class: ...},
-      "accuracy" {class: {concept|"joint": [T]}}, "coords" {class: [T][n_concepts]}),
-      and "summary" (learning time vs signal/separation per class and concept).
+      The analysis dict: run-level description ("steps", "run_length", "measure", "definition",
+      "concepts", "class_names", ...), "probes" (test accuracy of each probe), "members" (per
+      member: config values, signals, probe, "learning_time" {class: {concept|"joint": step|None}}
+      by ``measure`` and "learning_time_<other measure>" beside it, "turn" {held-out class: our
+      detector}, "saturation" (step or None) and "saturation_msd" [T], "path" {held-out class:
+      ``corner_path`` and "memo"}, "accuracy" {class: {concept|"joint": [T]}}, "coords" {class:
+      [T][n_concepts]}), "summary" (learning time vs signal/separation per class and concept) and
+      "claims" (``claims.table``; claim 3 when RUN_DIR/elicit.json is there).
     Raises:
       rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
+      ValueError: an unknown measure.
     """
     run_dir = rundir.path(run_dir)
     cfg = rundir.load_config(run_dir)
@@ -318,33 +458,49 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
             coords[i, t] = class_coordinates(pr, samples[i])[1]
             acc[i, t], joint[i, t] = class_accuracy(pr, samples[i], table)
 
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(MEASURES)}")
+    threshold = THRESHOLDS[measure] if threshold is None else threshold
+    other = next(k for k in MEASURES if k != measure)
+    all_corners = corners(spec.values, table)
     records = []
     for i, m in enumerate(members):
-        lt, turns, accd, crd = {}, {}, {}, {}
+        lt, lt_other, turns, paths, accd, crd = {}, {}, {}, {}, {}, {}
         for c, name in enumerate(names):
             curves = {con: acc[i, :, c, j] for j, con in enumerate(spec.concepts)}
             curves["joint"] = joint[i, :, c]
-            lt[name] = {k: learning_time(steps, v, threshold) for k, v in curves.items()}
+            lt[name] = {k: learning_time(steps, v, threshold, measure) for k, v in curves.items()}
+            lt_other[name] = {k: learning_time(steps, v, None, other) for k, v in curves.items()}
             accd[name] = {k: _round(v) for k, v in curves.items()}
             crd[name] = _round(coords[i, :, c])
             if c in spec.held_out:
                 tr = sudden_turn(steps, coords[i, :, c], train_corners, **(turn_kw or {}))
                 tr["nearest"] = names[spec.train_classes[tr["nearest"]]]
                 turns[name] = tr
-        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes")},
+                memo = memorised_class(spec, c, m.get("signal", {}))
+                paths[name] = {**corner_path(steps, coords[i, :, c], all_corners, c, memo), "memo": names[memo]}
+        sat, msd = saturation(steps, coords[i][:, list(spec.train_classes)].transpose(1, 0, 2), train_corners)
+        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes",
+                                                 "mask_prob")},
                         "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
-                        "nan_samples": int(nan_samples[i]), "learning_time": lt,
-                        "turn": turns, "accuracy": accd, "coords": crd})
+                        "nan_samples": int(nan_samples[i]), "learning_time": lt, f"learning_time_{other}": lt_other,
+                        "turn": turns, "saturation": sat, "saturation_msd": _round(msd), "path": paths,
+                        "accuracy": accd, "coords": crd})
 
-    summary = {name: {con: summarize_times(records, name, con) for con in (*spec.concepts, "joint")}
+    run_length = cfg.train.steps
+    summary = {name: {con: summarize_times(records, name, con, run_length) for con in (*spec.concepts, "joint")}
                for name in names}
     axis, axis_values = colour_axis(records)
     out = {
         "run_dir": str(run_dir), "name": cfg.name, "kind": spec.kind, "threshold": threshold, "steps": steps,
+        "run_length": run_length, "measure": measure, "definition": definition(measure, threshold),
+        "other_measure": {"measure": other, "definition": definition(other, THRESHOLDS[other])},
+        "turn_marker": f"saturation: first checkpoint at which the training classes' mean squared distance to their "
+                       f"corners (trajectories smoothed by a Gaussian of sigma {SIGMA_TURN} checkpoints) is < {SATURATED}",
         "concepts": list(spec.concepts), "values": list(spec.values),
         "value_names": [list(v) for v in spec.value_names], "class_names": list(names),
         "train_classes": list(spec.train_classes), "held_out": list(spec.held_out),
-        "corners": _round(corners(spec.values, table)), "colour_by": {"field": axis, "values": axis_values},
+        "corners": _round(all_corners), "colour_by": {"field": axis, "values": axis_values},
         "probes": {k: {"kind": p.kind, "min_accuracy": float(np.min(p.accuracy)), "accuracy": _round(p.accuracy),
                        # the worst class and concept on draws at the corners of the class boxes (images)
                        "corner_min_accuracy": None if p.corner_accuracy is None else float(np.min(p.corner_accuracy)),
@@ -352,9 +508,19 @@ def analyze_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None
                    for k, p in probes.items()},
         "members": records, "summary": summary,
     }
+    out["claims"] = claims.table(out, elicitation(run_dir))
     if write:
         rundir.write_json(run_dir / "analysis.json", out)
     return out
+
+
+def elicitation(run_dir) -> dict | None:
+    """RUN_DIR/elicit.json when it exists and holds the arms and run length of today's format, else None."""
+    path = Path(run_dir) / "elicit.json"
+    if not path.exists():
+        return None
+    out = rundir.read_json(path, "written by `jaxconcept elicit`; run it again")
+    return out if isinstance(out, dict) and "run_length" in out else None
 
 
 def _frozen_at(run_dir, n: int) -> list:

@@ -1,22 +1,34 @@
 """Hidden capabilities: accuracy on the held-out class under naive prompting, overprompting and
 latent interventions, at every evaluation checkpoint of a run (SPEC A4).
 
-For every member and checkpoint (parameters saved by training, ``eval.save_params``):
-  naive   - samples of the held-out prompt;
-  over    - prompts pushed past the training range along the concept with the weakest concept
-            signal among those in which the held-out class differs from class 0: the one learned
-            last (``overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
-  latent  - adding strength x (activation(held-out prompt) - activation(the prompt differing in
-            that concept)) at every concept projection (``steering_edits``), at each of
-            ``LATENT_STRENGTHS``; all strengths sampled in one vmapped, jitted call.
+For every member and checkpoint (parameters saved by training, ``eval.save_params``), the arms:
+  naive       - samples of the held-out prompt;
+  over        - prompts pushed past the training range along the concept with the weakest concept
+                signal among those in which the held-out class differs from class 0: the one
+                learned last (``overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
+  over_ref    - the reference's overprompting (images with a colour concept): its fixed colours
+                (0.4, 0.4, 0.6) ... (0.05, 0.05, 0.95) with size 0.3 at every separation
+                (``interventions.reference_overprompts``);
+  latent      - adding strength x (activation(held-out prompt) - activation(the prompt differing in
+                that concept)) at every concept projection (``steering_edits``), at each of
+                ``LATENT_STRENGTHS``: overprompting in activation space, built from the held-out prompt;
+  latent_comp - every concept projection set to h(a) + strength x (h(b) - h(c)) from training
+                classes only (``interventions.compositional_edits``; blue-small: red-small +
+                [blue-large - red-large]), prompted with a's prompt: the held-out prompt never
+                enters; at each of ``COMP_STRENGTHS``. Absent where a, b or c is not trained.
+All strengths of an arm are sampled in one vmapped, jitted call.
 
-The elicited accuracy is honest: the maximum over strengths of accuracies measured on the same
+Each arm's accuracy is honest: the maximum over strengths of accuracies measured on the same
 samples is biased upward (with 5 strengths of 128 samples at a true 50 %, by about 5 points), so
 each checkpoint draws two independent sets of samples (keys from the member's own elicitation
 stream, ``step.member_keys(seed)["elicit"]``): the strength is *chosen* on the first and its
 accuracy *reported* from the second (``choose``). Each strength's own curve (second set) is kept
-too (``per_strength``). Emergence step of each = first step with joint accuracy >= threshold
-(``dynamics.learning_time``). Parameters are read one checkpoint at a time.
+too (``per_strength``). The reference's own statistic, the best of its prompts scored on the
+same samples (images: the product over concepts of the probe's mean probability of the target
+value, as its analysis_2x2.ipynb; vectors: joint accuracy), is kept as "reference_biased",
+labelled as biased. Emergence step of each = ``dynamics.learning_time`` of its joint-accuracy
+curve at the threshold (0.8), by the run's measure (default the reference's smoothed rule; the
+first crossing beside). Parameters are read one checkpoint at a time.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ from jaxconcept import config as C, data as D, diffusion, dynamics, intervention
 
 OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+COMP_STRENGTHS = (1.0, 1.5, 2.0, 3.0)  # 1: the plain composition; above: pushed further along b - c
 
 
 def target_concept(member: C.Config, cls: int, concept: str | None = None) -> int:
@@ -50,8 +63,10 @@ def target_concept(member: C.Config, cls: int, concept: str | None = None) -> in
 
 @functools.lru_cache(maxsize=16)
 def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec):
-    """The jitted plain and latent-steered samplers of a model and data shape, compiled once and
-    shared by every member and checkpoint (prompts, strengths and keys are arguments)."""
+    """The jitted plain, latent-steered and compositional samplers of a model and data shape,
+    compiled once and shared by every member and checkpoint (prompts, strengths and keys are
+    arguments): plain(params, conds [N, c], key); steered(params, cond_from, cond_to, alphas [S],
+    key) and composed(params, cond_a, cond_b, cond_c, alphas [S], key) -> [S, n, *x_shape]."""
     net = nets.build(model_cfg, spec)
     n = eval_cfg.n_samples
     kw = dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg, null_cond=D.null_cond(spec),
@@ -62,7 +77,12 @@ def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec
         edits = I.steering_edits(net, spec, p["net"], cond_from, cond_to, alpha)
         return diffusion.sample(I.intervene(net, edits), model_cfg, p, jnp.repeat(cond_to[None], n, 0), kk, **kw)
 
-    return plain, jax.jit(jax.vmap(steered, in_axes=(None, None, None, 0, None)))
+    def composed(p, cond_a, cond_b, cond_c, alpha, kk):
+        edits = I.compositional_edits(net, spec, p["net"], cond_a, cond_b, cond_c, alpha)
+        return diffusion.sample(I.intervene(net, edits), model_cfg, p, jnp.repeat(cond_a[None], n, 0), kk, **kw)
+
+    return (plain, jax.jit(jax.vmap(steered, in_axes=(None, None, None, 0, None))),
+            jax.jit(jax.vmap(composed, in_axes=(None, None, None, None, 0, None))))
 
 
 def choose(acc_select, acc_report) -> tuple[float, int]:
@@ -79,12 +99,15 @@ class Setting:
 
     spec: D.DataSpec
     concept: str  # the concept pushed
-    conds: jax.Array  # [1 + S, cond_dim]: the naive prompt, then the overprompts
+    conds: jax.Array  # [1 + S (+ R), cond_dim]: the naive prompt, the scaled overprompts (, the reference's)
     cond_ref: jax.Array  # [cond_dim]: the prompt differing from the held-out one in that concept
     cond_held: jax.Array  # [cond_dim]: the held-out prompt
     target: np.ndarray  # [n_samples, n_concepts]: the held-out class's value indices
     probe: object
-    samplers: tuple  # (plain, steered): see ``_samplers``
+    samplers: tuple  # (plain, steered, composed): see ``_samplers``
+    n_over: int = len(OVER_STRENGTHS)  # S
+    n_ref: int = 0  # R: the reference's fixed overprompts (0: none for this data)
+    comp: tuple | None = None  # (cond_a, cond_b, cond_c) of ``interventions.composition_classes``, or None
 
 
 def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, samplers=None,
@@ -99,50 +122,91 @@ def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, 
     ref_vals = list(vals)
     ref_vals[k] = 0
     prompts = D.prompts(spec, dp)
-    conds = jnp.concatenate([prompts[h][None], I.overprompts(spec, dp, h, k, over)])  # [1 + S, cond_dim]
+    parts = [prompts[h][None], I.overprompts(spec, dp, h, k, over)]
+    ladder = I.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
+    if ladder is not None:
+        parts.append(ladder)
+    abc = I.composition_classes(spec, h, k)
     target = np.tile(np.asarray(vals)[None], (cfg.eval.n_samples, 1))
-    return Setting(spec, spec.concepts[k], conds, prompts[int(np.ravel_multi_index(ref_vals, spec.values))],
-                   prompts[h], target, probe, samplers or _samplers(cfg.model, cfg.eval, spec))
+    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[int(np.ravel_multi_index(ref_vals, spec.values))],
+                   prompts[h], target, probe, samplers or _samplers(cfg.model, cfg.eval, spec), n_over=len(over),
+                   n_ref=0 if ladder is None else len(ladder), comp=None if abc is None else tuple(prompts[c] for c in abc))
 
 
-def _joint(st: Setting, x) -> float:
-    """Fraction of samples [n, *x_shape] showing every concept of the held-out class; a
+def _correct(st: Setting, x) -> np.ndarray:
+    """[n, *x_shape] -> [n] bool: the sample shows every concept of the held-out class; a
     non-finite sample is wrong."""
     x = np.asarray(x)
     finite = np.isfinite(x.reshape(len(x), -1)).all(-1)
     ok = P.correct(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0), st.target).all(-1)
-    return float((ok & finite).mean())
+    return ok & finite
 
 
-def accuracies(st: Setting, params, key, latent=LATENT_STRENGTHS) -> tuple[np.ndarray, np.ndarray]:
-    """Joint held-out accuracy of one set of samples drawn with ``key``: ([1 + S] naive then each
-    overprompting strength, [L] each latent strength)."""
-    plain, steered = st.samplers
+def _joint(st: Setting, x) -> float:
+    """Fraction of samples [n, *x_shape] showing every concept of the held-out class."""
+    return float(_correct(st, x).mean())
+
+
+def _reference_score(st: Setting, x) -> float:
+    """The reference's score of samples [n, *x_shape]: for two-valued image concepts the product
+    over concepts of the probe's mean probability of the target value (analysis_2x2.ipynb);
+    otherwise the joint accuracy. Non-finite samples score 0."""
+    x = np.asarray(x)
+    if st.spec.kind == "vector" or any(v != 2 for v in st.spec.values):
+        return _joint(st, x)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(-1)
+    c = P.coordinates(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0))  # P(second value)
+    p_target = np.where(st.target == 1, c, 1 - c) * finite[:, None]
+    return float(np.prod(p_target.mean(axis=0)))
+
+
+def accuracies(st: Setting, params, key, latent=LATENT_STRENGTHS, comp=None) -> dict:
+    """Joint held-out accuracy of one set of samples drawn with ``key``: {"naive": float, "over":
+    [S], "over_ref": [R] (if any), "latent": [L], "latent_comp": [C] (if any), "reference_score":
+    [R or S] the reference's score of its own prompts (``_reference_score``)}."""
+    plain, steered, composed = st.samplers
+    comp = COMP_STRENGTHS if comp is None else comp
     n = len(st.target)
     x = np.asarray(plain(params, jnp.repeat(st.conds, n, 0), key)).reshape(len(st.conds), n, *st.spec.x_shape)
+    plain_acc = np.array([_joint(st, xi) for xi in x])
+    s = st.n_over
+    out = {"naive": float(plain_acc[0]), "over": plain_acc[1: 1 + s]}
+    if st.n_ref:
+        out["over_ref"] = plain_acc[1 + s:]
+    out["reference_score"] = np.array([_reference_score(st, xi) for xi in (x[1 + s:] if st.n_ref else x[1: 1 + s])])
     xs = np.asarray(steered(params, st.cond_ref, st.cond_held, jnp.asarray(latent, jnp.float32), key))
-    return np.array([_joint(st, xi) for xi in x]), np.array([_joint(st, xi) for xi in xs])
+    out["latent"] = np.array([_joint(st, xi) for xi in xs])
+    if st.comp is not None:
+        xc = np.asarray(composed(params, *st.comp, jnp.asarray(comp, jnp.float32), key))
+        out["latent_comp"] = np.array([_joint(st, xi) for xi in xc])
+    return out
 
 
-def elicit_step(st: Setting, params, key, latent=LATENT_STRENGTHS) -> dict:
+ARMS = ("over", "over_ref", "latent", "latent_comp")  # elicitation arms with strengths (naive has none)
+
+
+def elicit_step(st: Setting, params, key, latent=LATENT_STRENGTHS, comp=None) -> dict:
     """Elicitation at one checkpoint: strengths chosen on the samples of ``fold_in(key, 0)``,
     every reported accuracy measured on those of ``fold_in(key, 1)``.
 
-    Returns {"naive", "over", "latent": accuracy; "over_strength", "latent_strength": index of the
-    chosen strength; "over_each" [S], "latent_each" [L]: each strength's own accuracy}.
+    Returns {"naive" and each arm present: accuracy; "<arm>_strength": index of the chosen
+    strength; "<arm>_each": each strength's own accuracy; "reference_biased": the reference's
+    statistic, the best of its prompts' scores on the selection samples themselves (biased)}.
     """
-    sel_plain, sel_latent = accuracies(st, params, jax.random.fold_in(key, 0), latent)
-    rep_plain, rep_latent = accuracies(st, params, jax.random.fold_in(key, 1), latent)
-    over, i_over = choose(sel_plain[1:], rep_plain[1:])
-    lat, i_lat = choose(sel_latent, rep_latent)
-    return {"naive": float(rep_plain[0]), "over": over, "latent": lat, "over_strength": i_over,
-            "latent_strength": i_lat, "over_each": rep_plain[1:].tolist(), "latent_each": rep_latent.tolist()}
+    sel = accuracies(st, params, jax.random.fold_in(key, 0), latent, comp)
+    rep = accuracies(st, params, jax.random.fold_in(key, 1), latent, comp)
+    out = {"naive": rep["naive"], "reference_biased": float(np.max(sel["reference_score"]))}
+    for arm in ARMS:
+        if arm in sel:
+            out[arm], out[f"{arm}_strength"] = choose(sel[arm], rep[arm])
+            out[f"{arm}_each"] = rep[arm].tolist()
+    return out
 
 
 def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, key, *,
                   concept: str | None = None, samplers=None) -> dict:
-    """Accuracy curves of one member from {step: params}: {"naive", "over", "latent"} -> [T], plus
-    the chosen strengths and each strength's curve (``elicit_step``). ``key``: the member's
+    """Accuracy curves of one member from {step: params}: {"naive", each arm} -> [T], plus the
+    chosen strengths and each strength's curve (``elicit_step``). ``key``: the member's
     elicitation stream; checkpoint ``step`` uses ``fold_in(key, step)``."""
     st = setting(cfg, member, probe, concept, samplers)
     recs = [elicit_step(st, params_by_step[s], jax.random.fold_in(key, s)) for s in sorted(params_by_step)]
@@ -152,27 +216,38 @@ def elicit_member(cfg: C.Config, member: C.Config, params_by_step: dict, probe, 
 def _curves(recs: list[dict]) -> dict:
     """[T] per-checkpoint records -> {name: [T]} (``*_each``: [S][T], one curve per strength)."""
     out = {k: [r[k] for r in recs] for k in recs[0] if not k.endswith("_each")}
-    for k in ("over_each", "latent_each"):
-        out[k] = np.asarray([r[k] for r in recs]).T.tolist()
+    for k in recs[0]:
+        if k.endswith("_each"):
+            out[k] = np.asarray([r[k] for r in recs]).T.tolist()
     return out
 
 
+def strengths(arm: str) -> tuple:
+    """The strengths (or, for "over_ref", the reference's colours) of an arm."""
+    return {"over": OVER_STRENGTHS, "over_ref": I.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
+            "latent_comp": COMP_STRENGTHS}[arm]
+
+
 def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None, write: bool = True,
-               concept: str | None = None, progress: bool = True, every: int = 1) -> dict:
-    """Elicitation of every member of a run: writes RUN_DIR/elicit.json and figures/elicit.png.
+               concept: str | None = None, progress: bool = True, every: int = 1, measure: str = "reference") -> dict:
+    """Elicitation of every member of a run: writes RUN_DIR/elicit.json, figures/elicit.png and
+    figures/elicit_turn.png, and (when RUN_DIR/analysis.json exists) its claims table.
 
     ``concept`` names the concept to overprompt and steer (default: ``target_concept``);
     ``every`` = k elicits at every k-th checkpoint with saved parameters (the first, the k+1-th, ...,
-    and the last), a k-th of the cost. The saved parameters are read one checkpoint at a time (all
+    and the last), a k-th of the cost; ``measure``: the emergence rule (``dynamics.learning_time``;
+    the other measure is kept beside). The saved parameters are read one checkpoint at a time (all
     members of it).
     Raises RunDirError: no saved parameters, or no held-out class in the run's config.
-    ValueError: ``every`` < 1.
+    ValueError: ``every`` < 1, or an unknown measure.
     """
     if not (isinstance(every, int) and every >= 1):
         raise ValueError(f"every={every!r} is invalid: allowed an integer >= 1")
+    if measure not in dynamics.MEASURES:
+        raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(dynamics.MEASURES)}")
     from tqdm.auto import tqdm
 
-    from jaxconcept import stack
+    from jaxconcept import claims, stack
     from jaxconcept.step import member_keys
 
     run_dir = rundir.path(run_dir)
@@ -200,37 +275,57 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
             p = jax.tree.map(lambda a: jnp.asarray(a[i]), stacked)
             recs[i].append(elicit_step(st, p, jax.random.fold_in(keys[i], s)))
     turns = _turn_steps(run_dir)
-    out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "over_strengths": list(OVER_STRENGTHS),
-           "latent_strengths": list(LATENT_STRENGTHS),
-           "estimate": "strength chosen on one set of samples, accuracy reported from an independent set",
+    other = next(k for k in dynamics.MEASURES if k != measure)
+    out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "run_length": cfg.train.steps,
+           "measure": measure, "definition": dynamics.definition(measure, threshold).replace("T =", "emergence ="),
+           "strengths": {arm: [list(v) if isinstance(v, tuple) else v for v in strengths(arm)] for arm in ARMS},
+           "estimate": "strength chosen on one set of samples, accuracy reported from an independent set; "
+                       "reference_biased: the best prompt scored on its own samples (biased upward)",
+           "turn_marker": "saturation of the training classes (analysis.json), our chord-angle turn beside",
            "members": []}
     for i, st in enumerate(settings):
         curves = _curves(recs[i])
-        acc = {k: curves[k] for k in ("naive", "over", "latent")}
-        emerge = {k: dynamics.learning_time(steps, v, threshold) for k, v in acc.items()}
-        by_strength = {kind: {str(s): dynamics.learning_time(steps, c, threshold) for s, c in zip(strengths, curves[f"{kind}_each"])}
-                       for kind, strengths in (("over", OVER_STRENGTHS), ("latent", LATENT_STRENGTHS))}
-        turn_step = turns.get(i)
-        rel = {k: (None if v is None or turn_step is None else v - turn_step) for k, v in emerge.items()}
-        early = None if emerge["naive"] is None else {
-            k: (None if emerge[k] is None else emerge["naive"] - emerge[k]) for k in ("over", "latent")}
-        out["members"].append({**{k: info[i].get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s")},
+        arms = ["naive", *[a for a in ARMS if a in curves], "reference_biased"]
+        acc = {k: curves[k] for k in arms}
+        emerge = {k: dynamics.learning_time(steps, v, threshold, measure) for k, v in acc.items()}
+        emerge_other = {k: dynamics.learning_time(steps, v, threshold, other) for k, v in acc.items()}
+        by_strength = {a: {str(s): dynamics.learning_time(steps, c, threshold, measure)
+                           for s, c in zip(strengths(a), curves[f"{a}_each"])} for a in ARMS if a in curves}
+        sat, det = turns.get(i, (None, None))
+        early = {k: (None if emerge["naive"] is None or emerge[k] is None else emerge["naive"] - emerge[k])
+                 for k in arms[1:]}
+        out["members"].append({**{k: info[i].get(k) for k in ("index", "seed", *claims.SETTING_FIELDS)},
                                "concept": st.concept, "accuracy": acc, "emergence_step": emerge,
-                               "chosen_strength": {"over": [OVER_STRENGTHS[j] for j in curves["over_strength"]],
-                                                   "latent": [LATENT_STRENGTHS[j] for j in curves["latent_strength"]]},
-                               "per_strength": {"over": curves["over_each"], "latent": curves["latent_each"]},
-                               "emergence_step_per_strength": by_strength, "turn_step": turn_step,
-                               "emergence_minus_turn": rel, "steps_earlier_than_naive": early})
+                               f"emergence_step_{other}": emerge_other,
+                               "chosen_strength": {a: [strengths(a)[j] for j in curves[f"{a}_strength"]]
+                                                   for a in ARMS if a in curves},
+                               "per_strength": {a: curves[f"{a}_each"] for a in ARMS if a in curves},
+                               "emergence_step_per_strength": by_strength, "turn_step": sat, "detector_turn_step": det,
+                               "emergence_minus_turn": _minus(emerge, sat),
+                               "emergence_minus_detector_turn": _minus(emerge, det),
+                               "steps_earlier_than_naive": early})
+    out["claims"] = claims.claim3(out)
     if write:
         rundir.write_json(run_dir / "elicit.json", out)
+        analysis = run_dir / "analysis.json"
+        if analysis.exists():  # the run's claims table gains claim 3
+            a = rundir.read_json(analysis, "written by `jaxconcept analyze`; run it again")
+            if isinstance(a, dict) and "members" in a and all("path" in m for m in a["members"]):
+                a["claims"] = claims.table(a, out)
+                rundir.write_json(analysis, a)
         from jaxconcept import plots
 
         plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
+        plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
     return out
 
 
+def _minus(emerge: dict, turn) -> dict:
+    return {k: (None if v is None or turn is None else v - turn) for k, v in emerge.items()}
+
+
 def _turn_steps(run_dir) -> dict:
-    """{member index: step of its held-out class's first turn} from analysis.json, when present."""
+    """{member index: (saturation step, our detector's turn step)} from analysis.json, when present."""
     path = run_dir / "analysis.json"
     if not path.exists():
         return {}
@@ -240,5 +335,5 @@ def _turn_steps(run_dir) -> dict:
         turn = m.get("turn") if isinstance(m, dict) and "index" in m else None
         first = next(iter(turn.values()), None) if isinstance(turn, dict) else None
         if isinstance(first, dict):
-            out[m["index"]] = first.get("step")
+            out[m["index"]] = (m.get("saturation"), first.get("step"))
     return out

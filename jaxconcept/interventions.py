@@ -135,6 +135,59 @@ def steering_edits(net, spec, net_params, cond_from, cond_to, strength, op="add"
     return [Edit(p, op, value=acts[p][1] - acts[p][0], strength=strength) for p in points]
 
 
+def compositional_edits(net, spec, net_params, cond_a, cond_b, cond_c, strength) -> list[Edit]:
+    """Edits that set every concept projection h to h(a) + ``strength`` x (h(b) - h(c)).
+
+    Built from training classes only: for the held-out blue-small, a = red-small, b = blue-large,
+    c = red-large (h(red-small) + [h(blue-large) - h(red-large)], issue 34), so the held-out prompt
+    never enters: sample with ``cond_a`` as the conditioning. With projections linear in the
+    conditioning and strength 1 this is h(a + b - c) = h(held-out prompt) for prompts at the class
+    means. ``strength`` may be a traced scalar (vmap over strengths)."""
+    points = cond_points(net, spec)
+    x = jnp.zeros((3, *spec.x_shape))
+    acts = capture(net, net_params, x, jnp.zeros((3,)), jnp.stack([cond_a, cond_b, cond_c]), points)
+    return [Edit(p, "replace", value=acts[p][0] + strength * (acts[p][1] - acts[p][2])) for p in points]
+
+
+def composition_classes(spec, cls: int, concept: int):
+    """(a, b, c) training classes whose projections compose class ``cls`` along ``concept``:
+    a = ``cls`` with ``concept`` at value 0; b = every other concept at 0, ``concept`` at cls's
+    value; c = class 0. None when one of them is not a training class (or ``cls`` is one of them)."""
+    vals = list(spec.class_values(cls))
+    a = list(vals)
+    a[concept] = 0
+    b = [0] * len(vals)
+    b[concept] = vals[concept]
+    out = tuple(int(np.ravel_multi_index(v, spec.values)) for v in (a, b, [0] * len(vals)))
+    return out if all(k in spec.train_classes for k in out) and cls not in out else None
+
+
+# The reference's overprompting (scripts/get_capability.py): these colours for the held-out
+# blue-small at every sep_col, with size 0.3, the rest of the prompt zero.
+REFERENCE_COLOURS = ((0.4, 0.4, 0.6), (0.35, 0.35, 0.65), (0.25, 0.25, 0.75), (0.15, 0.15, 0.85), (0.05, 0.05, 0.95))
+REFERENCE_SIZE = 0.3
+
+
+def reference_overprompts(spec, params, cls: int):
+    """The reference's fixed overprompts of image class ``cls``: its prompt with the colour set to
+    each of ``REFERENCE_COLOURS`` and the size to ``REFERENCE_SIZE`` (where the prompt holds them:
+    a masked concept stays zero). Returns [5, cond_dim], or None for data without a colour concept."""
+    from jaxconcept import data as D
+
+    if spec.kind != "images" or "colour" not in spec.concepts:
+        return None
+    from jaxconcept.data.images import SLOTS
+
+    p = jnp.repeat(D.prompts(spec, params)[cls][None], len(REFERENCE_COLOURS), 0)
+    col, size = SLOTS["colour"], SLOTS["size"]
+    held = p[0]
+    if bool(jnp.any(held[col] != 0)):
+        p = p.at[:, col].set(jnp.asarray(REFERENCE_COLOURS, jnp.float32))
+    if "size" in spec.concepts and bool(jnp.any(held[size] != 0)):
+        p = p.at[:, size].set(REFERENCE_SIZE)
+    return p
+
+
 def overprompts(spec, params, cls: int, concept: int, strengths):
     """Prompts for class ``cls`` pushed beyond the training range along concept ``concept``.
 

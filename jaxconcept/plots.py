@@ -4,16 +4,21 @@ Every function takes the dict written by ``dynamics.analyze_run`` (and the run d
 samples are needed) and writes one file:
 
     trajectories.png      the classes' paths through concept space for every member: training
-                          classes dashed, held-out solid, coloured by the swept separation, turns
-                          starred; corner thumbnails of each class's final samples (images) or a
+                          classes dashed, held-out solid, coloured by the swept separation, our
+                          turns starred, the reference's marker (training classes saturated) a
+                          red X; corner thumbnails of each class's final samples (images) or a
                           scatter of one member's final samples (vectors)
     accuracy.png          joint accuracy per class vs step, one panel per class
     learning_times.png    the held-out class's learning time per concept vs its concept signal
-                          (mean and spread over seeds; open triangles: some seeds never learned)
+                          (mean and spread over seeds; open triangles: some seeds never learned),
+                          the measure named in the title
     trajectories.gif      the trajectories growing over training beside the samples at each step
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
-vector examples in concept space) and ``elicit_figure`` (``jaxconcept elicit``).
+vector examples in concept space), and, from the dict ``elicit.elicit_run`` writes (elicit.json):
+
+    elicit.png            held-out accuracy of every elicitation arm vs step, saturation dotted
+    elicit_turn.png       each arm's emergence step minus the saturation step, per member
 """
 from __future__ import annotations
 
@@ -102,6 +107,12 @@ def _draw_trajectories(ax, analysis, colours, upto: int | None = None):
             if t["index"] is not None and (upto is None or t["index"] < upto) and t["turned"]:
                 p = _xy(m["coords"][name][t["index"]])
                 ax.plot(p[0], p[1], "*", ms=11, mfc=colours[i], mec="k", mew=0.7, zorder=5)
+            sat = m.get("saturation")
+            if sat is not None and sat in analysis["steps"]:  # the reference's marker: training classes saturated
+                k = analysis["steps"].index(sat)
+                if upto is None or k < upto:
+                    p = _xy(m["coords"][name][k])
+                    ax.plot(p[0], p[1], "X", ms=8, mfc="C3", mec="k", mew=0.6, zorder=6)
 
 
 def _label_corners(ax, analysis):
@@ -138,8 +149,8 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
     _draw_trajectories(ax, analysis, colours)
     _label_corners(ax, analysis)
     fig.colorbar(sm, ax=ax, label=analysis["colour_by"]["field"], shrink=0.8)
-    ax.set_title(f"{analysis.get('name') or 'run'}: concept space (held out solid, training dashed, * turn)",
-                 fontsize=9)
+    ax.set_title(f"{analysis.get('name') or 'run'}: concept space (held out solid, training dashed;\n"
+                 "* our turn, red X training classes saturated)", fontsize=9)
     return _save(fig, path)
 
 
@@ -171,8 +182,9 @@ def accuracy(analysis: dict, path) -> Path:
 
 def learning_times(analysis: dict, path) -> Path:
     """Learning time per concept vs concept signal: held-out classes (coloured) and the mean over
-    training classes (grey); mean +- std over seeds, seeds as dots, open triangles at the top for
-    groups where some seed never learned."""
+    training classes (grey); mean +- std over the seeds that learned, seeds as dots, open triangles
+    at the top for groups where some seed never learned (censored at the run length). The title
+    names the learning-time measure (``analysis["definition"]``)."""
     concepts = analysis["concepts"]
     fig = Figure(figsize=(4.4 * len(concepts), 3.4))
     axes = fig.subplots(1, len(concepts), squeeze=False, gridspec_kw={"wspace": 0.35})
@@ -207,7 +219,8 @@ def learning_times(analysis: dict, path) -> Path:
         ax.set_ylabel(f"learning time of {con} (step)")
         ax.axhline(top, color="0.8", lw=0.8, ls=":")
         ax.legend(fontsize=7)
-    fig.suptitle(f"learning time (accuracy >= {analysis['threshold']}) vs concept signal", fontsize=10)
+    definition = analysis.get("definition", f"first step with accuracy >= {analysis['threshold']}")
+    fig.suptitle(f"learning time vs concept signal\n{definition}", fontsize=8)
     return _save(fig, path)
 
 
@@ -307,26 +320,68 @@ def data_scatter(spec, x, labels, path) -> Path:
     return _save(fig, path)
 
 
-def elicit_figure(result: dict, path) -> Path:
-    """Held-out accuracy vs step: naive, overprompted, latent-intervened; members grouped by their
-    sweep setting, mean line with the seeds' spread (min-max band)."""
-    steps = np.asarray(result["steps"])
+ARM_STYLES = {"naive": ("k", "naive prompt"), "over_ref": ("tab:green", "overprompting (reference's colours)"),
+              "over": ("tab:blue", "overprompting (scaled)"), "latent": ("tab:red", "latent (held-out prompt)"),
+              "latent_comp": ("tab:purple", "latent (compositional)")}
+
+
+def _elicit_groups(result: dict) -> dict:
     groups: dict = {}
     for m in result["members"]:
         key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
+        if m.get("mask_prob") not in (None, 1.0):
+            key += f", mask_prob={m['mask_prob']}"
         groups.setdefault(key, []).append(m)
+    return groups
+
+
+def elicit_figure(result: dict, path) -> Path:
+    """Held-out accuracy vs step of every arm (naive, each overprompting, each latent
+    intervention); members grouped by their sweep setting, mean line with the seeds' spread
+    (min-max band); the median saturation step (the reference's turn marker) dotted."""
+    steps = np.asarray(result["steps"])
+    groups = _elicit_groups(result)
     fig = Figure(figsize=(4.2 * len(groups), 3.4))
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
-    styles = {"naive": ("k", "naive prompt"), "over": ("tab:blue", "overprompting"),
-              "latent": ("tab:red", "latent intervention")}
     for ax, (key, ms) in zip(axes[0], groups.items()):
-        for kind, (colour, label) in styles.items():
+        for kind, (colour, label) in ARM_STYLES.items():
+            if kind not in ms[0]["accuracy"]:
+                continue
             a = np.asarray([m["accuracy"][kind] for m in ms])
             ax.plot(steps, a.mean(0), color=colour, label=label)
-            ax.fill_between(steps, a.min(0), a.max(0), color=colour, alpha=0.15)
+            ax.fill_between(steps, a.min(0), a.max(0), color=colour, alpha=0.12)
+        turns = [m["turn_step"] for m in ms if m.get("turn_step") is not None]
+        if turns:
+            ax.axvline(float(np.median(turns)), color="C3", ls=":", lw=1)
         ax.axhline(result["threshold"], ls=":", color="grey")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
-    axes[0, 0].set_ylabel("held-out accuracy")
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_ylabel("held-out accuracy (honest)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(result.get("definition", ""), fontsize=7)
+    return _save(fig, path)
+
+
+def elicit_turn_figure(result: dict, path) -> Path:
+    """Each arm's emergence step minus the member's saturation step (the reference's turn
+    marker), one dot per member coloured by setting: left of 0 = before the turn; members that
+    never emerge or never saturate are left out (counted in the labels)."""
+    groups = _elicit_groups(result)
+    arms = [a for a in ARM_STYLES if a in result["members"][0]["emergence_step"]]
+    fig = Figure(figsize=(6.4, 0.5 + 0.55 * len(arms)))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
+    for g, (key, ms) in enumerate(groups.items()):
+        colour = cmap(g / max(1, len(groups) - 1))
+        for y, arm in enumerate(arms):
+            v = [m["emergence_minus_turn"].get(arm) for m in ms]
+            v = [x for x in v if x is not None]
+            jitter = (g - (len(groups) - 1) / 2) * 0.08
+            ax.plot(v, np.full(len(v), y + jitter), "o", ms=4, color=colour, label=key if y == 0 else None)
+    missing = [sum(m["emergence_minus_turn"].get(a) is None for m in result["members"]) for a in arms]
+    ax.set_yticks(range(len(arms)))
+    ax.set_yticklabels([f"{ARM_STYLES[a][1]} ({k} n/a)" for a, k in zip(arms, missing)], fontsize=7)
+    ax.axvline(0, color="C3", ls=":", lw=1)
+    ax.set_xlabel("emergence step - saturation step (the turn)")
+    ax.legend(fontsize=6, loc="best")
     return _save(fig, path)

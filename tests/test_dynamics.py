@@ -21,30 +21,30 @@ def _memorise_then_turn(n_in=6, n_rest=5, n_out=6):
     return traj, last_rest
 
 
-def test_learning_time_interpolates_between_checkpoints():
+def test_first_crossing_interpolates_between_checkpoints():
     steps = np.array([100, 200, 400, 800])
     acc = np.array([0.0, 0.5, 0.9, 1.0])
     # 0.8 lies 3/4 of the way from 0.5 (step 200) to 0.9 (step 400)
-    assert Dy.learning_time(steps, acc, 0.8) == pytest.approx(200 + 0.75 * 200)
-    assert Dy.learning_time(steps, acc, 0.5) == pytest.approx(200)  # exactly on a checkpoint
-    assert Dy.learning_time(steps, acc, 0.95) == pytest.approx(400 + 0.5 * 400)
+    assert Dy.first_crossing(steps, acc, 0.8) == pytest.approx(200 + 0.75 * 200)
+    assert Dy.first_crossing(steps, acc, 0.5) == pytest.approx(200)  # exactly on a checkpoint
+    assert Dy.first_crossing(steps, acc, 0.95) == pytest.approx(400 + 0.5 * 400)
 
 
-def test_learning_time_never_learned_and_learned_from_start():
+def test_first_crossing_never_learned_and_learned_from_start():
     steps = np.arange(1, 11) * 100
-    assert Dy.learning_time(steps, np.linspace(0, 0.79, 10), 0.8) is None
-    assert Dy.learning_time(steps, np.full(10, np.nan), 0.8) is None
-    assert Dy.learning_time(steps, np.full(10, 0.9), 0.8) == 100
+    assert Dy.first_crossing(steps, np.linspace(0, 0.79, 10), 0.8) is None
+    assert Dy.first_crossing(steps, np.full(10, np.nan), 0.8) is None
+    assert Dy.first_crossing(steps, np.full(10, 0.9), 0.8) == 100
 
 
-def test_learning_time_noisy_curve_is_the_first_crossing():
+def test_first_crossing_of_a_noisy_curve_counts_a_fluke():
     rng = np.random.default_rng(0)
     steps = np.arange(40) * 50 + 50
     acc = np.clip(np.where(np.arange(40) < 20, 0.3, 0.95) + rng.normal(0, 0.03, 40), 0, 1)
-    t = Dy.learning_time(steps, acc, 0.8)
+    t = Dy.first_crossing(steps, acc, 0.8)
     assert steps[19] < t <= steps[20]
     acc[5] = 0.85  # one noisy early crossing counts: T is the *first* step at the threshold
-    assert steps[4] < Dy.learning_time(steps, acc, 0.8) <= steps[5]
+    assert steps[4] < Dy.first_crossing(steps, acc, 0.8) <= steps[5]
 
 
 def test_turn_found_where_the_trajectory_leaves_the_nearest_training_corner():
@@ -95,10 +95,11 @@ def test_summarize_times_groups_seeds():
         return {"sep_col": sep, "sep_size": 0.4, "m": [1, 1], "s": [0.05, 0.05], "seed": seed,
                 "signal": {"colour": 10 * sep}, "learning_time": {"c": {"colour": t}}}
     ms = [rec(0.2, 0, 1000.0), rec(0.2, 1, 1200.0), rec(0.4, 0, 500.0), rec(0.4, 1, None)]
-    rows = Dy.summarize_times(ms, "c", "colour")
+    rows = Dy.summarize_times(ms, "c", "colour", run_length=2000)
     assert [r["separation"] for r in rows] == [0.2, 0.4]
     assert rows[0]["mean"] == pytest.approx(1100) and rows[0]["std"] == pytest.approx(100)
-    assert rows[1]["n"] == 2 and rows[1]["n_learned"] == 1 and rows[1]["mean"] == pytest.approx(500)
+    # never is censored at the run length, not dropped
+    assert rows[1]["n"] == 2 and rows[1]["n_learned"] == 1 and rows[1]["mean"] == pytest.approx(1250)
     assert rows[0]["signal"] == pytest.approx(2.0)
 
 

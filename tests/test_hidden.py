@@ -87,10 +87,15 @@ def test_vector_end_to_end_train_analyze_elicit(tmp_path, capsys):
     assert len(a["members"]) == 2 and e["steps"] == [100, 200, 300]
     for m in e["members"]:
         assert m["concept"] == "dim0"  # equal signals: the first
-        for kind in ("naive", "over", "latent"):
+        for kind in ("naive", "over", "latent", "latent_comp", "reference_biased"):
             acc = m["accuracy"][kind]
             assert len(acc) == 3 and all(0.0 <= v <= 1.0 for v in acc)
-    assert (run / "figures" / "elicit.png").stat().st_size > 1000
+        assert "over_ref" not in m["accuracy"]  # the reference's fixed colours exist for images only
+        assert set(m["emergence_minus_turn"]) == set(m["accuracy"])
+    assert [r["claim"] for r in e["claims"]] == [3] * 4 and e["run_length"] == 300
+    assert 3 in [r["claim"] for r in json.loads((run / "analysis.json").read_text())["claims"]]  # the table gained it
+    for fig in ("elicit.png", "elicit_turn.png"):
+        assert (run / "figures" / fig).stat().st_size > 1000
 
 
 def test_target_concept_is_the_weakest_signal():

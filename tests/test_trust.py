@@ -43,7 +43,9 @@ def _blind_samplers(spec, p_right: float):
     plain = jax.jit(lambda params, conds, key: draw(key, (conds.shape[0],)))
     steered = jax.jit(lambda params, c_ref, c_held, alphas, key: draw(jax.random.fold_in(key, 9),
                                                                      (alphas.shape[0], VEC.eval.n_samples)))
-    return plain, steered
+    composed = jax.jit(lambda params, a, b, c, alphas, key: draw(jax.random.fold_in(key, 8),
+                                                                 (alphas.shape[0], VEC.eval.n_samples)))
+    return plain, steered, composed
 
 
 VEC = C.override(C.preset("vec2x2"), ["data.cond_mode=\"mean\"", "eval.n_samples=32"])
@@ -56,13 +58,16 @@ def test_a_model_equally_good_at_every_strength_is_reported_at_that_accuracy(n_s
     probe = P.probe_for(member.data)
     st = elicit.setting(VEC, member, probe, samplers=_blind_samplers(spec, 0.5), over=tuple(range(n_strengths)))
     latent = tuple(range(n_strengths))
-    recs = [elicit.elicit_step(st, None, jax.random.fold_in(jax.random.PRNGKey(1), s), latent) for s in range(150)]
-    for kind in ("naive", "over", "latent"):
+    recs = [elicit.elicit_step(st, None, jax.random.fold_in(jax.random.PRNGKey(1), s), latent, latent)
+            for s in range(150)]
+    for kind in ("naive", "over", "latent", "latent_comp"):
         mean = np.mean([r[kind] for r in recs])
         assert abs(mean - 0.5) < 0.03, (kind, n_strengths, mean)  # SE of the mean: 0.5 / sqrt(32 * 150) = 0.007
     # what the old estimate (the best strength scored on the samples that chose it) would say
     best_of_same = np.mean([max(r["over_each"]) for r in recs])
     assert best_of_same > 0.5 + (0.03 if n_strengths == 2 else 0.12), best_of_same
+    # the reference's statistic is that biased kind: the best prompt on the samples that chose it
+    assert np.mean([r["reference_biased"] for r in recs]) > 0.5 + (0.03 if n_strengths == 2 else 0.12)
 
 
 def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path, monkeypatch):

@@ -54,6 +54,8 @@ def _data(d):
         raise invalid("data.held_out", d.held_out, "at least one class left for training")
     if any(c not in concept_names for c in d.masked):
         raise invalid("data.masked", d.masked, "concepts from " + ", ".join(concept_names))
+    if d.mask_prob != 1 and d.kind == "celeba":
+        raise invalid("data.mask_prob", d.mask_prob, "1 for data.kind='celeba' (its conditioning is never masked)")
     n_examples = n_classes * (d.n_per_class * (1 + d.val_frac)) + n_classes * d.n_test
     if n_examples * x_size * 4 > MAX_MEMBER_BYTES:
         raise invalid("data.n_per_class", d.n_per_class,

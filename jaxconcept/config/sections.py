@@ -24,7 +24,7 @@ from jaxconcept.config.rules import MAX_CLASSES, validate
 
 IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, SPEC A1 order
 SEED_BOUND = 2 ** 31
-SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes")
+SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes", "data.mask_prob")
 SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # member order: row-major in this order, seeds innermost
 
 Concepts = Annotated[tuple[Literal[IMAGE_CONCEPTS], ...], Field(min_length=1),
@@ -43,6 +43,9 @@ class DataConfig:
 
     held_out: tuple[NonNegInt, ...] = (3,)  # held-out class indices (row-major over the concepts); vectors: () = default
     masked: tuple[str, ...] = ()  # concepts whose conditioning entries are zeroed (underspecification)
+    # fraction of training examples whose ``masked`` concepts are zeroed (the underspecification dose); at 1 the
+    # prompts are masked too, below 1 prompts and test examples keep every concept
+    mask_prob: Annotated[Real, Field(ge=0, le=1)] = 1.0
     n_per_class: Annotated[int, Field(ge=2)] = 2048  # training examples per training class
     val_frac: Fraction = 0.15
     n_test: PosInt = 32  # test examples per held-out class, for the held-out loss at evaluation
@@ -251,7 +254,8 @@ def _point(cfg: Config, values: dict) -> Config:
 
 def members(cfg: Config) -> list[Config]:
     """Expand a sweep into one config per member: the product of its axes, row-major in
-    ``SWEEP_AXES`` order (data.sep_col, data.sep_size, data.m, data.s, data.attributes, seeds).
+    ``SWEEP_AXES`` order (data.sep_col, data.sep_size, data.m, data.s, data.attributes, data.mask_prob,
+    seeds).
     Each member has no sweep and one seed."""
     if not cfg.sweep:
         return [cfg]
@@ -277,7 +281,7 @@ def swept_fields(cfg: Config) -> list[str]:
 
 def sweep_settings(member: Config) -> dict:
     """A member's seed and sweep fields as JSON values, keyed "seed", "sep_col", "sep_size", "m",
-    "s", "attributes" (as in members.json); None for a field its data kind does not have."""
+    "s", "attributes", "mask_prob" (as in members.json); None for a field its data kind does not have."""
     return {"seed": member.seed, **{k[5:]: untuple(getattr(member.data, k[5:], None)) for k in SWEEP_FIELDS}}
 
 

@@ -113,9 +113,21 @@ def render_all(spec: DataSpec, params, key, n_per_class: int):
     return x, cond, labels
 
 
+def mask_some(spec: DataSpec, params, cond, key):
+    """Underspecification dose: each row of ``cond`` [N, cond_dim] has its ``data.masked``
+    concepts zeroed with probability ``params["mask_prob"]`` (one uniform draw per row from
+    ``key``; at 1 every row, as ``sample`` already does). Kinds without it return ``cond``."""
+    fn = getattr(_mod(spec.kind), "cond_keep", None)
+    if fn is None or "mask_prob" not in params:
+        return cond
+    hit = jax.random.uniform(key, (cond.shape[0], 1)) < params["mask_prob"]
+    return jnp.where(hit, cond * jnp.asarray(fn(spec), cond.dtype)[None, :], cond)
+
+
 def dataset(spec: DataSpec, params, key):
-    """Training classes: n_train + n_val per class, shuffled, split train/validation; held-out
-    classes: n_test each (x_test, c_test), never seen in training, for the held-out loss."""
+    """Training classes: n_train + n_val per class, shuffled, split train/validation, a
+    ``data.mask_prob`` fraction of them with their ``data.masked`` concepts zeroed (``mask_some``);
+    held-out classes: n_test each (x_test, c_test), never seen in training, for the held-out loss."""
     n = spec.n_train + spec.n_val
     train = jnp.asarray(spec.train_classes)
     labels = jnp.repeat(train, n)
@@ -127,6 +139,7 @@ def dataset(spec: DataSpec, params, key):
     y_test = jnp.repeat(jnp.asarray(spec.held_out, jnp.int32), spec.n_test)
     draw = getattr(_mod(spec.kind), "test_sample", sample)  # images: at the class means, as the reference
     x_test, c_test = draw(spec, params, k_test, y_test)
+    cond = mask_some(spec, params, cond, jax.random.fold_in(key, 7))
     return dict(x_train=x[tr], c_train=cond[tr], y_train=labels[tr],
                 x_val=x[va], c_val=cond[va], y_val=labels[va], x_test=x_test, c_test=c_test, y_test=y_test)
 

@@ -49,12 +49,11 @@ def spec(cfg) -> DataSpec:
         names.append("-".join(value_names[i][k] for i, k in enumerate(idx)))
     held = tuple(sorted(cfg.held_out))
     n_val = max(1, int(round(cfg.val_frac * cfg.n_per_class)))
-    cond_mask = np.zeros(11, np.float32)
+    cond_mask, unmasked = np.zeros(11, np.float32), np.zeros(11, np.float32)
     for c in concepts:
-        if c not in cfg.masked:
-            cond_mask[SLOTS[c]] = 1.0
+        (unmasked if c in cfg.masked else cond_mask)[SLOTS[c]] = 1.0
     extra = (("image_size", cfg.image_size), ("blur_sigma", cfg.blur_sigma), ("pixel_noise", cfg.pixel_noise),
-             ("cond_mask", tuple(cond_mask.tolist())))
+             ("cond_mask", tuple(cond_mask.tolist())), ("unmasked", tuple(unmasked.tolist())))
     return DataSpec(kind="images", x_shape=(cfg.image_size, cfg.image_size, 3), cond_dim=11, n_classes=n_classes,
                     concepts=concepts, values=values, value_names=value_names, class_names=tuple(names),
                     train_classes=tuple(c for c in range(n_classes) if c not in held), held_out=held,
@@ -62,7 +61,7 @@ def spec(cfg) -> DataSpec:
 
 
 def params(cfg) -> dict:
-    """Per-class boxes of z: {"lo": [n_classes, 11], "hi": [n_classes, 11]}."""
+    """Per-class boxes of z: {"lo": [n_classes, 11], "hi": [n_classes, 11]}, and "mask_prob" (scalar)."""
     concepts, values = tuple(cfg.concepts), tuple(cfg.values)
     n_classes = int(np.prod(values))
     lo, hi = np.zeros((n_classes, 11), np.float32), np.zeros((n_classes, 11), np.float32)
@@ -77,7 +76,7 @@ def params(cfg) -> dict:
             else:  # not a concept: circle, the red colour range, the large size range
                 a, b = _value_box(concept, 0, 2, cfg.sep_col, cfg.sep_size)
             lo[c, SLOTS[concept]], hi[c, SLOTS[concept]] = a, b
-    return {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi)}
+    return {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi), "mask_prob": jnp.float32(cfg.mask_prob)}
 
 
 def _blur_kernel(sigma: float, truncate: float = 4.0):
@@ -145,8 +144,17 @@ def _render_batch(spec: DataSpec, z, key):
                                          spec.opt("pixel_noise")))(z, keys)
 
 
-def _cond(spec: DataSpec, z):
-    return z * jnp.asarray(spec.opt("cond_mask"), jnp.float32)[None, :]
+def cond_keep(spec: DataSpec):
+    """[11] float32: 1 where the conditioning holds an entry of a compositional, unmasked concept."""
+    return jnp.asarray(spec.opt("cond_mask"), jnp.float32)
+
+
+def _cond(spec: DataSpec, params, z):
+    """The conditioning of concept vectors z [N, 11]: non-compositional entries zeroed, and those
+    of ``data.masked`` concepts too when every example is masked (mask_prob 1; below 1 only the
+    training examples ``data.dataset`` draws are)."""
+    full = cond_keep(spec) + jnp.asarray(spec.opt("unmasked"), jnp.float32)
+    return z * jnp.where(params["mask_prob"] >= 1, cond_keep(spec), full)[None, :]
 
 
 def sample(spec: DataSpec, params, key, labels):
@@ -154,7 +162,7 @@ def sample(spec: DataSpec, params, key, labels):
     k_z, k_img = jax.random.split(key)
     lo, hi = params["lo"][labels], params["hi"][labels]  # [N, 11]
     z = lo + (hi - lo) * jax.random.uniform(k_z, lo.shape)
-    return _render_batch(spec, z, k_img), _cond(spec, z)
+    return _render_batch(spec, z, k_img), _cond(spec, params, z)
 
 
 def corner_sample(spec: DataSpec, params, key, labels):
@@ -166,7 +174,7 @@ def corner_sample(spec: DataSpec, params, key, labels):
     lo, hi = params["lo"][labels], params["hi"][labels]  # [N, 11]
     z = jnp.where(jax.random.bernoulli(k_c, 0.5, lo.shape), hi, lo)
     z = z.at[:, 2:4].set(jax.random.uniform(k_pos, (labels.shape[0], 2), minval=-0.5, maxval=0.5))
-    return _render_batch(spec, z, k_img), _cond(spec, z)
+    return _render_batch(spec, z, k_img), _cond(spec, params, z)
 
 
 def test_sample(spec: DataSpec, params, key, labels):
@@ -175,7 +183,7 @@ def test_sample(spec: DataSpec, params, key, labels):
     k_pos, k_img = jax.random.split(key)
     z = class_means(spec, params)[labels]
     z = z.at[:, 2:4].set(jax.random.uniform(k_pos, (labels.shape[0], 2), minval=-0.5, maxval=0.5))
-    return _render_batch(spec, z, k_img), _cond(spec, class_means(spec, params)[labels])
+    return _render_batch(spec, z, k_img), _cond(spec, params, class_means(spec, params)[labels])
 
 
 def class_means(spec: DataSpec, params):
@@ -185,7 +193,7 @@ def class_means(spec: DataSpec, params):
 
 
 def prompts(spec: DataSpec, params):
-    return _cond(spec, class_means(spec, params))
+    return _cond(spec, params, class_means(spec, params))
 
 
 def render_prompts(spec: DataSpec, params, key, n_per_class: int):

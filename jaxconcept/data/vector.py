@@ -16,7 +16,8 @@ count is a multiple of 2**dim_nuisance, as in the reference, which tiles the cor
 
 Conditioning (``cond_mode``): "classy" = per-dimension one-hot, concatenated (dim*perdim);
 "mean" = the class mean (dim); "observed" = the sample's own concept coordinates plus
-N(0, cond_noise^2) (dim). Entries of ``masked`` concepts are zero.
+N(0, cond_noise^2) (dim). Entries of ``masked`` concepts are zero (in a ``mask_prob`` fraction
+of the training examples; below 1 prompts keep them).
 
 Per-member arrays (``params``): ``mean`` [n_classes, dim], ``std`` [dim], ``step`` [dim] — the
 same shapes for every m and s, so a stack of members vmaps.
@@ -84,11 +85,17 @@ def spec(cfg) -> DataSpec:
         train_classes=train, held_out=held, n_train=n_train, n_val=n_val, n_test=cfg.n_test, extra=extra)
 
 
-def _mask(spec: DataSpec) -> np.ndarray:
+def cond_keep(spec: DataSpec) -> np.ndarray:
     """1 where a conditioning entry is kept, 0 for masked concepts: [cond_dim] float32."""
     per = spec.opt("perdim") if spec.opt("cond_mode") == "classy" else 1
     keep = np.array([c not in spec.opt("masked") for c in spec.concepts], np.float32)
     return np.repeat(keep, per)
+
+
+def _mask(spec: DataSpec, params):
+    """The mask of prompts and drawn examples: ``cond_keep`` when every example is masked
+    (mask_prob 1), else all ones (``data.dataset`` masks the training examples it draws)."""
+    return jnp.where(params["mask_prob"] >= 1, jnp.asarray(cond_keep(spec)), 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,8 +107,9 @@ def params(cfg) -> dict:
     Args:
         cfg: a data config whose ``m`` and ``s`` are flat (one member; see ``config.members``).
     Returns:
-        {"mean": [n_classes, dim], "std": [dim], "step": [dim]} float32 (numpy): class means, per-dimension
-        spread, and the distance between neighbouring values of each concept.
+        {"mean": [n_classes, dim], "std": [dim], "step": [dim], "mask_prob": []} float32 (numpy): class
+        means, per-dimension spread, the distance between neighbouring values of each concept, and
+        the fraction of training examples whose masked concepts are masked.
     """
     m, s = np.asarray(cfg.m, np.float64), np.asarray(cfg.s, np.float64)
     if m.shape != (cfg.dim,) or s.shape != (cfg.dim,):
@@ -110,7 +118,8 @@ def params(cfg) -> dict:
     extent = (cfg.perdim - 1) * m if cfg.normalize else np.ones_like(m)  # each concept spans [0, 1]
     step, std = m / extent, s / extent
     mean = _grid(cfg.dim, cfg.perdim) * step[None, :]
-    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32)}
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32),
+            "mask_prob": np.float32(cfg.mask_prob)}
 
 
 def class_means(spec: DataSpec, params) -> jax.Array:
@@ -180,7 +189,7 @@ def sample(spec: DataSpec, params, key, labels):
         cond = params["mean"][labels]
     else:  # "observed": the example's own concept coordinates, seen through noise
         cond = x[:, :d] + spec.opt("cond_noise") * jax.random.normal(k_cond, (n, d), jnp.float32)
-    return x, cond * jnp.asarray(_mask(spec))[None, :]
+    return x, cond * _mask(spec, params)[None, :]
 
 
 def prompts(spec: DataSpec, params):
@@ -190,7 +199,7 @@ def prompts(spec: DataSpec, params):
         cond = _onehot(spec, jnp.asarray(_grid(spec.opt("dim"), spec.opt("perdim"))))
     else:
         cond = params["mean"]
-    return cond * jnp.asarray(_mask(spec))[None, :]
+    return cond * _mask(spec, params)[None, :]
 
 
 def concept_signal(cfg, key, n: int = 256) -> dict:
