@@ -18,8 +18,8 @@ Conditioning (``cond_mode``): "classy" = per-dimension one-hot, concatenated (di
 "mean" = the class mean (dim); "observed" = the sample's own concept coordinates plus
 N(0, cond_noise^2) (dim). Entries of ``masked`` concepts are zero.
 
-Per-member arrays (``params``): ``mean`` [n_classes, dim], ``std`` [dim], ``step`` [dim] — the
-same shapes for every m and s, so a stack of members vmaps.
+Per-member arrays (``params``): ``mean`` [n_classes, dim], ``std`` [dim], ``step`` [dim] and
+``cond_noise`` [] — the same shapes for every m, s and cond_noise, so a stack of members vmaps.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def spec(cfg) -> DataSpec:
         cfg: the data config (a sweep member or the sweep config: m and s are not used here).
     Returns:
         DataSpec with x_shape (dim + dim_nuisance,), concepts ("dim0", ...), and ``extra`` holding
-        dim, perdim, normalize, dim_nuisance, nuisance, cond_mode, cond_noise, masked.
+        dim, perdim, normalize, dim_nuisance, nuisance, cond_mode, masked.
     """
     d, k = cfg.dim, cfg.perdim
     n_classes = k ** d
@@ -76,7 +76,7 @@ def spec(cfg) -> DataSpec:
     n_train, n_val = split_sizes(cfg.n_per_class, cfg.val_frac)
     extra = (("dim", d), ("perdim", k), ("normalize", bool(cfg.normalize)),
              ("dim_nuisance", cfg.dim_nuisance), ("nuisance", cfg.nuisance), ("cond_mode", cfg.cond_mode),
-             ("cond_noise", float(cfg.cond_noise)), ("masked", tuple(cfg.masked)))
+             ("masked", tuple(cfg.masked)))
     return DataSpec(
         kind="vector", x_shape=(d + cfg.dim_nuisance,), cond_dim=cond_dim, n_classes=n_classes,
         concepts=concepts, values=(k,) * d, value_names=tuple(tuple(str(j) for j in range(k)) for _ in concepts),
@@ -100,8 +100,9 @@ def params(cfg) -> dict:
     Args:
         cfg: a data config whose ``m`` and ``s`` are flat (one member; see ``config.members``).
     Returns:
-        {"mean": [n_classes, dim], "std": [dim], "step": [dim]} float32 (numpy): class means, per-dimension
-        spread, and the distance between neighbouring values of each concept.
+        {"mean": [n_classes, dim], "std": [dim], "step": [dim], "cond_noise": []} float32 (numpy): class
+        means, per-dimension spread, the distance between neighbouring values of each concept, and
+        the std of the noise of "observed" conditioning.
     """
     m, s = np.asarray(cfg.m, np.float64), np.asarray(cfg.s, np.float64)
     if m.shape != (cfg.dim,) or s.shape != (cfg.dim,):
@@ -110,7 +111,8 @@ def params(cfg) -> dict:
     extent = (cfg.perdim - 1) * m if cfg.normalize else np.ones_like(m)  # each concept spans [0, 1]
     step, std = m / extent, s / extent
     mean = _grid(cfg.dim, cfg.perdim) * step[None, :]
-    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32)}
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32),
+            "cond_noise": np.float32(cfg.cond_noise)}
 
 
 def class_means(spec: DataSpec, params) -> jax.Array:
@@ -179,7 +181,7 @@ def sample(spec: DataSpec, params, key, labels):
     elif mode == "mean":
         cond = params["mean"][labels]
     else:  # "observed": the example's own concept coordinates, seen through noise
-        cond = x[:, :d] + spec.opt("cond_noise") * jax.random.normal(k_cond, (n, d), jnp.float32)
+        cond = x[:, :d] + params["cond_noise"] * jax.random.normal(k_cond, (n, d), jnp.float32)
     return x, cond * jnp.asarray(_mask(spec))[None, :]
 
 
