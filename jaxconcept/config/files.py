@@ -96,6 +96,8 @@ def _data(base: DataConfig, d: dict, axes: dict, sampled: dict) -> DataConfig:
     """The data section ``d`` sets on ``base`` (its kind, or the kind ``d`` names: fields both
     kinds have carry over); lists and {law: args} become ``axes`` and ``sampled`` entries."""
     kind = d.get("kind", base.kind)
+    if isinstance(kind, list):
+        raise sweeps.refusal("data.kind")
     if kind != base.kind:
         new = data_config(kind)
         names = field_names(type(new))

@@ -81,7 +81,12 @@ def check_axis(cfg, name: str) -> None:
                               + ", ".join(sorted(field_names(cls))))
         raise ConfigError(f"unknown config key {name!r}: allowed {', '.join(sorted(field_names(cls)))}")
     if name in REFUSED:
-        raise ConfigError(f"{name} cannot be a sweep axis: {REFUSED[name]}; give it one value")
+        raise refusal(name)
+
+
+def refusal(name: str) -> ConfigError:
+    """The one-line error for a field of ``REFUSED`` given several values."""
+    return ConfigError(f"{name} cannot be a sweep axis: {REFUSED[name]}; give it one value")
 
 
 def _is_int(cfg, name: str) -> bool:

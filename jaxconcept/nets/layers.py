@@ -165,7 +165,10 @@ class Dropout(nn.Module):
         keep = 1.0 - self.rate
         draw = bernoulli if self.impl == "explicit" else jax.random.bernoulli
         mask = draw(self.make_rng("dropout"), keep, x.shape)
-        return lax.select(mask, x / (keep if is_number(keep) else keep.astype(x.dtype)), jnp.zeros_like(x))
+        if is_number(keep):
+            return lax.select(mask, x / keep, jnp.zeros_like(x))
+        # XLA turns a division by a constant into a product with its reciprocal: so does a traced rate
+        return lax.select(mask, x * (1.0 / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 def dropout(x, rate, deterministic: bool, impl: str = "xla"):
