@@ -73,7 +73,7 @@ def _place(name: str, current, v, axes: dict, sampled: dict) -> bool:
     sampled.pop(name, None)
     if isinstance(v, dict):
         if len(v) != 1:
-            sweeps.check_law(name, "", ())  # raises, naming the allowed forms
+            raise sweeps.law_error(name, v)
         (law, args), = v.items()
         sampled[name] = (law, args if isinstance(args, tuple) else (args,))
     elif _is_axis(current, v):

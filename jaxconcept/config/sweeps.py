@@ -121,17 +121,22 @@ def uniform(seed: int, name: str, i: int) -> float:
     return (int.from_bytes(h[:8], "big") >> 11) / 2.0 ** 53
 
 
+def law_error(name: str, given: dict) -> ConfigError:
+    """The one-line error for a mapping in a field's place that is not a sampled axis."""
+    shown = json.dumps({k: untuple(v) for k, v in given.items()})
+    return ConfigError(f"{name}={shown} is invalid: allowed a sampled axis {{\"uniform\": [lo, hi]}}, "
+                       '{"log_uniform": [lo, hi]} (0 < lo < hi) or {"choice": [a, b, ...]}')
+
+
 def check_law(name: str, law: str, args: tuple) -> None:
     """Raise ConfigError unless (law, args) is a sampled axis: uniform or log_uniform over [lo, hi]
     (lo < hi, lo > 0 for log_uniform), or choice among a non-empty list."""
-    spec = json.dumps({law: untuple(args)})
     ok = law in LAWS and isinstance(args, tuple) and len(args) >= 1
     if ok and law != "choice":
         ok = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
                                     for a in args) and args[0] < args[1] and (law == "uniform" or args[0] > 0)
     if not ok:
-        raise ConfigError(f"{name}={spec} is invalid: allowed a sampled axis {{\"uniform\": [lo, hi]}}, "
-                          "{\"log_uniform\": [lo, hi]} (0 < lo < hi) or {\"choice\": [a, b, ...]}")
+        raise law_error(name, {law: args})
 
 
 def draw(cfg, name: str, law: str, args: tuple, i: int):
