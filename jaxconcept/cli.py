@@ -1,4 +1,4 @@
-"""`jaxconcept` command line: data, info, train, analyze, elicit, demo, sd.
+"""`jaxconcept` command line: config, data, info, train, analyze, elicit, demo, sd.
 
 Each command is a thin shell over library functions; see README.md. The library reports progress
 and warnings through the ``jaxconcept`` logger (``logging``); while a command runs, that logger
@@ -113,6 +113,31 @@ def cmd_data(args):
     return 0
 
 
+def _differences(cfg: C.Config) -> str:
+    """The fields of ``cfg`` that differ from the defaults, as one line of key=value."""
+    from jaxconcept import rundir
+
+    mine, default = rundir.flat_dict(C.to_dict(cfg)), rundir.flat_dict(C.to_dict(C.Config()))
+    return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
+
+
+def cmd_config(args):
+    """The resolved config as JSON on stdout; what it sweeps and its members on the log."""
+    import json
+
+    cfg = _config(args)
+    ms = C.members(cfg)
+    print(json.dumps(C.to_dict(cfg), indent=1, sort_keys=True))
+    log = logging.getLogger("jaxconcept")
+    log.info("%d member(s), sweeping %s", len(ms), ", ".join(C.swept_fields(cfg)) or "nothing")
+    if args.members:
+        group_of = {i: g for g, idx in enumerate(C.groups(cfg, ms)) for i in idx}
+        for i, m in enumerate(ms):
+            log.info("member %d (group %d): %s", i, group_of[i], json.dumps({**C.sweep_settings(m),
+                                                                            **C.member_values(cfg, m)}))
+    return 0
+
+
 def cmd_info(args):
     import jax
 
@@ -203,6 +228,8 @@ def cmd_train(args):
         n_groups > 1) else ""
     if lead:
         print(f"jaxconcept train: {n} member(s) (sweeping {swept}){groups}, {cfg.train.steps} steps -> {args.out}")
+        logging.getLogger("jaxconcept").info("config (what differs from the defaults; all of it: "
+                                             "`jaxconcept config` or RUN_DIR/config.json): %s", _differences(cfg))
     loop.train(cfg, args.out, progress=not args.no_progress)
     if lead:
         print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
@@ -297,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", default=None,
                    help="output .png: a grid of examples per class (images), a scatter in concept space (vectors)")
     p.set_defaults(fn=cmd_data)
+
+    p = add("config", help="print the resolved config (preset, file and overrides) as JSON; its members on stderr")
+    _add_config_args(p)
+    p.add_argument("--members", action="store_true", help="also list every member's sweep values (stderr)")
+    p.set_defaults(fn=cmd_config)
 
     p = add("info", help="parameter count and FLOPs per training step of the configured model")
     _add_config_args(p)

@@ -1,19 +1,21 @@
-"""The stacked sweep: M members trained at once as one train state. The only module that knows
-about the model axis.
+"""The stacked sweep: M members trained at once as one train state, and the programs that do it.
+The engine's model axis lives here (checkpoint and loop only slice the real members off it).
 
-A sweep is one pytree whose leaves lead with the model axis [M, ...]. One jitted call moves every
-member K steps: ``scan(vmap(train_step))`` (``_advance_local``: a ``lax.scan`` over steps of the
-one-member ``step.train_step`` mapped over the members). The map is ``vmap``, or ``lax.map`` in
-chunks of vmapped members, or one traced copy per member (``Sweep.strategy``; ``plan`` chooses it
-by memory when ``train.strategy`` is "auto"). The model axis is split over the devices (and hosts)
-with ``shard_map`` on a 1-D mesh named "models"; a member count that does not divide the device
-count is padded with inert copies of the last member (trained, never written).
+A sweep is one pytree whose leaves lead with the model axis [M, ...]. One compiled call moves
+every member n <= K steps: ``fori_loop(vmap(train_step))`` (``_advance_local``: a loop over steps
+of the one-member ``step.train_step`` mapped over the members; n is an argument, so one program
+serves every call length). The map is ``vmap``, or ``lax.map`` in chunks of vmapped members, or
+one traced copy per member (``Sweep.strategy``; ``plan`` chooses it when ``train.strategy`` is
+"auto"). The model axis is split over the devices (and hosts) with ``shard_map`` on a 1-D mesh
+named "models"; a member count that does not divide the device count is padded with inert copies
+of the last member (trained, never written). The three programs (init, advance, evaluate) are
+compiled ahead of time, side by side (``Sweep.programs``).
 
 Whether the network is fast inside XLA loops is decided once, here, where the sweep is built
 (``Sweep.loop_safe``, ``nets.loop_safe`` on the mesh's platform): a U-Net with XLA's own
 convolutions on CPU (model.conv="xla") takes one step per call and samples in a Python loop.
 
-    state = {"params", "opt", "step", "key", "alive"[, "ema"]}  # each leaf: [M, ...]
+    state = step.TrainState(params [M, P], mu, nu, ema, step [M], key [M, 2], alive [M], hyper {name: [M]})
     data  = dict(x_train, c_train, y_train, x_val, c_val, y_val, x_test, c_test, y_test)  # [M, N, ...]
     batches = dict(x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K])  # host-fed kinds only
 """
@@ -33,8 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import config as C, data as D, diffusion, nets, rundir
-from jaxconcept.step import (Active, Layout, TrainState, call_rows, eval_params, held_back_losses, hyper_values,
-                             init_member, member_keys, model_settings, train_step)
+from jaxconcept.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
+                             member_keys, model_settings, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
@@ -450,11 +452,6 @@ def host(x):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def params_tree(sw: Sweep, flat):
-    """Stacked flat parameters [M, P] (numpy or jax) as the network's pytree, leaves [M, ...]."""
-    return sw.layout.unravel(flat)
 
 
 def load_params(run_dir, step, group=None):

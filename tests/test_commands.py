@@ -69,3 +69,27 @@ assert state() == before, (before, state())
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "MPLBACKEND": "svg"})
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_config_prints_the_resolved_config_and_its_members(capsys):
+    import json
+
+    from jaxconcept import config as C
+
+    argv = ["config", "--preset", "vec_tiny", "--set", "seeds=[3,4]", "--set", "train.lr=0.002", "--members"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    cfg = C.from_dict(json.loads(out.out), C.preset("vec_tiny"))
+    assert cfg == C.override(C.preset("vec_tiny"), ["seeds=[3,4]", "train.lr=0.002"]) and cfg.train.lr == 0.002
+    lines = out.err.strip().splitlines()
+    assert lines[0] == "jaxconcept: 2 member(s), sweeping seed" and len(lines) == 3 and '"seed": 4' in lines[2]
+    assert main(["config", "--preset", "vec_tiny", "--set", "train.lr=-1"]) == 2  # a bad value: one line
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_the_demo_config_is_the_experiments_file():
+    from jaxconcept import config as C
+
+    cfg = demo.demo_config()
+    assert cfg == C.load(demo.DEMO_CONFIG) and cfg.name == "demo" and len(C.members(cfg)) == 6
+    assert demo.demo_config(["train.steps=10"]).train.steps == 10

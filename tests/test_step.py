@@ -33,13 +33,17 @@ def test_flat_adamw_is_optax_per_leaf_adamw_with_clipping(clip):
                        key=jax.random.PRNGKey(1), alive=jnp.bool_(True), hyper=hyper)
     tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.adamw(tc.lr, weight_decay=tc.weight_decay))
     ref, opt, ema = tree, tx.init(tree), tree
-    step = jax.jit(adamw)
-    for i in range(6):
+
+    @jax.jit
+    def both(state, ref, opt, ema, i):  # one program for both optimisers (eager optax compiles op by op)
         grads = jax.tree.map(lambda a: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(2), i), a.shape), ref)
-        state = step(state, layout.ravel(grads), jnp.float32(1.0))
+        state = adamw(state, layout.ravel(grads), jnp.float32(1.0))
         upd, opt = tx.update(grads, opt, ref)
         ref = optax.apply_updates(ref, upd)
-        ema = jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, ema, ref)
+        return state, ref, opt, jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, ema, ref)
+    for i in range(6):
+        state, ref, opt, ema = both(state, ref, opt, ema, i)
+    step = jax.jit(adamw)
     got, got_ema = layout.unravel(state.params), layout.unravel(state.ema)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -94,11 +98,12 @@ def test_auto_takes_the_measured_stacking_for_the_device_kind():
              {"device_kind": kind, "arch": "mlp", "strategy": "unroll", "source": "run z"}]
     cfg = C.override(C.preset("vec_tiny"), ["seeds=[0,1,2,3]"])
     dev = jax.devices()[:1]
-    sw, why = plan.plan(stack.build(cfg, dev, strategy="vmap"), table)
-    assert (sw.strategy, sw.chunk) == ("map", 2) and "run y" in why  # 4 members per device: the first match
-    sw, why = plan.plan(stack.build(C.override(cfg, ["seeds=[0,1]"]), dev, strategy="vmap"), table)
-    assert sw.strategy == "unroll" and "run z" in why  # 2 members: below the first entry's range
-    sw, why = plan.plan(stack.build(cfg, dev, strategy="vmap"), table[:1])
-    assert sw.strategy == "vmap" and "not measured" in why  # nothing for this kind: the rule of thumb
+    four, two = stack.build(cfg, dev, strategy="vmap"), stack.build(C.override(cfg, ["seeds=[0,1]"]), dev, strategy="vmap")
+    assert plan.first_choice(four, table)[:2] == ("map", 2)  # 4 members per device: the first match
+    assert plan.first_choice(two, table)[0] == "unroll"  # 2 members: below the first entry's range
+    strategy, _, _, why = plan.first_choice(four, table[:1])
+    assert strategy == "vmap" and "not measured" in why  # nothing for this kind: the rule of thumb
+    sw, why = plan.plan(four, table)  # what is tried first is what trains, when it fits
+    assert (sw.strategy, sw.chunk) == ("map", 2) and "run y" in why
     shipped = plan.measured_choice("cpu", "unet", 4)  # the shipped table (jaxconcept/strategies.json)
     assert shipped["strategy"] == "unroll" and shipped["source"]

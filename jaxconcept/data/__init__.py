@@ -65,12 +65,15 @@ class DataSpec:
 
 
 def _mod(kind):
+    """The module of data kind ``kind``. Raises DataError for an unknown kind."""
     if kind == "images":
         from jaxconcept.data import images as m
     elif kind == "celeba":
         from jaxconcept.data import celeba as m
-    else:
+    elif kind == "vector":
         from jaxconcept.data import vector as m
+    else:
+        raise DataError(f"data.kind={kind!r} is unknown: allowed images, vector, celeba")
     return m
 
 
