@@ -33,7 +33,8 @@ def test_fields_that_cannot_be_axes_are_refused_saying_why(field):
     sec, name = field.split(".")
     value = getattr(getattr(base, sec), name)
     values = [value, value] if not isinstance(value, tuple) else [list(value), list(value)]
-    with pytest.raises(C.ConfigError, match=rf"^{field.replace('.', r'[.]')} cannot be a sweep axis: .+; give it one value$"):
+    words = rf"^{field.replace('.', r'[.]')} cannot be a sweep axis: .+; give it one value$"
+    with pytest.raises(C.ConfigError, match=words):
         C.override(base, [f"{field}={json.dumps(values)}"])
 
 

@@ -11,7 +11,8 @@ as ``{"log_uniform": [1e-4, 1e-2]}``, with ``sweep.n`` draws.
 Every error is a ``ConfigError``: one line naming the dotted field and what is allowed.
 
 Modules: ``checks`` (field types and the checker), ``sections`` (the classes, members),
-``sweeps`` (which fields may be axes, grid/zipped/sampled axes, groups), ``rules`` (the cross-field rules), ``presets``, ``files`` (dicts, files, overrides).
+``sweeps`` (which fields may be axes, grid/zipped/sampled axes, groups), ``rules`` (the
+cross-field rules), ``presets``, ``files`` (dicts, files, overrides).
 """
 from jaxconcept.config.checks import ConfigError, field_names
 from jaxconcept.config.files import SECTIONS, from_dict, load, override, parse_value, resolve, save, to_dict
