@@ -71,6 +71,22 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, like) -> None:
             "further, use the version that wrote it, or start a new run directory")
 
 
+def _as_saved(mngr: ocp.CheckpointManager, step: int, abstract):
+    """``abstract`` with its per-member settings (``hyper``, a dict of [M] leaves) keyed as checkpoint
+    ``step`` holds them. They are the config's, set again from it after restoring (``loop``), so a
+    checkpoint written when fewer settings were per-member still restores."""
+    hyper = getattr(abstract, "hyper", None)
+    try:
+        with _quiet():
+            saved = list(mngr.item_metadata(step)["hyper"].keys())
+    except Exception:  # noqa: BLE001 - no such field or unreadable metadata: the restore that follows reports it
+        return abstract
+    if not hyper or set(saved) == set(hyper):
+        return abstract
+    like = next(iter(hyper.values()))
+    return abstract.replace(hyper={k: like for k in saved})
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
     with _quiet():
         mngr.save(int(step), args=ocp.args.StandardSave(state), force=True)
@@ -109,6 +125,17 @@ def _incomplete_steps(directory) -> list[int]:
             (p / "_CHECKPOINT_METADATA").is_file() and ocp.utils.is_checkpoint_finalized(p))]
 
 
+def latest_step(directory) -> int:
+    """The newest step under ``directory`` that orbax finished writing (-1: none), read from the
+    directory alone (nothing restored)."""
+    directory = _dir(directory)
+    if not directory.is_dir():
+        return -1
+    with _quiet():
+        return max((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (
+            p / "_CHECKPOINT_METADATA").is_file() and ocp.utils.is_checkpoint_finalized(p)), default=-1)
+
+
 def restore_latest(directory, keep: int, like):
     """Restore the newest checkpoint under ``directory`` that reads back whole.
 
@@ -119,7 +146,8 @@ def restore_latest(directory, keep: int, like):
       like: a state (or abstract state) giving the structure, shapes, dtypes and shardings.
     Returns:
       ``(manager, step, state)``; step and state are None when nothing restores. The manager is
-      the one to save with (rebuilt after any step was moved aside).
+      the one to save with (rebuilt after any step was moved aside). A state's ``hyper`` is keyed
+      as the checkpoint holds it (``_as_saved``): set it from the config.
     """
     directory = _dir(directory)
     for step in _incomplete_steps(directory):
@@ -131,7 +159,7 @@ def restore_latest(directory, keep: int, like):
         check_layout(mngr, step, like)
         try:
             with _quiet():
-                state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+                state = mngr.restore(step, args=ocp.args.StandardRestore(_as_saved(mngr, step, abstract)))
                 jax.block_until_ready(state)
             return mngr, step, state
         except Exception as exc:  # noqa: BLE001 - any failure to read means "try the previous one"

@@ -32,16 +32,22 @@ ARMS = {"over_ref": "overprompting (reference's fixed colours)", "over": "overpr
         "latent": "latent (held-out prompt direction)", "latent_comp": "latent (compositional, training classes only)"}
 
 
+def _swept(member: dict) -> dict:
+    """The member's swept field values ("values", e.g. {"train.lr": 0.001}) other than the seed."""
+    return {k: v for k, v in member.get("values", {}).items() if k != "seed"}
+
+
 def setting_key(member: dict) -> str:
     """The member's sweep setting apart from its seed, as a JSON string (members with the same
     key differ only in their seed)."""
-    return json.dumps([member.get(k) for k in SETTING_FIELDS])
+    return json.dumps([[member.get(k) for k in SETTING_FIELDS], _swept(member)], sort_keys=True)
 
 
 def setting_label(member: dict) -> str:
     """A short name of the member's setting, e.g. "sep_col=0.35" or "m=[1.0, 0.2]"."""
     parts = [f"{k}={member[k]}" for k in SETTING_FIELDS if member.get(k) is not None
              and k not in ("sep_size", "s", "attributes") and not (k == "mask_prob" and member[k] == 1.0)]
+    parts += [f"{k}={v}" for k, v in _swept(member).items() if k.removeprefix("data.") not in SETTING_FIELDS]
     return ", ".join(parts) or "all"
 
 

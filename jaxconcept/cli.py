@@ -123,8 +123,10 @@ def cmd_config(args):
     log = logging.getLogger("jaxconcept")
     log.info("%d member(s), sweeping %s", len(ms), ", ".join(C.swept_fields(cfg)) or "nothing")
     if args.members:
+        group_of = {i: g for g, idx in enumerate(C.groups(cfg, ms)) for i in idx}
         for i, m in enumerate(ms):
-            log.info("member %d: %s", i, json.dumps(C.sweep_settings(m)))
+            log.info("member %d (group %d): %s", i, group_of[i], json.dumps({**C.sweep_settings(m),
+                                                                            **C.member_values(cfg, m)}))
     return 0
 
 
@@ -213,8 +215,11 @@ def cmd_train(args):
     lead = jax.process_index() == 0
     n = len(C.members(cfg))
     swept = ", ".join(C.swept_fields(cfg)) or "nothing"
+    n_groups = len(C.groups(cfg))
+    groups = f" in {n_groups} groups, one after another (differing in {', '.join(C.group_fields(cfg))})" if (
+        n_groups > 1) else ""
     if lead:
-        print(f"jaxconcept train: {n} member(s) (sweeping {swept}), {cfg.train.steps} steps -> {args.out}")
+        print(f"jaxconcept train: {n} member(s) (sweeping {swept}){groups}, {cfg.train.steps} steps -> {args.out}")
     loop.train(cfg, args.out, progress=not args.no_progress)
     if lead:
         print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
@@ -229,7 +234,12 @@ def cmd_analyze(args):
     from jaxconcept import claims, dynamics, plots
 
     analysis = dynamics.analyze_run(args.run_dir, args.threshold, measure=_measure(args))
-    figs = plots.all_figures(analysis, args.run_dir)
+    if args.by or args.colour:
+        try:
+            plots.sweep_axes(analysis, args.by, args.colour)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    figs = plots.all_figures(analysis, args.run_dir, by=args.by, colour=args.colour)
     print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints; "
           f"learning time: {analysis['definition']}")
     for m in analysis["members"]:
@@ -346,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning time: the reference's (smoothed, 3 checkpoints above; default) or the first crossing")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="accuracy that counts as learned, in (0, 1] (default 0.9 for reference, 0.8 for first-crossing)")
+    p.add_argument("--by", default=None, metavar="FIELD",
+                   help="sweep.png: learning time against this swept field (e.g. train.lr; default: the first swept "
+                        "field with numbers outside data)")
+    p.add_argument("--colour", default=None, metavar="FIELD",
+                   help="sweep.png: colour points by this swept field (e.g. data.sep_col; default: another swept field)")
     p.set_defaults(fn=cmd_analyze)
 
     p = add("elicit", help="hidden capabilities: overprompting and latent interventions")

@@ -7,13 +7,36 @@ with the *configured* gamma range (SPEC A2).
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule
 
 gamma(t) = b + |w| t;  alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma);  z_t = alpha x + sigma eps.
+
+The model settings these functions read (``model_cfg``: gamma_min, gamma_max, data_noise,
+init_scale) come from a ``config.ModelConfig`` or a ``ModelSettings`` whose values may be traced
+per-member scalars (a stack of members differing in them, ``step.model_settings``); likewise
+``p_cfg`` and ``w_cfg`` may be traced. A Python number is a setting fixed in the program, and its
+shortcuts (p_cfg 0: no conditioning dropout; w_cfg 1: one network call) are taken only then; a
+traced value gives the same numbers for those values by selecting, not by shortcut.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+
+
+def _number(x) -> bool:
+    """``x`` is a Python number, fixed when the program is traced (not a traced array)."""
+    return isinstance(x, (int, float))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The model settings the diffusion functions read, each a number or a traced f32[]."""
+
+    gamma_min: object
+    gamma_max: object
+    data_noise: float  # fixed per program (a group's)
+    init_scale: object = 1.0
 
 
 def make_apply(net):
@@ -34,10 +57,11 @@ def init_params(net, model_cfg, spec, key) -> dict:
     """
     x = jnp.zeros((1, *spec.x_shape), jnp.float32)
     p = net.init(key, x, jnp.zeros((1,), jnp.float32), jnp.zeros((1, spec.cond_dim), jnp.float32), False)["params"]
-    if model_cfg.init_scale != 1.0:
-        p = jax.tree.map(lambda a: a * model_cfg.init_scale, p)
-    return {"net": p, "gamma": {"b": jnp.float32(model_cfg.gamma_min),
-                                "w": jnp.float32(model_cfg.gamma_max - model_cfg.gamma_min)}}
+    scale = model_cfg.init_scale
+    if not (_number(scale) and scale == 1.0):  # a traced scale of 1 multiplies by 1: the same numbers
+        p = jax.tree.map(lambda a: a * scale, p)
+    return {"net": p, "gamma": {"b": jnp.asarray(model_cfg.gamma_min, jnp.float32),
+                                "w": jnp.asarray(model_cfg.gamma_max - model_cfg.gamma_min, jnp.float32)}}
 
 
 def gamma(params, t):
@@ -88,7 +112,7 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     axes = tuple(range(1, x.ndim))
     x = x.astype(jnp.float32)
     k_t, k_eps, k_0, k_drop, k_net = jax.random.split(key, 5)
-    if p_cfg > 0.0:
+    if not (_number(p_cfg) and p_cfg == 0.0):  # a traced p of 0 drops no row: bernoulli(0) is never true
         cond = drop_cond(cond, k_drop, p_cfg, null_cond)
     draws = draws or {}
     n = b if n_valid is None else n_valid
@@ -99,10 +123,11 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     eps = draws["eps"] if "eps" in draws else jax.random.normal(k_eps, x.shape)
     z_t = _bcast(jnp.sqrt(jax.nn.sigmoid(-g_t)), x) * x + _bcast(jnp.sqrt(jax.nn.sigmoid(g_t)), x) * eps
     eps_hat = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), cond, train, k_net)
-    if not train and w_cfg != 1.0:
+    if not train and not (_number(w_cfg) and w_cfg == 1.0):
         null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
         eps_null = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), null, train, k_net)
-        eps_hat = eps_null + w_cfg * (eps_hat - eps_null)
+        guided = eps_null + w_cfg * (eps_hat - eps_null)
+        eps_hat = guided if _number(w_cfg) else jnp.where(w_cfg == 1.0, eps_hat, guided)
     assert eps_hat.shape == x.shape, (eps_hat.shape, x.shape)
     dgamma_dt = jnp.abs(params["gamma"]["w"])  # linear schedule: gamma'(t) = |w| (learned through)
     diffusion = 0.5 * dgamma_dt * jnp.sum((eps_hat - eps) ** 2, axis=axes)
@@ -152,16 +177,21 @@ def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=Non
     """eps_hat at log-SNR g (scalar) in eval mode, classifier-free guided as the reference does:
     eps(null) + w_cfg (eps(cond) - eps(null)). w_cfg = 1 is plain conditional sampling (one
     network call); 0 is unconditional. Two separate calls (not one of batch 2N), so interventions
-    whose values are per example still broadcast."""
+    whose values are per example still broadcast. A traced ``w_cfg`` makes both calls and selects
+    eps(cond) where it is 1 and eps(null) where it is 0: the numbers of those shortcuts."""
     t_in = jnp.full((z.shape[0],), net_time(model_cfg, g), jnp.float32)
     key = jax.random.PRNGKey(0)  # unused: no dropout in eval mode
-    if w_cfg == 1.0:
+    if _number(w_cfg) and w_cfg == 1.0:
         return apply_fn(params["net"], z, t_in, cond, False, key)
     null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
     eps_null = apply_fn(params["net"], z, t_in, null, False, key)
-    if w_cfg == 0.0:
+    if _number(w_cfg) and w_cfg == 0.0:
         return eps_null
-    return eps_null + w_cfg * (apply_fn(params["net"], z, t_in, cond, False, key) - eps_null)
+    eps_cond = apply_fn(params["net"], z, t_in, cond, False, key)
+    guided = eps_null + w_cfg * (eps_cond - eps_null)
+    if _number(w_cfg):
+        return guided
+    return jnp.where(w_cfg == 1.0, eps_cond, jnp.where(w_cfg == 0.0, eps_null, guided))
 
 
 def sample(apply_fn, model_cfg, params, cond, key, *, x_shape, n_steps, w_cfg=1.0, null_cond=None,

@@ -57,7 +57,7 @@ from jaxconcept import claims
 from jaxconcept import config as C
 from jaxconcept import data as D
 from jaxconcept import probe as P
-from jaxconcept import rundir, stats
+from jaxconcept import groups, rundir, stats
 
 SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
 
@@ -326,7 +326,8 @@ def separation(member: dict, concept: str):
 def summarize_times(members: list[dict], cls: str, concept: str, run_length: float | None = None) -> list[dict]:
     """Learning time of ``concept`` (or "joint") for class ``cls`` vs signal and separation.
 
-    Members that differ only in their seed form one group (``claims.setting_key``).
+    Members that differ only in their seed form one group (``claims.setting_key``: any other swept
+    field splits them).
 
     Args:
       members: analysis member records (with "learning_time", "signal", sweep values).
@@ -335,14 +336,14 @@ def summarize_times(members: list[dict], cls: str, concept: str, run_length: flo
       one dict per group, ordered by signal: signal (mean over seeds), separation, mean and std
       over seeds with never counted as ``run_length`` (censored), n, n_learned, times (None = never).
     """
-    groups: dict = {}
+    by_setting: dict = {}
     for m in members:
-        groups.setdefault(claims.setting_key(m), []).append(m)
+        by_setting.setdefault(claims.setting_key(m), []).append(m)
     if run_length is None:
         run_length = max([t for m in members for t in [m["learning_time"][cls][concept]] if t is not None], default=0.0)
     out = []
     sig_name = concept if concept != "joint" else None
-    for ms in groups.values():
+    for ms in by_setting.values():
         times = [m["learning_time"][cls][concept] for m in ms]
         t, cens = stats.censor(times, run_length)
         sig = [m["signal"].get(sig_name) for m in ms] if sig_name else []
@@ -352,6 +353,7 @@ def summarize_times(members: list[dict], cls: str, concept: str, run_length: flo
             "separation": separation(ms[0], concept) if sig_name else None,
             "sep_col": ms[0].get("sep_col"), "sep_size": ms[0].get("sep_size"), "m": ms[0].get("m"),
             "s": ms[0].get("s"), "mask_prob": ms[0].get("mask_prob"),
+            "values": {k: v for k, v in ms[0].get("values", {}).items() if k != "seed"},
             "mean": float(t.mean()), "std": float(t.std()),
             "n": len(times), "n_learned": int((~cens).sum()), "times": times,
         })
@@ -369,7 +371,8 @@ def memorised_class(spec, cls: int, signal: dict) -> int:
 
 
 def colour_axis(members: list[dict]) -> tuple[str, list]:
-    """The member value that colours plots: the first swept separation, else the seed."""
+    """The member value that colours plots: the first swept separation, else the first other swept
+    field with numbers, else the seed."""
     for name in ("sep_col", "sep_size", "m", "s"):
         vals = [json.dumps(m.get(name)) for m in members]
         if len(set(vals)) > 1:
@@ -378,6 +381,11 @@ def colour_axis(members: list[dict]) -> tuple[str, list]:
                 j = int(np.argmax(arr.std(axis=0)))
                 return f"{name}[{j}]", [float(a) for a in arr[:, j]]
             return name, [float(m[name]) for m in members]
+    for name in members[0].get("values", {}) if members else ():
+        vals = [m.get("values", {}).get(name) for m in members]
+        if name != "seed" and len({json.dumps(v) for v in vals}) > 1 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            return name, [float(v) for v in vals]
     return "seed", [float(m.get("seed", i)) for i, m in enumerate(members)]
 
 
@@ -415,7 +423,8 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
     """
     run_dir = rundir.path(run_dir)
     cfg = rundir.load_config(run_dir)
-    steps = rundir.steps_with(run_dir, "samples")
+    parts = groups.of_run(run_dir, cfg)  # a sweep of several groups is read group by group, as one run
+    steps = groups.steps_with(run_dir, "samples", parts)
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no samples (samples/step_*.npz): train it first, "
                                  "or wait for the first evaluation point")
@@ -423,12 +432,12 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
     try:
         members = rundir.load_members(run_dir)
     except rundir.RunDirError:  # missing or unreadable: what matters can be recomputed from the config
-        members = [{"index": i, **C.sweep_settings(m), "signal": D.concept_signal(m.data)}
-                   for i, m in enumerate(member_cfgs)]
+        members = [{"index": i, **C.sweep_settings(m), "values": C.member_values(cfg, m),
+                    "signal": D.concept_signal(m.data)} for i, m in enumerate(member_cfgs)]
     if len(members) != len(member_cfgs):
         raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}; "
                                  "delete members.json to have it rebuilt")
-    frozen_at = _frozen_at(run_dir, len(members))
+    frozen_at = _frozen_at(run_dir, len(members), parts)
     spec = D.spec(member_cfgs[0].data)
     table = P.class_value_table(spec)
     names = spec.class_names
@@ -448,15 +457,16 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
     joint = np.zeros((n_m, n_t, spec.n_classes))
     nan_samples = np.zeros(n_m, int)
     for t, step in enumerate(steps):
-        samples = rundir.load_samples(run_dir, step)["samples"]  # [M, n_classes, n_samples, *x_shape]
-        if samples.shape[0] != n_m or samples.shape[1] != spec.n_classes:
-            raise rundir.RunDirError(f"{run_dir}: samples at step {step} have shape {samples.shape}, expected "
-                                     f"[{n_m}, {spec.n_classes}, n_samples, ...]")
-        for i in range(n_m):
-            nan_samples[i] += int((~_finite(samples[i])).sum())
-            pr = probes[member_probe[i]]
-            coords[i, t] = class_coordinates(pr, samples[i])[1]
-            acc[i, t], joint[i, t] = class_accuracy(pr, samples[i], table)
+        for part in parts:
+            samples = rundir.load_samples(part.dir, step)["samples"]  # [M_group, n_classes, n_samples, *x_shape]
+            if samples.shape[0] != len(part.members) or samples.shape[1] != spec.n_classes:
+                raise rundir.RunDirError(f"{part.dir}: samples at step {step} have shape {samples.shape}, expected "
+                                         f"[{len(part.members)}, {spec.n_classes}, n_samples, ...]")
+            for row, i in enumerate(part.members):
+                nan_samples[i] += int((~_finite(samples[row])).sum())
+                pr = probes[member_probe[i]]
+                coords[i, t] = class_coordinates(pr, samples[row])[1]
+                acc[i, t], joint[i, t] = class_accuracy(pr, samples[row], table)
 
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(MEASURES)}")
@@ -482,6 +492,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
         sat, msd = saturation(steps, coords[i][:, list(spec.train_classes)].transpose(1, 0, 2), train_corners)
         records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes",
                                                  "mask_prob")},
+                        "group": m.get("group", 0), "values": m.get("values", {}),
                         "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
                         "nan_samples": int(nan_samples[i]), "learning_time": lt, f"learning_time_{other}": lt_other,
                         "turn": turns, "saturation": sat, "saturation_msd": _round(msd), "path": paths,
@@ -497,6 +508,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
         "other_measure": {"measure": other, "definition": definition(other, THRESHOLDS[other])},
         "turn_marker": f"saturation: first checkpoint at which the training classes' mean squared distance to their "
                        f"corners (trajectories smoothed by a Gaussian of sigma {SIGMA_TURN} checkpoints) is < {SATURATED}",
+        "swept": C.swept_fields(cfg), "groups": len(parts),
         "concepts": list(spec.concepts), "values": list(spec.values),
         "value_names": [list(v) for v in spec.value_names], "class_names": list(names),
         "train_classes": list(spec.train_classes), "held_out": list(spec.held_out),
@@ -523,10 +535,10 @@ def elicitation(run_dir) -> dict | None:
     return out if isinstance(out, dict) and "run_length" in out else None
 
 
-def _frozen_at(run_dir, n: int) -> list:
+def _frozen_at(run_dir, n: int, parts=None) -> list:
     """Per member, the first logged step at which training had frozen it (diverged), or None."""
     out = [None] * n
-    for r in rundir.load_metrics(run_dir):
+    for r in groups.load_metrics(run_dir, parts):
         for i, f in enumerate(r.get("frozen", [])[:n]):
             if f and out[i] is None:
                 out[i] = r["step"]

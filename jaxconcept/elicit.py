@@ -32,6 +32,7 @@ first crossing beside). Parameters are read one checkpoint at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion, dynamics, interventions as I, nets, probe as P, rundir
+from jaxconcept import config as C, data as D, diffusion, dynamics, groups, interventions as I, nets, probe as P, rundir
 
 OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
@@ -113,7 +114,8 @@ class Setting:
 def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, samplers=None,
             over=OVER_STRENGTHS) -> Setting:
     """The ``Setting`` of one member (``concept``: the concept to push, default ``target_concept``;
-    ``samplers``: replaces ``_samplers`` of the member's model, e.g. in tests)."""
+    ``samplers``: replaces ``_samplers`` of the member's model, e.g. in tests). The member's own
+    model and evaluation settings sample (members of a sweep may differ in them)."""
     spec = D.spec(member.data)
     dp = D.params(member.data)
     h = spec.held_out[0]
@@ -127,9 +129,10 @@ def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, 
     if ladder is not None:
         parts.append(ladder)
     abc = I.composition_classes(spec, h, k)
-    target = np.tile(np.asarray(vals)[None], (cfg.eval.n_samples, 1))
+    target = np.tile(np.asarray(vals)[None], (member.eval.n_samples, 1))
+    sampling = dataclasses.replace(member.model, dropout=0.0, init_scale=1.0)  # training-only: one sampler for all
     return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[int(np.ravel_multi_index(ref_vals, spec.values))],
-                   prompts[h], target, probe, samplers or _samplers(cfg.model, cfg.eval, spec), n_over=len(over),
+                   prompts[h], target, probe, samplers or _samplers(sampling, member.eval, spec), n_over=len(over),
                    n_ref=0 if ladder is None else len(ladder), comp=None if abc is None else tuple(prompts[c] for c in abc))
 
 
@@ -257,23 +260,25 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         raise rundir.RunDirError(f"{run_dir}: its config holds no class out (every class is trained), and "
                                  "elicitation measures how a held-out class emerges; train a run that holds one "
                                  "out (data.held_out, or for vectors data.train_classes)")
-    steps = rundir.steps_with(run_dir, "params")
+    parts = groups.of_run(run_dir, cfg)  # a sweep of several groups: each group's parameters in turn
+    steps = groups.steps_with(run_dir, "params", parts)
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
     steps = sorted(set(steps[::every]) | {steps[-1]})
     try:
         info = rundir.load_members(run_dir)
     except rundir.RunDirError:
-        info = [{"index": i, **C.sweep_settings(m)} for i, m in enumerate(members)]
+        info = [{"index": i, **C.sweep_settings(m), "values": C.member_values(cfg, m)} for i, m in enumerate(members)]
     settings = [setting(cfg, m, P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
                         concept) for m in members]
     keys = [member_keys(int(m.seeds[0]))["elicit"] for m in members]
     recs = [[] for _ in members]
     for s in tqdm(steps, desc="elicit", unit="checkpoint", disable=not progress, dynamic_ncols=True):
-        stacked = stack.load_params(run_dir, s)  # one checkpoint of every member at a time
-        for i, st in enumerate(settings):
-            p = jax.tree.map(lambda a: jnp.asarray(a[i]), stacked)
-            recs[i].append(elicit_step(st, p, jax.random.fold_in(keys[i], s)))
+        for part in parts:
+            stacked = stack.load_params(run_dir, s, part)  # one checkpoint of a group's members at a time
+            for row, i in enumerate(part.members):
+                p = jax.tree.map(lambda a: jnp.asarray(a[row]), stacked)
+                recs[i].append(elicit_step(settings[i], p, jax.random.fold_in(keys[i], s)))
     turns = _turn_steps(run_dir)
     other = next(k for k in dynamics.MEASURES if k != measure)
     out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "run_length": cfg.train.steps,
@@ -295,6 +300,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         early = {k: (None if emerge["naive"] is None or emerge[k] is None else emerge["naive"] - emerge[k])
                  for k in arms[1:]}
         out["members"].append({**{k: info[i].get(k) for k in ("index", "seed", *claims.SETTING_FIELDS)},
+                               "group": info[i].get("group", 0), "values": info[i].get("values", {}),
                                "concept": st.concept, "accuracy": acc, "emergence_step": emerge,
                                f"emergence_step_{other}": emerge_other,
                                "chosen_strength": {a: [strengths(a)[j] for j in curves[f"{a}_strength"]]

@@ -68,6 +68,9 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
     the same parameters and samples as an uninterrupted run. Only process 0 writes files; every
     process runs this function (multi-host sweeps).
 
+    A sweep whose members need more than one program (``C.groups``: axes that change a shape or
+    a program) trains its groups one after another, each in ``rundir.group_dir``.
+
     Args:
       cfg: the (sweep) config.
       run_dir: output directory (created; must hold the same config if it exists).
@@ -75,7 +78,7 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
       devices: devices for the model axis (default: all).
       stop_after: stop (after checkpointing) once this step is reached; for tests and budgets.
     Returns:
-      (sweep, final stacked state) — the state holds the padded members.
+      (sweep, final stacked state) of the last group — the state holds the padded members.
     Raises:
       Stopped: a signal stopped the run (after a checkpoint).
       RunError: the directory holds another run, is locked by another process, or cannot be
@@ -92,8 +95,8 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
         with rundir.lock(run_dir) if lead else contextlib.nullcontext(), _StopRequests() as stops:
-            return _train(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after,
-                          stops=stops)
+            return _train_groups(cfg, run_dir, progress=progress and lead, devices=devices, stop_after=stop_after,
+                                 stops=stops)
     except rundir.RunDirError as exc:
         raise RunError(str(exc)) from None
     except OSError as exc:
@@ -135,27 +138,55 @@ def check_processes_agree(cfg: C.Config) -> None:
                        + "; ".join(problems) + "; start every process with the same config and versions")
 
 
-def member_records(members) -> list[dict]:
-    """members.json: per member config, its index, sweep settings and concept signals."""
-    return [{"index": i, **C.sweep_settings(m), "signal": {k: float(v) for k, v in D.concept_signal(m.data).items()}}
-            for i, m in enumerate(members)]
+def member_records(cfg: C.Config, members=None, groups=None) -> list[dict]:
+    """members.json: per member of ``cfg``, its index, group, data sweep settings (the keys of
+    ``C.sweep_settings``), "values" (its value of every swept field, ``C.member_values``) and
+    concept signals. ``members``, ``groups``: ``C.members(cfg)`` and ``C.groups(cfg)``, if at hand."""
+    members = C.members(cfg) if members is None else members
+    group_of = {i: g for g, idx in enumerate(C.groups(cfg, members) if groups is None else groups) for i in idx}
+    return [{"index": i, "group": group_of[i], **C.sweep_settings(m), "values": C.member_values(cfg, m),
+             "signal": {k: float(v) for k, v in D.concept_signal(m.data).items()}} for i, m in enumerate(members)]
 
 
-def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
+def _train_groups(cfg, run_dir, *, progress, devices, stop_after, stops):
+    """Train every group of ``cfg`` (``C.groups``), one after another, each in its directory
+    (``rundir.group_dir``). A group whose last step is checkpointed is done and skipped, unless it
+    is the last (whose sweep and state ``train`` returns)."""
+    ms = C.members(cfg)
+    groups = C.groups(cfg, ms)
+    if jax.process_index() == 0:
+        log.info("config (what differs from the defaults; all of it: `jaxconcept config` or RUN_DIR/config.json): "
+                 "%s", rundir.differences_from_defaults(cfg))
+        rundir.write_run_files(run_dir, cfg, member_records(cfg, ms, groups))
+    out = None
+    for g, idx in enumerate(groups):
+        where = rundir.group_dir(run_dir, g, len(groups))
+        if len(groups) == 1:
+            return _train(cfg, where, progress=progress, devices=devices, stop_after=stop_after, stops=stops)
+        if g < len(groups) - 1 and checkpoint.latest_step(where / "checkpoints") >= cfg.train.steps:
+            continue
+        group = [ms[i] for i in idx]
+        if jax.process_index() == 0:
+            setting = ", ".join(f"{k}={C.member_values(cfg, group[0])[k]}" for k in C.group_fields(cfg))
+            log.info(f"group {g + 1} of {len(groups)}: {len(group)} member(s), {setting}")
+        out = _train(group[0], where, progress=progress, devices=devices, stop_after=stop_after, stops=stops,
+                     members=group, label=f"group {g + 1}/{len(groups)}")
+    return out
+
+
+def _train(cfg, run_dir, *, progress, devices, stop_after, stops, members=None, label=None):
+    """Train one group (``members``, default every member of ``cfg``) in ``run_dir`` (its directory)."""
     from tqdm.auto import tqdm
 
     lead = jax.process_index() == 0
-    sw = plan.build(cfg, devices)
+    sw = plan.build(cfg, devices, members=members)
     if lead:
-        log.info("config (what differs from the defaults; all of it: `jaxconcept config` or RUN_DIR/config.json): "
-                 "%s", rundir.differences_from_defaults(cfg))
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        rundir.write_run_files(run_dir, cfg, member_records(sw.members))
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     state, data = stack.init(sw)
     mngr, start, restored = checkpoint.restore_padded(run_dir / "checkpoints", cfg.train.keep_checkpoints, state,
                                                       sw.size, lambda a: stack.put(sw, a))
-    if restored is not None:
-        state = restored
+    if restored is not None:  # the per-member settings are the config's, whatever the checkpoint holds
+        state = restored.replace(hyper=state.hyper)
     start = start or 0
     if lead:
         rundir.reconcile_metrics(run_dir, start)
@@ -166,7 +197,8 @@ def _train(cfg, run_dir, *, progress, devices, stop_after, stops):
         _evaluate_and_save(sw, state, data, 0, run_dir)
 
     k = stack.steps_per_call(sw)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=label)
     step, t0, frozen_reported = start, time.time(), set()
     carry = _segment(run_dir, start, len(sw.padded))  # the loss sum of an interval a signal cut short
     for stop in sched.stops:

@@ -135,8 +135,9 @@ def plan(sw: stack.Sweep, table: list | None = None) -> tuple[stack.Sweep, str]:
     per_dev = len(sw.padded) // sw.mesh.size
     strategy, chunk, conv, why = first_choice(sw, table)
     if conv is not None and sw.cfg.model.conv == "auto" and conv != "auto":
-        cfg = dataclasses.replace(sw.cfg, model=dataclasses.replace(sw.cfg.model, conv=conv))
-        sw = stack.build(cfg, list(sw.mesh.devices.flat), strategy="vmap")
+        with_conv = lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, conv=conv))  # noqa: E731
+        sw = stack.build(with_conv(sw.cfg), list(sw.mesh.devices.flat), strategy="vmap",
+                         members=[with_conv(m) for m in sw.members])
     first = dataclasses.replace(sw, strategy=strategy, chunk=min(chunk, per_dev))
     if per_dev == 1:
         return first, f"one member per device: nothing to chunk; {why}"
@@ -167,13 +168,14 @@ def plan(sw: stack.Sweep, table: list | None = None) -> tuple[stack.Sweep, str]:
                    "(seeds, sweep lists), a smaller model or train.batch_size, or use more devices")
 
 
-def build(cfg: C.Config, devices=None) -> stack.Sweep:
-    """The sweep of ``cfg`` to train on ``devices`` (default: all), its stacking chosen: the
-    configured ``train.strategy``, or for "auto" the one ``plan`` chooses (reported in one line
-    by process 0). Raises RunError when no stacking fits in memory."""
+def build(cfg: C.Config, devices=None, members=None) -> stack.Sweep:
+    """The sweep of ``cfg`` (or of ``members``, one group of it: ``stack.build``) to train on
+    ``devices`` (default: all), its stacking chosen: the configured ``train.strategy``, or for
+    "auto" the one ``plan`` chooses for this group (reported in one line by process 0). Raises
+    RunError when no stacking fits in memory."""
     if cfg.train.strategy != "auto":
-        return stack.build(cfg, devices)
-    chosen, why = plan(stack.build(cfg, devices, strategy="vmap"))
+        return stack.build(cfg, devices, members=members)
+    chosen, why = plan(stack.build(cfg, devices, strategy="vmap", members=members))
     if jax.process_index() == 0:
         chunks = f" (chunks of {chosen.chunk})" if chosen.strategy == "map" else ""
         logging.getLogger(__name__).info(f"stacking strategy {chosen.strategy}{chunks}: {why}")

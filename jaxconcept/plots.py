@@ -13,6 +13,8 @@ samples are needed) and writes one file:
                           (mean and spread over seeds; open triangles: some seeds never learned),
                           the measure named in the title
     trajectories.gif      the trajectories growing over training beside the samples at each step
+    sweep.png             (a sweep) the held-out class's learning time against a swept field, coloured
+                          by another, a panel per setting of the rest (``sweep_figure``)
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
 vector examples in concept space), and, from the dict ``elicit.elicit_run`` writes (elicit.json):
@@ -33,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
 from jaxconcept import config as C
+from jaxconcept import groups
 from jaxconcept import probe as P
 from jaxconcept import rundir
 
@@ -71,8 +74,8 @@ def _concept_axes(ax, analysis):
 
 
 def _member_samples(analysis, run_dir, step, member: int, n: int):
-    """One member's first n samples per class at ``step``: [n_classes, n, *x_shape]."""
-    return rundir.load_samples(run_dir, step)["samples"][member, :, :n]
+    """One member's first n samples per class at ``step``: [n_classes, n, *x_shape] (from its group's file)."""
+    return groups.member_samples(run_dir, step, member)[:, :n]
 
 
 def _vector_coords(run_dir, member: int, samples):
@@ -267,12 +270,89 @@ def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40
     return rundir.path(path)
 
 
-def all_figures(analysis: dict, run_dir, out_dir=None) -> list[Path]:
-    """Every figure of a run into ``out_dir`` (default RUN_DIR/figures). Returns their paths."""
+def _numbers(vals) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+
+
+def sweep_axes(analysis: dict, by: str | None = None, colour: str | None = None) -> tuple[str, str | None, list]:
+    """(x field, colour field or None, panel fields) of ``sweep_figure``: ``by`` (default: the
+    first swept field with numbers outside the data section, else the first with numbers),
+    ``colour`` (default: the first other swept field, preferring a data field), and one panel per
+    combination of the swept fields left (the seed apart). Raises ValueError: a field not swept,
+    or no swept field with numbers."""
+    swept = [f for f in analysis.get("swept", []) if f != "seed"] + ["seed"]
+    vals = {f: [m["values"].get(f) for m in analysis["members"]] for f in swept}
+    numeric = [f for f in swept if f != "seed" and _numbers(vals[f])]
+    for name, f in (("by", by), ("colour", colour)):
+        if f is not None and f not in swept:
+            raise ValueError(f"--{name}={f!r}: not a swept field of this run; allowed {', '.join(swept)}")
+    if by is None:
+        if not numeric:
+            raise ValueError("no swept field with numbers to plot learning time against")
+        by = next((f for f in numeric if not f.startswith("data.")), numeric[0])
+    if colour is None:
+        rest = [f for f in swept if f not in (by, "seed")]
+        colour = next((f for f in rest if f.startswith("data.")), rest[0] if rest else None)
+    panels = [f for f in swept if f not in (by, colour, "seed")]
+    return by, colour, panels
+
+
+def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None = None) -> Path:
+    """Learning time of the first held-out class (joint accuracy) against a swept field, a point
+    per member (``sweep_axes``: x ``by``, coloured by ``colour``, a panel per setting of the other
+    swept fields); members that never learned are open triangles at the run's last step; the x
+    axis is logarithmic where ``by`` spans a factor of 10 or more. Returns ``path``."""
+    by, colour, panels = sweep_axes(analysis, by, colour)
+    held = analysis["class_names"][analysis["held_out"][0]]
+    top = analysis["steps"][-1]
+    ms = analysis["members"]
+    keys = sorted({tuple(str(m["values"].get(f)) for f in panels) for m in ms})
+    fig = Figure(figsize=(4.4 * len(keys), 3.6))
+    axes = fig.subplots(1, len(keys), squeeze=False, sharey=True)
+    cvals = [m["values"].get(colour) for m in ms] if colour else [0] * len(ms)
+    if colour and _numbers(cvals):
+        lo, hi = min(cvals), max(cvals)
+        norm = matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1)
+        cmap = matplotlib.colormaps["viridis"]
+        pick = lambda v: cmap(norm(v))  # noqa: E731
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=colour, shrink=0.8)
+    else:
+        order = sorted({str(v) for v in cvals})
+        pick = lambda v: CLASS_COLOURS(order.index(str(v)) % 10)  # noqa: E731
+    for ax, key in zip(axes[0], keys):
+        mine = [m for m in ms if tuple(str(m["values"].get(f)) for f in panels) == key]
+        for m in mine:
+            t = m["learning_time"][held]["joint"]
+            x, c = m["values"].get(by), pick(m["values"].get(colour) if colour else 0)
+            ax.plot(x, top if t is None else t, "^" if t is None else "o", ms=6, mfc="none" if t is None else c,
+                    color=c, alpha=0.85)
+        xs = [m["values"].get(by) for m in mine]
+        if min(xs) > 0 and max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+        ax.axhline(top, color="0.8", lw=0.8, ls=":")
+        ax.set_xlabel(by)
+        ax.set_title(", ".join(f"{f}={v}" for f, v in zip(panels, key)) or f"{len(mine)} members", fontsize=8)
+    if colour and not _numbers(cvals):
+        for v in order:
+            axes[0, 0].plot([], [], "o", color=pick(v), label=f"{colour}={v}")
+        axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_ylabel(f"learning time of {held} (step)")
+    fig.suptitle(f"learning time (joint accuracy >= {analysis['threshold']}) vs {by}; open triangles: never",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def all_figures(analysis: dict, run_dir, out_dir=None, by: str | None = None, colour: str | None = None) -> list[Path]:
+    """Every figure of a run into ``out_dir`` (default RUN_DIR/figures); for a sweep with a swept
+    field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
     out = rundir.path(out_dir) if out_dir else rundir.path(run_dir) / "figures"
-    return [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
+    figs = [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
             learning_times(analysis, out / "learning_times.png"),
             animate(analysis, run_dir, out / "trajectories.gif")]
+    swept = [f for f in analysis.get("swept", []) if f != "seed"]
+    if by is not None or any(_numbers([m["values"].get(f) for m in analysis["members"]]) for f in swept):
+        figs.append(sweep_figure(analysis, out / "sweep.png", by, colour))
+    return figs
 
 
 def _save(fig, path) -> Path:
@@ -331,6 +411,8 @@ def _elicit_groups(result: dict) -> dict:
         key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
         if m.get("mask_prob") not in (None, 1.0):
             key += f", mask_prob={m['mask_prob']}"
+        key = ", ".join([key] + [f"{k}={v}" for k, v in m.get("values", {}).items()
+                                 if k not in ("seed", "data.sep_col", "data.m", "data.s", "data.mask_prob")])
         groups.setdefault(key, []).append(m)
     return groups
 

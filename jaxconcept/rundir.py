@@ -21,6 +21,11 @@
     RUN_DIR/.lock                 held by the training process (fcntl; in a bucket a lock object);
                                   names its pid and host; removed at exit
 
+A sweep of several groups (``config.groups``: members that need programs of their own) keeps
+config.json, members.json (each member's "group") and the analysis at RUN_DIR, and each group's
+metrics.jsonl, samples/, params/ and checkpoints/ (its members' rows, in member order) in
+RUN_DIR/groups/<g>/ (``group_dir``); ``jaxconcept.groups`` reads them as one run.
+
 Before training, ``prepare`` checks the directory can hold the run (no other config, no
 training files without one) and ``write_run_files`` writes config.json and members.json.
 
@@ -100,6 +105,13 @@ def read_json(path, what: str):
 # --------------------------------------------------------------------------------------------
 def _step_file(run_dir, sub, step):
     return store.path(run_dir) / sub / f"step_{int(step):07d}.npz"
+
+
+def group_dir(run_dir, g: int, n_groups: int):
+    """Where group ``g`` of a run of ``n_groups`` groups keeps its metrics.jsonl, samples/, params/
+    and checkpoints/: RUN_DIR itself for a run of one group, else RUN_DIR/groups/<g>."""
+    run_dir = store.path(run_dir)
+    return run_dir if n_groups == 1 else run_dir / "groups" / str(g)
 
 
 def load_config(run_dir) -> C.Config:
@@ -339,7 +351,8 @@ def prepare(cfg: C.Config, run_dir) -> None:
                 raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
                                "use another --out, or the same config to resume")
     trained = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) or any(
-        steps_with(run_dir, sub) for sub in ("samples", "params")) or bool(load_metrics(run_dir))
+        steps_with(run_dir, sub) for sub in ("samples", "params")) or bool(load_metrics(run_dir)) or (
+        run_dir / "groups").exists()
     if trained and not (run_dir / "config.json").exists():
         if not (run_dir / "checkpoints" / "config.json").exists():
             raise RunError(f"{run_dir} holds training files but no config.json, so the config they were "

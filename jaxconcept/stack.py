@@ -35,8 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import config as C, data as D, diffusion, nets, rundir
-from jaxconcept.step import (Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
-                             member_keys, train_step)
+from jaxconcept.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
+                             member_keys, model_settings, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
@@ -53,15 +53,17 @@ class Programs(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class Sweep:
-    """Everything static about a sweep; the arrays (state, data) are passed around separately.
+    """Everything static about a sweep (one group of members: one set of programs); the arrays
+    (state, data) are passed around separately.
 
     ``members`` are the real members; ``padded`` adds inert copies of the last one so that the
     model axis divides the mesh. Arrays carry the padded axis; what is written is sliced to the
-    real members (``real``).
+    real members (``real``). ``cfg`` holds the settings every member shares (its per-member
+    fields, ``config.PER_MEMBER``, are read from the members, never from it).
     """
 
     cfg: C.Config
-    members: tuple  # one scalar C.Config per real member
+    members: tuple  # one scalar C.Config per real member, all of one group (``config.groups``)
     padded: tuple  # members + inert copies of the last one
     spec: D.DataSpec
     net: object
@@ -98,10 +100,15 @@ class Sweep:
         """The (padded) members' data-generating parameters, stacked (numpy [M, ...])."""
         return stacked_data_params(self, self.padded)
 
+    @functools.cached_property
+    def active(self) -> Active:
+        """The optional parts the programs hold, decided from every member (``step.Active``)."""
+        return Active.of(self.members)
+
     @property
     def uses_ema(self) -> bool:
         """The state holds a moving average (some member has train.ema > 0)."""
-        return any(m.train.ema > 0 for m in self.members)
+        return self.active.ema
 
     @functools.cached_property
     def host_eval(self) -> dict | None:
@@ -178,20 +185,28 @@ def make_mesh(n_members: int, devices=None) -> Mesh:
     return Mesh(np.array(devices[: max(1, min(len(devices), n_members))]), (AXIS,))
 
 
-def build(cfg: C.Config, devices=None, *, strategy: str | None = None, chunk: int | None = None) -> Sweep:
+def build(cfg: C.Config, devices=None, *, strategy: str | None = None, chunk: int | None = None,
+          members=None) -> Sweep:
     """The static sweep of ``cfg``: member configs (padded to the mesh), data spec, network (its
     convolutions resolved for the mesh's platform), mesh, and whether the network is loop-safe.
 
     Args:
       devices: devices of the model axis (default: all).
       strategy, chunk: the stacking (default ``train.strategy``, ``train.map_batch_size``).
+      members: the member configs, one group's (default ``C.members(cfg)``); ``cfg`` then gives
+        the settings they share (e.g. the group's first member).
     Raises:
-      ValueError: the strategy is "auto": ``plan.build`` resolves it.
+      ValueError: the strategy is "auto" (``plan.build`` resolves it), or the members are of
+        several groups (``config.groups``: each group is a sweep of its own).
     """
     strategy = strategy or cfg.train.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: allowed {', '.join(STRATEGIES)} (plan.build resolves \"auto\")")
-    ms = tuple(C.members(cfg))
+    ms = tuple(C.members(cfg) if members is None else members)
+    n_groups = len(C.groups(cfg, ms))
+    if n_groups > 1:
+        raise ValueError(f"the members are of {n_groups} groups (they differ in {', '.join(C.group_fields(cfg))}): "
+                         "build one sweep per group (config.groups; loop.train trains them one after another)")
     mesh = make_mesh(len(ms), devices)
     backend = mesh.devices.flat[0].platform
     n_pad = -len(ms) % mesh.size
@@ -232,7 +247,7 @@ def steps_per_call(sw: Sweep) -> int:
 def _init_local(sw: Sweep, seeds, dparams, hyper):
     def one(seed, dp, hp):
         data = {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"])
-        return init_member(sw.cfg, sw.spec, sw.net, sw.layout, seed, hp, ema=sw.uses_ema), data
+        return init_member(sw.cfg, sw.spec, sw.net, sw.layout, seed, hp, ema=sw.active.ema), data
     if sw.strategy == "unroll":  # initialisers and rendering are elementwise: vmap gives the same bits
         return jax.vmap(one)(seeds, dparams, hyper)  # and compiles once, not once per member (8 U-Nets: 400 s)
     return sw.over_members(one)(seeds, dparams, hyper)
@@ -244,7 +259,8 @@ def _advance_local(sw: Sweep, state, data, batches, n):
     program of its own) and no conditional in the loop (on XLA:GPU a lax.cond copies its
     predicate to the host every step). batches: None, or host-fed {x, c, n} with leaves
     [M, K, ...] (the first n are used). Returns (state, mean loss [M])."""
-    stacked_step = sw.over_members(functools.partial(train_step, sw.cfg, sw.spec, sw.apply_fn, sw.layout))
+    stacked_step = sw.over_members(functools.partial(train_step, sw.cfg, sw.spec, sw.net, sw.layout,
+                                                     active=sw.active))
 
     def batch(i):  # the host-fed batches of step i of this call
         return None if batches is None else jax.tree.map(lambda a: a[:, i], batches)
@@ -270,17 +286,20 @@ def _advance_local(sw: Sweep, state, data, batches, n):
 def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
     """Samples and held-back losses of every local member: prompts [m, n_classes, n_samples,
     cond_dim] -> (samples [m, n_classes, n_samples, *x_shape], val [m], test [m])."""
-    cfg, spec, apply_fn, ec = sw.cfg, sw.spec, sw.apply_fn, sw.cfg.eval
+    cfg, spec, apply_fn, ec, active = sw.cfg, sw.spec, sw.apply_fn, sw.cfg.eval, sw.active
 
     def one(st, dat, pr, seed):
         key = jax.random.fold_in(member_keys(seed)["sample"], step)
         params = sw.layout.unravel(eval_params(st))
-        x = diffusion.sample(apply_fn, cfg.model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
-                             n_steps=ec.sampler_steps, w_cfg=ec.w_cfg, null_cond=D.null_cond(spec),
+        model = model_settings(cfg.model, st.hyper)
+        w_cfg = st.hyper["w_cfg"] if active.guidance else 1.0
+        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
+                             n_steps=ec.sampler_steps, w_cfg=w_cfg, null_cond=D.null_cond(spec),
                              output=ec.sampler_output, loop_safe=sw.loop_safe)
         val, test = held_back_losses(cfg, spec, apply_fn, params, [(dat["x_val"], dat["c_val"]),
                                                                   (dat["x_test"], dat["c_test"])],
-                                     [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe)
+                                     [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe,
+                                     model=model, p_cfg=st.hyper["p_cfg"] if active.p_cfg else 0.0, w_cfg=w_cfg)
         return x.reshape(*pr.shape[:2], *spec.x_shape), val, test
     return sw.over_members(one)(state, data, prompts, seeds)
 
@@ -435,14 +454,24 @@ def host(x):
     return np.asarray(x)
 
 
-def load_params(run_dir, step):
-    """Stacked parameters [M, ...] (real members, numpy) saved at evaluation ``step`` of a run.
+def load_params(run_dir, step, group=None):
+    """Stacked parameters [M, ...] (real members, numpy) saved at evaluation ``step`` of a run, or
+    of one of its groups (``group``: a ``groups.Group``; rows in its member order).
 
-    Raises RunDirError: the run or its parameter file is missing, damaged or of another model."""
+    Raises RunDirError: the run or its parameter file is missing, damaged or of another model, or
+    the run has several groups and none is named."""
+    from jaxconcept import groups
+
     cfg = rundir.load_config(run_dir)
+    gs = groups.of_run(run_dir, cfg)
+    if group is None and len(gs) > 1:
+        raise rundir.RunDirError(f"{run_dir} is a sweep of {len(gs)} groups, each with its own parameters: read "
+                                 "them one group at a time (groups.of_run)")
+    group = group or gs[0]
     ms = C.members(cfg)
-    spec = D.spec(ms[0].data)
-    net = nets.build(cfg.model, spec)
-    like = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(ms), *a.shape), a.dtype), like)
-    return rundir.load_params(run_dir, step, like)
+    first = ms[group.members[0]]
+    spec = D.spec(first.data)
+    net = nets.build(first.model, spec)
+    like = jax.eval_shape(lambda k: diffusion.init_params(net, first.model, spec, k), jax.random.PRNGKey(0))
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(group.members), *a.shape), a.dtype), like)
+    return rundir.load_params(group.dir, step, like)

@@ -11,7 +11,10 @@ operations instead of one small kernel per parameter leaf:
     batch = dict(x [B, ...], c [B, cond_dim], n [])  # a host-fed training batch (data.HOST_FED kinds)
 
 The train step is ``train_step``, the loss it differentiates ``diffusion.loss_fn``, the update
-``adamw``.
+``adamw``. ``hyper`` holds every per-member setting a step or an evaluation reads
+(``config.HYPER_FIELDS``: the optimiser's, the warmup, conditioning and network dropout, the
+initial scale, the log-SNR range, the guidance weight), so that the members of one compiled
+program may differ in any of them; ``Active`` says which optional parts the program holds.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion
+from jaxconcept import config as C, data as D, diffusion, nets
 from jaxconcept.data.batches import batch_indices, epoch_permutation
 
-# train-section fields held per member in the state (``TrainState.hyper``), so that members of
-# one stack may differ in them
-HYPER = ("lr", "weight_decay", "grad_clip", "ema")
+# fields held per member in the state (``TrainState.hyper``, keyed by the field's name), so that
+# members of one stack may differ in them
+HYPER = tuple(f.split(".", 1)[1] for f in C.HYPER_FIELDS)
 B1, B2, EPS = 0.9, 0.999, 1e-8  # AdamW's moment decays and epsilon (optax.adamw's defaults, the reference's)
 
 
@@ -91,19 +94,46 @@ def member_keys(seed) -> dict:
 
 
 def hyper_values(members) -> dict:
-    """The per-member hyperparameters (``HYPER``) of member configs: {name: float32 [M]}."""
-    return {k: np.asarray([getattr(m.train, k) for m in members], np.float32) for k in HYPER}
+    """The per-member settings (``HYPER``) of member configs: {name: float32 [M]}."""
+    return {k: np.asarray([getattr(getattr(m, f.split(".")[0]), k) for m in members], np.float32)
+            for k, f in zip(HYPER, C.HYPER_FIELDS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Active:
+    """Which optional parts the programs of a stack hold, decided from every member: a part off
+    for all of them is left out; one on for any is traced for all, and gives the numbers of "off"
+    for a member whose value turns it off (decay 0, probability 0, rate 0, weight 1)."""
+
+    ema: bool = False  # some train.ema > 0: the state holds a moving average
+    p_cfg: bool = False  # some train.p_cfg > 0: conditioning dropout
+    dropout: bool = False  # some model.dropout > 0: network dropout (a network that has it)
+    guidance: bool = False  # some eval.w_cfg != 1: guided sampling and held-back losses
+
+    @classmethod
+    def of(cls, members) -> Active:
+        return cls(ema=any(m.train.ema > 0 for m in members), p_cfg=any(m.train.p_cfg > 0 for m in members),
+                   dropout=any(m.model.dropout > 0 for m in members),
+                   guidance=any(m.eval.w_cfg != 1 for m in members))
+
+
+def model_settings(model_cfg: C.ModelConfig, hyper: dict) -> diffusion.ModelSettings:
+    """The model settings of one member: its traced log-SNR range and initial scale (``hyper``),
+    and the program's data noise."""
+    return diffusion.ModelSettings(gamma_min=hyper["gamma_min"], gamma_max=hyper["gamma_max"],
+                                   data_noise=model_cfg.data_noise, init_scale=hyper["init_scale"])
 
 
 def init_member(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, seed, hyper: dict, *, ema: bool) -> TrainState:
     """Train state of one member (``seed`` and ``hyper`` may be traced): parameters from its
-    "init" stream (``diffusion.init_params``), zero moments, step 0, its "train" key, alive; with
-    ``ema`` the moving average, starting at the parameters."""
+    "init" stream (``diffusion.init_params`` at its initial scale and log-SNR range), zero moments,
+    step 0, its "train" key, alive; with ``ema`` the moving average, starting at the parameters."""
     keys = member_keys(seed)
-    params = layout.ravel(diffusion.init_params(net, cfg.model, spec, keys["init"]))
+    hyper = {k: jnp.float32(hyper[k]) for k in HYPER}
+    params = layout.ravel(diffusion.init_params(net, model_settings(cfg.model, hyper), spec, keys["init"]))
     zeros = jnp.zeros_like(params)
     return TrainState(params=params, mu=zeros, nu=zeros, ema=params if ema else None, step=jnp.zeros((), jnp.int32),
-                      key=keys["train"], alive=jnp.ones((), bool), hyper={k: jnp.float32(hyper[k]) for k in HYPER})
+                      key=keys["train"], alive=jnp.ones((), bool), hyper=hyper)
 
 
 def eval_params(state: TrainState):
@@ -114,7 +144,10 @@ def eval_params(state: TrainState):
 def adamw(state: TrainState, grads, loss) -> TrainState:
     """One AdamW step on the flat parameters, after clipping the gradient's global norm to
     ``hyper["grad_clip"]`` (the reference: torch's clip_grad_norm_ and AdamW; the same arithmetic
-    as optax.chain(clip_by_global_norm, adamw) with its defaults b1 0.9, b2 0.999, eps 1e-8).
+    as optax.chain(clip_by_global_norm, adamw) with its defaults b1 0.9, b2 0.999, eps 1e-8), at
+    the learning rate lr * min(1, count / warmup) of update ``count`` (1, 2, ...): a linear warmup
+    over ``hyper["warmup"]`` steps (optax.linear_schedule from lr / warmup); warmup 0 gives
+    count / 0 = inf, so the factor is exactly 1.
 
     A step whose loss, gradient or hyperparameters are not finite is not applied and freezes the
     member for good (``alive`` False). Deciding before the update lets XLA fuse the keep-or-replace
@@ -132,7 +165,8 @@ def adamw(state: TrainState, grads, loss) -> TrainState:
     mu = (1 - B1) * grads + B1 * state.mu
     nu = (1 - B2) * grads ** 2 + B2 * state.nu
     update = (mu / (1 - B1 ** count)) / (jnp.sqrt(nu / (1 - B2 ** count)) + EPS) + h["weight_decay"] * state.params
-    params = state.params + update * -h["lr"]
+    lr = h["lr"] * jnp.minimum(1.0, count.astype(jnp.float32) / h["warmup"])
+    params = state.params + update * -lr
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     ema = None
     if state.ema is not None:  # ema <- d ema + (1 - d) params (d = 0: the parameters themselves)
@@ -170,15 +204,17 @@ def call_rows(tc: C.TrainConfig, data: dict, key, step0, n: int):
         step0 + jnp.arange(n))
 
 
-def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, layout: Layout, state: TrainState, data: dict,
-               batch: dict | None = None):
+def train_step(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, state: TrainState, data: dict,
+               batch: dict | None = None, *, active: Active = Active()):
     """One AdamW step of one member, on ``batch`` when given (host-fed data), else on the batch
-    ``draw_batch`` takes from its own training set.
+    ``draw_batch`` takes from its own training set; the member's settings from ``state.hyper``
+    (``active``: which optional parts the program holds).
 
     The step's key is ``fold_in(state.key, state.step)``: no key is carried forward.
     Returns (new_state, loss f32[]).
     """
-    tc = cfg.train
+    tc, h = cfg.train, state.hyper
+    apply_fn = diffusion.make_apply(nets.with_dropout(net, h["dropout"]) if active.dropout else net)
     k_loss, k_view = jax.random.split(jax.random.fold_in(state.key, state.step))
     if batch is None:
         x, cond, n_valid = draw_batch(tc, data, state.key, state.step)
@@ -187,14 +223,16 @@ def train_step(cfg: C.Config, spec: D.DataSpec, apply_fn, layout: Layout, state:
     x = D.train_view(spec, x, k_view)  # [B, *x_shape] float32
 
     def loss(flat):
-        return diffusion.loss_fn(apply_fn, cfg.model, layout.unravel(flat), x, cond, k_loss, train=True,
-                                 p_cfg=tc.p_cfg, null_cond=D.null_cond(spec), n_valid=n_valid)
+        return diffusion.loss_fn(apply_fn, model_settings(cfg.model, h), layout.unravel(flat), x, cond, k_loss,
+                                 train=True, p_cfg=h["p_cfg"] if active.p_cfg else 0.0, null_cond=D.null_cond(spec),
+                                 n_valid=n_valid)
 
     (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     return adamw(state, grads, value), value
 
 
-def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, keys, *, loop_safe: bool = True):
+def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, keys, *, loop_safe: bool = True,
+                     model=None, p_cfg=None, w_cfg=None):
     """Losses of held-back sets (validation, test), as the reference computes its validation and
     test losses, with one copy of the network for all of them: every set's batches are stacked
     and mapped over together.
@@ -211,11 +249,15 @@ def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, ke
         draws from fold_in(its key, i).
       loop_safe: the batches are one ``lax.map``; False (a network slow inside XLA loops, see
         ``nets.loop_safe``) traces them as a Python loop. The choice is the caller's, made once.
+      model, p_cfg, w_cfg: the member's model settings (``model_settings``), conditioning dropout
+        and guidance weight, possibly traced (default: ``cfg``'s).
     Returns:
       [f32[] per set]; NaN for an empty set.
     """
     b = cfg.train.batch_size
-    kw = dict(train=False, p_cfg=cfg.train.p_cfg, null_cond=D.null_cond(spec), w_cfg=cfg.eval.w_cfg)
+    model = cfg.model if model is None else model
+    kw = dict(train=False, p_cfg=cfg.train.p_cfg if p_cfg is None else p_cfg, null_cond=D.null_cond(spec),
+              w_cfg=cfg.eval.w_cfg if w_cfg is None else w_cfg)
     xs, cs, ks, nv, owner = [], [], [], [], []
     for j, ((x, c), key) in enumerate(zip(sets, keys)):
         n = x.shape[0]
@@ -241,7 +283,7 @@ def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, ke
     batches = (jnp.concatenate(xs), jnp.concatenate(cs), jnp.concatenate(ks), jnp.concatenate(nv))
 
     def one(xb, cb, kb, nb):  # the loss of one batch; a full batch passes n_valid = B, the same loss as None
-        return diffusion.loss_fn(apply_fn, cfg.model, params, xb, cb, kb, n_valid=nb, **kw)[0]
+        return diffusion.loss_fn(apply_fn, model, params, xb, cb, kb, n_valid=nb, **kw)[0]
     if loop_safe:
         per_batch = jax.lax.map(lambda a: one(*a), batches)
     else:

@@ -173,7 +173,8 @@ def _same_as_before(new: dict, old: dict, data_cls):
             kinds = [c for c in C.DATA_KINDS.values() if k[5:] in C.field_names(c)]
             assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
         elif k not in old:
-            assert (k, new[k]) in {("model.conv", "auto"), ("train.tensorboard", False), ("data.mask_prob", 1.0)}, k
+            assert (k, new[k]) in {("model.conv", "auto"), ("train.tensorboard", False), ("train.warmup", 0),
+                                   ("data.mask_prob", 1.0)}, k
         else:
             assert json.dumps(new[k]) == json.dumps(old[k]), (k, new[k], old[k])
 
@@ -228,7 +229,7 @@ def test_data_kinds_are_separate_classes():
     assert (v.data.n_per_class, v.data.held_out) == (32, (3,))  # the fields every kind has carry over
     assert not hasattr(v.data, "sep_col") and C.sweep_settings(v) == {
         "seed": 0, "sep_col": None, "sep_size": None, "m": [1, 2], "s": [0.05, 0.05], "attributes": None,
-        "mask_prob": 1.0}
+        "cond_noise": 0.0, "mask_prob": 1.0}
     with pytest.raises(C.ConfigError, match=r"^data\.sep_col does not apply to data\.kind='vector': its fields are .*\bm\b"):
         C.override(C.preset("vec2x2"), ["data.sep_col=0.3"])
     assert C.data_config("celeba", image_size=16) == C.CelebaData(image_size=16)

@@ -126,8 +126,9 @@ def test_cond_classy_mean_observed():
     x, c = V.sample(sp, p, key, labels)
     np.testing.assert_allclose(c, x[:, :3])  # no noise by default: the example's own coordinates
     np.testing.assert_allclose(V.prompts(sp, p), p["mean"])
-    sp = V.spec(dcfg(**base, cond_mode="observed", cond_noise=0.5))
-    x, c = V.sample(sp, p, key, labels)
+    noisy = dcfg(**base, cond_mode="observed", cond_noise=0.5)
+    assert V.spec(noisy) == sp  # the noise is a per-member data parameter, not part of the static description
+    x, c = V.sample(sp, V.params(noisy), key, labels)
     assert abs(float(jnp.std(c - x[:, :3])) - 0.5) < 0.03
 
 
@@ -156,9 +157,9 @@ def test_masking_zeroes_only_masked_concepts(mode):
 def test_jit_and_vmap_over_stacked_params():
     ms = [(1.0, 1.0), (2.0, 1.0), (1.0, 3.0)]
     cfgs = [dcfg(m=m, s=(0.1, 0.2), normalize=False, nuisance="bimodal", cond_mode="observed",
-                 cond_noise=0.1) for m in ms]
+                 cond_noise=noise) for m, noise in zip(ms, (0.1, 0.0, 0.3))]
     sp = V.spec(cfgs[0])
-    assert all(V.spec(c) == sp for c in cfgs)  # m and s do not touch the static description
+    assert all(V.spec(c) == sp for c in cfgs)  # m, s and cond_noise do not touch the static description
     ps = [V.params(c) for c in cfgs]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
     labels = jnp.array([0, 1, 2, 3, 3, 2, 1, 0])

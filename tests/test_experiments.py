@@ -18,15 +18,10 @@ SHRINK = ["data.n_per_class=4", "train.steps=2", "train.steps_per_call=2", "trai
 
 
 def shrunk(cfg: C.Config) -> C.Config:
-    """The same experiment with a tiny network and budget and one member (sweep expansion is tested in
-    test_config and test_sweep; a one-device run compiles faster than a sharded sweep)."""
+    """The same experiment's first member with a tiny network and budget (sweep expansion is tested
+    in test_config, test_axes and test_sweep; a one-device run compiles faster than a sharded sweep)."""
     sets = list(SHRINK) + (SHRINK_VECTOR if cfg.data.kind == "vector" else SHRINK_IMAGES)
-    for key in C.SWEEP_FIELDS:
-        vals = C.sweep_values(cfg, key)
-        if len(vals) > 1:
-            sets.append(f"{key}={json.dumps([list(v) if isinstance(v, tuple) else v for v in vals[:1]])}")
-    sets.append(f"seeds=[{cfg.seeds[0]}]")
-    return C.override(cfg, sets)
+    return C.override(C.members(cfg)[0], sets)
 
 
 def test_there_are_experiments():

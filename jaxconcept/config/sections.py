@@ -4,28 +4,26 @@ Each field declares what it allows (``checks``); the rules that tie fields toget
 ``rules.validate``. The data section is one class per data kind (``ImageData``, ``VectorData``,
 ``CelebaData``) on a shared base (``DataConfig``).
 
-A sweep is held apart from the fields: ``Config.sweep`` is a tuple of ``(axis, values)`` pairs,
-the axes drawn from ``SWEEP_AXES`` and kept in that order, and ``members(cfg)`` expands their
-product into one config per member with every field scalar and one seed. A swept field holds
-its axis's first value, so ``cfg.data`` is always member 0's data; an axis of one value is just
-that value.
+A sweep is held apart from the fields: ``Config.sweep`` (grid axes, ``(field, values)`` pairs),
+``Config.zipped`` and ``Config.sampled`` (``sweeps``), and ``members(cfg)`` expands them into one
+config per member with every field scalar and one seed. A swept field holds member 0's value, so
+``cfg.data`` is always member 0's data; an axis of one value is just that value.
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from jaxconcept.config.checks import (ConfigError, Distinct, Fraction, Increasing, NonNeg, NonNegInt, PosInt, Positive,
                                       Real, field_names, invalid, rule, section, untuple)
+from jaxconcept.config import sweeps
 from jaxconcept.config.rules import MAX_CLASSES, validate
+from jaxconcept.config.sweeps import SWEEP_FIELDS
 
 IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, SPEC A1 order
 SEED_BOUND = 2 ** 31
-SWEEP_FIELDS = ("data.sep_col", "data.sep_size", "data.m", "data.s", "data.attributes", "data.mask_prob")
-SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # member order: row-major in this order, seeds innermost
+SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # the axes every earlier version allowed: data-generating parameters, seeds
 
 Concepts = Annotated[tuple[Literal[IMAGE_CONCEPTS], ...], Field(min_length=1),
                      rule(lambda v: list(v) == sorted(set(v), key=IMAGE_CONCEPTS.index),
@@ -149,6 +147,7 @@ class TrainConfig:
     lr: Positive = 1e-3
     weight_decay: NonNeg = 0.01
     grad_clip: Positive = 0.01
+    warmup: NonNegInt = 0  # linear learning-rate warmup: step i (from 0) uses lr * min(1, (i + 1) / warmup); 0 = none
     ema: Fraction = 0.0  # decay of an exponential moving average of the parameters, used for evaluation (0 = off)
     p_cfg: Fraction = 0.0  # probability of dropping the conditioning (classifier-free guidance)
     steps_per_call: PosInt = 100  # at most K steps per call of the compiled training program (a loop on device)
@@ -188,11 +187,14 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 @section("")
 class Config:
-    """One run, or a sweep of runs: the sections, member 0's seed, and the sweep axes.
+    """One run, or a sweep of runs: the sections, member 0's seed, and the sweep axes (``sweeps``).
 
-    ``sweep`` holds ``(axis, values)`` pairs, e.g. ``(("data.sep_col", (0.2, 0.4)), ("seeds", (0, 100)))``;
-    axes are put in ``SWEEP_AXES`` order, an axis of one value becomes that value, and each swept
-    field (and ``seed``) is set to its axis's first value, so to change one, change its axis.
+    ``sweep`` holds grid axes, ``(field, values)`` pairs, e.g. ``(("data.sep_col", (0.2, 0.4)),
+    ("seeds", (0, 100)))``; ``zipped`` names grid axes taken together, e.g. ``(("model.gamma_min",
+    "model.gamma_max"),)``; ``sampled`` holds ``(field, law, args)`` triples, e.g. ``(("train.lr",
+    "log_uniform", (1e-4, 1e-2)),)``, drawn ``draws`` times with seed ``draw_seed``. Axes are put in
+    member order, an axis of one value becomes that value, and each swept field (and ``seed``) is
+    set to member 0's value, so to change one, change its axis.
     """
 
     data: AnyData = Field(default_factory=ImageData)
@@ -202,16 +204,16 @@ class Config:
     seed: Annotated[int, Field(ge=0, lt=SEED_BOUND)] = 0
     name: str = ""
     sweep: tuple[tuple[str, tuple], ...] = ()
+    zipped: tuple[tuple[str, ...], ...] = ()
+    sampled: tuple[tuple[str, str, tuple], ...] = ()
+    draws: NonNegInt = 0  # sweep.n in files: how many times the sampled fields are drawn
+    draw_seed: Annotated[int, Field(ge=0, lt=SEED_BOUND)] = 0  # sweep.seed in files
 
     def __post_init__(self):
-        sweep, data, seed = _normalized(self)
-        object.__setattr__(self, "sweep", sweep)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "seed", seed)
+        for k, v in sweeps.normalized(self).items():
+            object.__setattr__(self, k, v)
         validate(self)
-        for axis, values in sweep:  # every other value of an axis, with member 0's values elsewhere
-            for v in values[1:]:
-                _point(self, {axis: v})
+        sweeps.check_points(self)
 
     @property
     def seeds(self) -> tuple:
@@ -219,69 +221,35 @@ class Config:
         return dict(self.sweep).get("seeds", (self.seed,))
 
 
-def _normalized(cfg: Config):
-    """(sweep in ``SWEEP_AXES`` order without one-value axes, data with swept fields at their
-    first values, seed likewise); raises ConfigError for an unknown or empty axis."""
-    axes = dict(cfg.sweep)
-    if len(axes) != len(cfg.sweep):
-        raise ConfigError(f"sweep names an axis twice: {[a for a, _ in cfg.sweep]}")
-    for axis, values in axes.items():
-        if axis not in SWEEP_AXES:
-            raise invalid("sweep axis", axis, "one of " + ", ".join(SWEEP_AXES))
-        if axis != "seeds" and axis[5:] not in field_names(type(cfg.data)):
-            raise not_for_kind(axis, cfg.data.kind)
-        if not values:
-            raise invalid(axis, values, "a value or a non-empty list of values")
-    seeds = axes.get("seeds", (cfg.seed,))
-    if not all(type(s) is int and 0 <= s < SEED_BOUND for s in seeds) or len(set(seeds)) != len(seeds):
-        raise invalid("seeds", seeds, "a non-empty list of distinct integers in [0, 2**31)")
-    firsts = {a[5:]: v[0] for a, v in axes.items() if a != "seeds"}
-    data = dataclasses.replace(cfg.data, **firsts) if firsts else cfg.data
-    sweep = tuple((a, tuple(axes[a])) for a in SWEEP_AXES if a in axes and len(axes[a]) > 1)
-    if "data.attributes" in axes and len({len(v) for v in axes["data.attributes"]}) != 1:
-        raise invalid("data.attributes", axes["data.attributes"], "lists of the same length in a sweep "
-                      "(the concept grid is shared)")
-    return sweep, data, seeds[0]
-
-
-def _point(cfg: Config, values: dict) -> Config:
-    """The single run of ``cfg`` with ``values`` ({axis: value}) and member 0's values elsewhere."""
-    fields = {a[5:]: v for a, v in values.items() if a != "seeds"}
-    data = dataclasses.replace(cfg.data, **fields) if fields else cfg.data
-    seed = values.get("seeds", cfg.seed)
-    return dataclasses.replace(cfg, data=data, seed=seed, sweep=())
-
-
 def members(cfg: Config) -> list[Config]:
-    """Expand a sweep into one config per member: the product of its axes, row-major in
-    ``SWEEP_AXES`` order (data.sep_col, data.sep_size, data.m, data.s, data.attributes, data.mask_prob,
-    seeds).
-    Each member has no sweep and one seed."""
-    if not cfg.sweep:
-        return [cfg]
-    names = [a for a, _ in cfg.sweep]
-    return [_point(cfg, dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in cfg.sweep))]
+    """Expand a sweep into one config per member: the product of its axes in member order (each
+    axis at its first field's place in field order, e.g. data.sep_col, data.sep_size, data.m,
+    data.s, ..., model, train, eval fields; seeds innermost; ``config.sweeps``). Each member has no axes
+    and one seed."""
+    return sweeps.members(cfg)
 
 
 def sweep_values(cfg: Config, key: str) -> list:
-    """The values a sweep field (or "seeds") takes: its axis, else ``[value]``; ``[]`` for a field
-    the config's data kind does not have."""
+    """The values a grid axis field (or "seeds") takes: its axis, else ``[value]``; ``[]`` for a
+    data field the config's data kind does not have."""
     axes = dict(cfg.sweep)
     if key in axes:
         return list(axes[key])
     if key == "seeds":
         return [cfg.seed]
-    return [getattr(cfg.data, key[5:])] if hasattr(cfg.data, key[5:]) else []
+    sec, field = key.split(".", 1)
+    return [getattr(getattr(cfg, sec), field)] if hasattr(getattr(cfg, sec), field) else []
 
 
 def swept_fields(cfg: Config) -> list[str]:
-    """The sweep fields (and 'seed') that take more than one value."""
-    return [("seed" if a == "seeds" else a) for a, _ in cfg.sweep]
+    """The fields that take more than one value, in member order ('seed' for the seeds)."""
+    return [("seed" if a == "seeds" else a) for a in sweeps.swept(cfg)]
 
 
 def sweep_settings(member: Config) -> dict:
-    """A member's seed and sweep fields as JSON values, keyed "seed", "sep_col", "sep_size", "m",
-    "s", "attributes", "mask_prob" (as in members.json); None for a field its data kind does not have."""
+    """A member's seed and data sweep fields as JSON values, keyed "seed", "sep_col", "sep_size", "m",
+    "s", "attributes", "cond_noise", "mask_prob" (as in members.json); None for a field its data kind
+    does not have."""
     return {"seed": member.seed, **{k[5:]: untuple(getattr(member.data, k[5:], None)) for k in SWEEP_FIELDS}}
 
 

@@ -19,8 +19,8 @@ Conditioning (``cond_mode``): "classy" = per-dimension one-hot, concatenated (di
 N(0, cond_noise^2) (dim). Entries of ``masked`` concepts are zero (in a ``mask_prob`` fraction
 of the training examples; below 1 prompts keep them).
 
-Per-member arrays (``params``): ``mean`` [n_classes, dim], ``std`` [dim], ``step`` [dim] — the
-same shapes for every m and s, so a stack of members vmaps.
+Per-member arrays (``params``): ``mean`` [n_classes, dim], ``std`` [dim], ``step`` [dim] and
+``cond_noise`` [] — the same shapes for every m, s and cond_noise, so a stack of members vmaps.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def spec(cfg) -> DataSpec:
         cfg: the data config (a sweep member or the sweep config: m and s are not used here).
     Returns:
         DataSpec with x_shape (dim + dim_nuisance,), concepts ("dim0", ...), and ``extra`` holding
-        dim, perdim, normalize, dim_nuisance, nuisance, cond_mode, cond_noise, masked.
+        dim, perdim, normalize, dim_nuisance, nuisance, cond_mode, masked.
     """
     d, k = cfg.dim, cfg.perdim
     n_classes = k ** d
@@ -77,7 +77,7 @@ def spec(cfg) -> DataSpec:
     n_train, n_val = split_sizes(cfg.n_per_class, cfg.val_frac)
     extra = (("dim", d), ("perdim", k), ("normalize", bool(cfg.normalize)),
              ("dim_nuisance", cfg.dim_nuisance), ("nuisance", cfg.nuisance), ("cond_mode", cfg.cond_mode),
-             ("cond_noise", float(cfg.cond_noise)), ("masked", tuple(cfg.masked)))
+             ("masked", tuple(cfg.masked)))
     return DataSpec(
         kind="vector", x_shape=(d + cfg.dim_nuisance,), cond_dim=cond_dim, n_classes=n_classes,
         concepts=concepts, values=(k,) * d, value_names=tuple(tuple(str(j) for j in range(k)) for _ in concepts),
@@ -107,9 +107,10 @@ def params(cfg) -> dict:
     Args:
         cfg: a data config whose ``m`` and ``s`` are flat (one member; see ``config.members``).
     Returns:
-        {"mean": [n_classes, dim], "std": [dim], "step": [dim], "mask_prob": []} float32 (numpy): class
-        means, per-dimension spread, the distance between neighbouring values of each concept, and
-        the fraction of training examples whose masked concepts are masked.
+        {"mean": [n_classes, dim], "std": [dim], "step": [dim], "cond_noise": [], "mask_prob": []} float32
+        (numpy): class means, per-dimension spread, the distance between neighbouring values of each
+        concept, the std of the noise of "observed" conditioning, and the fraction of training
+        examples whose masked concepts are masked.
     """
     m, s = np.asarray(cfg.m, np.float64), np.asarray(cfg.s, np.float64)
     if m.shape != (cfg.dim,) or s.shape != (cfg.dim,):
@@ -119,7 +120,7 @@ def params(cfg) -> dict:
     step, std = m / extent, s / extent
     mean = _grid(cfg.dim, cfg.perdim) * step[None, :]
     return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "step": step.astype(np.float32),
-            "mask_prob": np.float32(cfg.mask_prob)}
+            "cond_noise": np.float32(cfg.cond_noise), "mask_prob": np.float32(cfg.mask_prob)}
 
 
 def class_means(spec: DataSpec, params) -> jax.Array:
@@ -188,7 +189,7 @@ def sample(spec: DataSpec, params, key, labels):
     elif mode == "mean":
         cond = params["mean"][labels]
     else:  # "observed": the example's own concept coordinates, seen through noise
-        cond = x[:, :d] + spec.opt("cond_noise") * jax.random.normal(k_cond, (n, d), jnp.float32)
+        cond = x[:, :d] + params["cond_noise"] * jax.random.normal(k_cond, (n, d), jnp.float32)
     return x, cond * _mask(spec, params)[None, :]
 
 

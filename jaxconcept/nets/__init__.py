@@ -44,6 +44,12 @@ def build(model_cfg, spec, backend: str | None = None) -> nn.Module:
                 dtype=DTYPES[m.dtype], conv_impl=convs.resolve(m.conv, backend))
 
 
+def with_dropout(net: nn.Module, rate) -> nn.Module:
+    """``net`` with dropout rate ``rate`` (a float, or a traced per-member f32[] inside a stacked
+    program), for a network that has dropout (the U-Net); any other network as it is."""
+    return net.clone(dropout=rate) if hasattr(net, "dropout") else net
+
+
 def loop_safe(model_cfg, backend: str | None = None) -> bool:
     """Whether ``model_cfg``'s network runs at full speed inside XLA loops (scan, fori_loop, map) on
     ``backend`` (default: JAX's default backend): not a U-Net with XLA's own convolutions on CPU

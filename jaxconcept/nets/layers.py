@@ -144,25 +144,38 @@ def bernoulli(key, p: float, shape) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0) < jnp.float32(p)
 
 
-class Dropout(nn.Module):
-    """``nn.Dropout`` (same rng stream, same mask, same scaling) with its mask from ``bernoulli``."""
+def is_number(x) -> bool:
+    """``x`` is a Python number (a setting fixed when the program is traced), not a traced array."""
+    return isinstance(x, (int, float))
 
-    rate: float
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` (same rng stream, same mask, same scaling) with a rate that may be traced (a
+    per-member value in a stack of members differing in ``model.dropout``): a traced rate of 0
+    keeps every entry and divides by 1, the numbers of no dropout. The mask is ``bernoulli``
+    ("explicit") or ``jax.random.bernoulli`` ("xla"): the same bits either way."""
+
+    rate: object  # float, or a traced f32[]
+    impl: str = "explicit"
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        if self.rate == 0.0 or deterministic:
+        if deterministic or (is_number(self.rate) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
-        mask = bernoulli(self.make_rng("dropout"), keep, x.shape)
-        return lax.select(mask, x / keep, jnp.zeros_like(x))
+        draw = bernoulli if self.impl == "explicit" else jax.random.bernoulli
+        mask = draw(self.make_rng("dropout"), keep, x.shape)
+        if is_number(keep):
+            return lax.select(mask, x / keep, jnp.zeros_like(x))
+        # XLA turns a division by a constant into a product with its reciprocal: so does a traced rate
+        return lax.select(mask, x * (1.0 / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
-def dropout(x, rate: float, deterministic: bool, impl: str = "xla"):
-    """Dropout as the calling module's submodule ``Dropout_0``: ``nn.Dropout`` ("xla") or ``Dropout``
-    ("explicit"); the same masks either way."""
-    if impl == "explicit":
-        return Dropout(rate, name="Dropout_0")(x, deterministic)
+def dropout(x, rate, deterministic: bool, impl: str = "xla"):
+    """Dropout as the calling module's submodule ``Dropout_0``: ``nn.Dropout`` ("xla", a fixed rate)
+    or ``Dropout`` ("explicit", or a traced rate); the same masks either way."""
+    if impl == "explicit" or not is_number(rate):
+        return Dropout(rate, impl, name="Dropout_0")(x, deterministic)
     return nn.Dropout(rate, deterministic=deterministic, name="Dropout_0")(x)
 
 

@@ -22,7 +22,7 @@ class ResBlock(nn.Module):
 
     ch: int
     groups: int
-    dropout: float
+    dropout: object  # rate: a float, or a traced f32[] (``nets.with_dropout``)
     conditioning: str
     dtype: object = jnp.float32
     conv_impl: str = "xla"  # the convolutions' formulation (jaxconcept.nets.conv)
@@ -100,7 +100,7 @@ class UNet(nn.Module):
     num_res_blocks: int = 2
     num_heads: int = 4
     norm_groups: int = 8
-    dropout: float = 0.1
+    dropout: object = 0.1  # rate: a float, or a traced f32[] (``nets.with_dropout``)
     mid_attention: bool = True
     time_embed_dim: int = 64
     embed_dim: int = 256
