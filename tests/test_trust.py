@@ -76,7 +76,7 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
     loop.train(cfg, run, progress=False)
     events, keys = [], []
     load, step_fn = stack.load_params, elicit.elicit_step
-    monkeypatch.setattr(stack, "load_params", lambda r, s: (events.append(("load", s)), load(r, s))[1])
+    monkeypatch.setattr(stack, "load_params", lambda r, s, *part: (events.append(("load", s)), load(r, s, *part))[1])
 
     def spy(st, params, key, *a):
         events.append(("elicit", len(events)))
