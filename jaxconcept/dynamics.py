@@ -528,7 +528,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
 
 def elicitation(run_dir) -> dict | None:
     """RUN_DIR/elicit.json when it exists and holds the arms and run length of today's format, else None."""
-    path = Path(run_dir) / "elicit.json"
+    path = rundir.path(run_dir) / "elicit.json"
     if not path.exists():
         return None
     out = rundir.read_json(path, "written by `jaxconcept elicit`; run it again")
