@@ -7,7 +7,6 @@ on its own, in a fresh namespace, with a temporary directory as the working dire
 paths like ``runs/...`` land there). Keep such examples seconds long (tiny presets, few steps).
 """
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -58,21 +57,13 @@ def test_first_lines_reach_the_figure_and_the_commands():
     assert ci in text, f".ci/run's {ci!r} is not in README.md's first {FIRST_LINES} lines"
 
 
-# Pages the lead is writing (issue 36): a link to one of them is tolerated, with a warning, only
-# while it does not exist yet. Empty this once they are in.
-PENDING = {"docs/sweeps.md", "docs/reproduction.md"}
-
-
 def test_relative_links_resolve():
-    missing, pending = [], []
+    missing = []
     for page in [*PAGES, ROOT / "experiments" / "README.md"]:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
             if not path.exists():
-                rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-                (pending if rel in PENDING else missing).append(f"{page.relative_to(ROOT)} -> {target}")
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not missing, missing
-    if pending:
-        warnings.warn(f"links to pages not yet written: {pending}")
