@@ -226,6 +226,18 @@ def cmd_train(args):
     return 0
 
 
+def _probe_kw(args) -> dict:
+    """``probe.probe_for`` settings from ``--probe-cache`` and ``--probe-bar``."""
+    return {k: v for k, v in (("cache", args.probe_cache), ("bar", args.probe_bar)) if v is not None}
+
+
+def _probe_args(p) -> None:
+    p.add_argument("--probe-cache", default=None, metavar="DIR",
+                   help="where trained concept probes are kept (default ~/.cache/jaxconcept/probes)")
+    p.add_argument("--probe-bar", type=_threshold, default=None, metavar="X",
+                   help="accuracy the probe must reach, in (0, 1] (default 0.99 images, 0.85 celeba attributes)")
+
+
 def _measure(args) -> str:
     return args.measure.replace("-", "_")
 
@@ -233,7 +245,7 @@ def _measure(args) -> str:
 def cmd_analyze(args):
     from jaxconcept import claims, dynamics, plots
 
-    analysis = dynamics.analyze_run(args.run_dir, args.threshold, measure=_measure(args))
+    analysis = dynamics.analyze_run(args.run_dir, args.threshold, measure=_measure(args), probe_kw=_probe_kw(args))
     if args.by or args.colour:
         try:
             plots.sweep_axes(analysis, args.by, args.colour)
@@ -267,7 +279,7 @@ def cmd_elicit(args):
     if args.every < 1:
         raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
     out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
-                            measure=_measure(args))
+                            measure=_measure(args), probe_kw=_probe_kw(args))
     print(f"jaxconcept elicit: emergence: {out['definition']}; turn = saturation of the training classes")
     for m in out["members"]:
         e, rel = m["emergence_step"], m["emergence_minus_turn"]
@@ -361,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "field with numbers outside data)")
     p.add_argument("--colour", default=None, metavar="FIELD",
                    help="sweep.png: colour points by this swept field (e.g. data.sep_col; default: another swept field)")
+    _probe_args(p)
     p.set_defaults(fn=cmd_analyze)
 
     p = add("elicit", help="hidden capabilities: overprompting and latent interventions")
@@ -372,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
     p.add_argument("--measure", choices=("reference", "first-crossing"), default="reference",
                    help="emergence: the reference's smoothed rule (default) or the first crossing")
+    _probe_args(p)
     p.set_defaults(fn=cmd_elicit)
 
     p = add("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")

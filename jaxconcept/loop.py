@@ -356,9 +356,5 @@ def _write_scalars(board, record: dict) -> None:
 
 
 def _describe(m: C.Config) -> str:
-    d = m.data
-    if d.kind == "images":
-        return f"sep_col={d.sep_col}, sep_size={d.sep_size}, seed={m.seeds[0]}"
-    if d.kind == "celeba":
-        return f"attributes={list(d.attributes)}, seed={m.seeds[0]}"
-    return f"m={list(d.m)}, s={list(d.s)}, seed={m.seeds[0]}"
+    """A member's seed and data sweep fields, e.g. "seed=0, sep_col=0.2, ..."."""
+    return ", ".join(f"{k}={v}" for k, v in C.sweep_settings(m).items() if v is not None)

@@ -180,6 +180,12 @@ def test_the_cache_is_reused_whole_and_keyed_by_what_changes_it(folder, monkeypa
         celeba.load(cfg_for(folder, "data.crop=40").data)
 
 
+def test_data_cache_dir_puts_the_cache_there(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(celeba, "_LOADED", {})
+    celeba.load(cfg_for(folder, f"data.cache_dir={json.dumps(str(tmp_path))}").data)
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*/meta.json") for p in [p.parent]] == ["data"]
+
+
 @pytest.fixture(scope="module")
 def run(folder, tmp_path_factory):
     """Two seeds trained as one stacked state from the host feed, evaluated twice."""

@@ -174,7 +174,7 @@ def _same_as_before(new: dict, old: dict, data_cls):
             assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
         elif k not in old:
             assert (k, new[k]) in {("model.conv", "auto"), ("train.tensorboard", False), ("train.warmup", 0),
-                                   ("data.mask_prob", 1.0)}, k
+                                   ("data.mask_prob", 1.0), ("data.cache_dir", "")}, k
         else:
             assert json.dumps(new[k]) == json.dumps(old[k]), (k, new[k], old[k])
 

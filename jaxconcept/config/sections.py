@@ -90,6 +90,8 @@ class CelebaData(DataConfig):
                           Field(min_length=1, max_length=MAX_CLASSES.bit_length() - 1), Distinct] = ("Male", "Smiling")
     source: str = "celeb_a"  # a TFDS dataset name, prepared in the array_record format (data/celeba_source.py)
     data_dir: str = ""  # TFDS data directory ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets)
+    # the preprocessed-image cache ("" = $JAXCONCEPT_DATA_CACHE, else ~/.cache/jaxconcept/data); not the data
+    cache_dir: str = ""
     image_size: ImageSize = 32
     crop: NonNegInt = 0  # centre-crop side in source pixels before resizing (0 = the largest centred square)
     augment: bool = True  # random horizontal flips and colour jitter on training batches, on device

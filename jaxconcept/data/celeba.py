@@ -19,7 +19,7 @@ held-out one included), tested on the source's own test partition where it has o
 
 Images are centre-cropped to a square (``data.crop`` source pixels, 0 = the largest centred
 square), resized to ``image_size`` and stored once as uint8 ``.npy`` files in a cache directory
-(``$JAXCONCEPT_DATA_CACHE``, default ``~/.cache/jaxconcept/data``) keyed by everything that changes
+(``data.cache_dir``, see ``cache_dir``) keyed by everything that changes
 them, written to a temporary directory and renamed into place. Runs memory-map them, so start-up
 is fast and the training set never has to fit on the device: ``host_feed`` sends each step's
 batches as uint8, in the order the engine's on-device draw would take them
@@ -202,8 +202,13 @@ def select_probe(idx: Index, cfg, per_class: int = PROBE_PER_CLASS, test_per_cla
 # --------------------------------------------------------------------------------------------
 # The cache of preprocessed images
 # --------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXCONCEPT_DATA_CACHE", Path.home() / ".cache" / "jaxconcept" / "data"))
+def cache_dir(cfg=None) -> Path:
+    """Where preprocessed images are kept: ``cfg.cache_dir`` if set, else $JAXCONCEPT_DATA_CACHE (kept
+    only so that a test harness can point every process it starts at one cache), else
+    ~/.cache/jaxconcept/data."""
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("JAXCONCEPT_DATA_CACHE") or Path.home() / ".cache" / "jaxconcept" / "data")
 
 
 def _key(cfg, what: str, **extra) -> str:
@@ -251,7 +256,7 @@ def _cached(cfg, what: str, names, make_parts, **extra) -> dict:
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        path = cache_dir() / f"{what}-{key}"
+        path = cache_dir(cfg) / f"{what}-{key}"
         if not (path / "meta.json").exists():
             idx = index(cfg)
             _build(path, idx, make_parts(idx), int(cfg.crop), int(cfg.image_size))
