@@ -59,13 +59,6 @@ __all__ = ["CELEBA_BAR", "PROBE_VERSION", "Probe", "ProbeError", "ProbeNet", "ca
 PROBE_VERSION = 2  # bump when ProbeNet or its training changes: old cache entries are ignored
 VECTOR_BAR = 0.9  # the exact vector probe's bar on G's own samples (overlapping classes lower it)
 
-# DataConfig fields that change what G's images look like; the rest (split sizes, held-out
-# classes, conditioning) do not change the probe, so members differing only there share one.
-_IMAGE_FIELDS = ("kind", "concepts", "values", "sep_col", "sep_size", "image_size", "blur_sigma", "pixel_noise")
-_VECTOR_FIELDS = ("kind", "dim", "perdim", "m", "s", "normalize", "dim_nuisance", "nuisance")
-# celeba: what selects and shapes the images the probe learns from (the evaluation split)
-_CELEBA_FIELDS = ("kind", "attributes", "source", "data_dir", "crop", "image_size", "held_out", "n_per_class",
-                  "val_frac", "n_test")
 CELEBA_BAR = 0.85  # per-attribute accuracy the CelebA probe must reach (real attributes reach about 0.9)
 CELEBA_WIDTHS = (32, 64, 128, 256)  # ProbeNet stages for photographs, two convs each; as many as pool to 8x8
 
@@ -164,9 +157,11 @@ def correct(probe: Probe, x, target) -> np.ndarray:
 
 
 def cache_key(data_cfg) -> str:
-    """Hash of the DataConfig fields that change samples of G (plus the probe's version)."""
+    """Hash of the probe's version and every field of the data config but those its class says the
+    probe ignores (``DataConfig.probe_ignores``): a field added to a data class is in the key unless
+    it is named there, so a probe is never reused for data it was not trained on."""
     d = dataclasses.asdict(data_cfg)
-    keep = {"images": _IMAGE_FIELDS, "celeba": _CELEBA_FIELDS}.get(data_cfg.kind, _VECTOR_FIELDS)
+    keep = [f.name for f in dataclasses.fields(data_cfg) if f.name not in type(data_cfg).probe_ignores]
     blob = json.dumps({"v": PROBE_VERSION, **{k: d[k] for k in keep}}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -127,6 +127,18 @@ def test_cache_key_ignores_what_does_not_change_samples():
     assert P.cache_key(v) != P.cache_key(dataclasses.replace(v, s=(0.1, 0.1)))
 
 
+def test_a_field_added_to_the_data_config_is_in_the_cache_key():
+    from jaxconcept.config.checks import section
+
+    @section("data")
+    class WithExtra(C.ImageData):
+        extra: int = 0
+
+    base = P.cache_key(C.ImageData())
+    assert P.cache_key(WithExtra()) != base
+    assert P.cache_key(WithExtra(extra=1)) != P.cache_key(WithExtra())
+
+
 # --------------------------------------------------------------------------------------------
 # The real image probe (needs jaxconcept.data.images)
 # --------------------------------------------------------------------------------------------

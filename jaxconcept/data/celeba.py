@@ -29,6 +29,7 @@ horizontal flips and torchvision-style colour jitter in a fixed order: ``augment
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +52,10 @@ CACHE_VERSION = 1  # bump when selection or preprocessing changes: old cache ent
 SELECT_SEED = 0  # the selection depends on the data config only, never on a member's seed
 PROBE_PER_CLASS = 5000  # at most this many probe-training images per combination
 PROBE_TEST_PER_CLASS = 500  # at most this many probe-test images per combination
+# data fields that do not change the cached images (how batches are conditioned and augmented, where
+# files are: data_dir enters as the source's identity); every other field, one added later included,
+# is in the cache key (``_key``)
+CACHE_IGNORES = frozenset({"kind", "masked", "mask_prob", "augment", "jitter", "data_dir", "cache_dir"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,9 +217,9 @@ def cache_dir(cfg=None) -> Path:
 
 
 def _key(cfg, what: str, **extra) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "what": what, "source": source_id(cfg), "attributes": _attributes(cfg),
-                       "held_out": sorted(cfg.held_out), "n_per_class": cfg.n_per_class, "val_frac": cfg.val_frac,
-                       "n_test": cfg.n_test, "image_size": cfg.image_size, "crop": cfg.crop, **extra},
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in CACHE_IGNORES}
+    blob = json.dumps({"v": CACHE_VERSION, "what": what, **fields, "source": source_id(cfg),
+                       "attributes": _attributes(cfg), "held_out": sorted(cfg.held_out), **extra},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
