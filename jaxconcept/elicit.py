@@ -8,7 +8,7 @@ For every member and checkpoint (parameters saved by training, ``eval.save_param
                 learned last (``overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
   over_ref    - the reference's overprompting (images with a colour concept): its fixed colours
                 (0.4, 0.4, 0.6) ... (0.05, 0.05, 0.95) with size 0.3 at every separation
-                (``interventions.reference_overprompts``);
+                (``prompts.reference_overprompts``);
   latent      - adding strength x (activation(held-out prompt) - activation(the prompt differing in
                 that concept)) at every concept projection (``steering_edits``), at each of
                 ``LATENT_STRENGTHS``: overprompting in activation space, built from the held-out prompt;
@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import config as C, data as D, diffusion, dynamics, groups, interventions as I, nets, probe as P, rundir
+from jaxconcept import prompts as PR
+from jaxconcept.step import sampler_args
 
 OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
@@ -70,8 +72,7 @@ def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec
     key) and composed(params, cond_a, cond_b, cond_c, alphas [S], key) -> [S, n, *x_shape]."""
     net = nets.build(model_cfg, spec)
     n = eval_cfg.n_samples
-    kw = dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg, null_cond=D.null_cond(spec),
-              output=eval_cfg.sampler_output, loop_safe=nets.loop_safe(model_cfg))
+    kw = sampler_args(eval_cfg, spec, loop_safe=nets.loop_safe(model_cfg))
     plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), model_cfg, p, c, kk, **kw))
 
     def steered(p, cond_from, cond_to, alpha, kk):
@@ -108,7 +109,7 @@ class Setting:
     samplers: tuple  # (plain, steered, composed): see ``_samplers``
     n_over: int = len(OVER_STRENGTHS)  # S
     n_ref: int = 0  # R: the reference's fixed overprompts (0: none for this data)
-    comp: tuple | None = None  # (cond_a, cond_b, cond_c) of ``interventions.composition_classes``, or None
+    comp: tuple | None = None  # (cond_a, cond_b, cond_c) of ``prompts.composition_classes``, or None
 
 
 def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, samplers=None,
@@ -120,18 +121,15 @@ def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, 
     dp = D.params(member.data)
     h = spec.held_out[0]
     k = target_concept(member, h, concept)
-    vals = list(spec.class_values(h))
-    ref_vals = list(vals)
-    ref_vals[k] = 0
     prompts = D.prompts(spec, dp)
-    parts = [prompts[h][None], I.overprompts(spec, dp, h, k, over)]
-    ladder = I.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
+    parts = [prompts[h][None], PR.overprompts(spec, dp, h, k, over)]
+    ladder = PR.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
     if ladder is not None:
         parts.append(ladder)
-    abc = I.composition_classes(spec, h, k)
-    target = np.tile(np.asarray(vals)[None], (member.eval.n_samples, 1))
+    abc = PR.composition_classes(spec, h, k)
+    target = np.tile(np.asarray(spec.class_values(h))[None], (member.eval.n_samples, 1))
     sampling = dataclasses.replace(member.model, dropout=0.0, init_scale=1.0)  # training-only: one sampler for all
-    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[int(np.ravel_multi_index(ref_vals, spec.values))],
+    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[PR.reference_class(spec, h, k)],
                    prompts[h], target, probe, samplers or _samplers(sampling, member.eval, spec), n_over=len(over),
                    n_ref=0 if ladder is None else len(ladder), comp=None if abc is None else tuple(prompts[c] for c in abc))
 
@@ -227,7 +225,7 @@ def _curves(recs: list[dict]) -> dict:
 
 def strengths(arm: str) -> tuple:
     """The strengths (or, for "over_ref", the reference's colours) of an arm."""
-    return {"over": OVER_STRENGTHS, "over_ref": I.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
+    return {"over": OVER_STRENGTHS, "over_ref": PR.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
             "latent_comp": COMP_STRENGTHS}[arm]
 
 

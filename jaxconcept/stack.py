@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxconcept import config as C, data as D, diffusion, nets, rundir
 from jaxconcept.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
-                             member_keys, model_settings, train_step)
+                             member_keys, model_settings, sampler_args, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
@@ -293,9 +293,8 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
         params = sw.layout.unravel(eval_params(st))
         model = model_settings(cfg.model, st.hyper)
         w_cfg = st.hyper["w_cfg"] if active.guidance else 1.0
-        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
-                             n_steps=ec.sampler_steps, w_cfg=w_cfg, null_cond=D.null_cond(spec),
-                             output=ec.sampler_output, loop_safe=sw.loop_safe)
+        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key,
+                             **sampler_args(ec, spec, loop_safe=sw.loop_safe, w_cfg=w_cfg))
         val, test = held_back_losses(cfg, spec, apply_fn, params, [(dat["x_val"], dat["c_val"]),
                                                                   (dat["x_test"], dat["c_test"])],
                                      [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe,

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import celeba_fake as F
-from jaxconcept import cli, config as C, data as D, interventions as I, loop, plan, probe as P, rundir, stack
+from jaxconcept import cli, config as C, data as D, loop, prompts as PR, plan, probe as P, rundir, stack
 from jaxconcept.step import draw_batch, member_keys
 from jaxconcept.data import augment, celeba, celeba_source
 
@@ -57,7 +57,7 @@ def test_spec_prompts_and_a_sweep_over_attribute_pairs(folder):
     np.testing.assert_array_equal(D.eval_prompts(sp, D.params(cfg.data), jax.random.PRNGKey(0), 3)[1],
                                   [[1, 0, 0, 1]] * 3)
     # overprompting pushes the pushed attribute's one-hot beyond 1 / 0, leaving the other alone
-    np.testing.assert_allclose(I.overprompts(sp, D.params(cfg.data), 1, 1, [0.0, 0.5, 2.0]),
+    np.testing.assert_allclose(PR.overprompts(sp, D.params(cfg.data), 1, 1, [0.0, 0.5, 2.0]),
                                [[1, 0, 0, 1], [1, 0, -0.5, 1.5], [1, 0, -2, 3]])
 
 
