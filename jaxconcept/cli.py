@@ -251,7 +251,10 @@ def cmd_analyze(args):
             plots.sweep_axes(analysis, args.by, args.colour)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-    figs = plots.all_figures(analysis, args.run_dir, by=args.by, colour=args.colour)
+    from jaxconcept import rundir
+
+    shown = dynamics.shown_samples(args.run_dir, analysis, probe_kw=_probe_kw(args))
+    figs = plots.all_figures(analysis, shown, rundir.path(args.run_dir) / "figures", by=args.by, colour=args.colour)
     print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints; "
           f"learning time: {analysis['definition']}")
     for m in analysis["members"]:

@@ -34,6 +34,7 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
     out = rundir.path(out)
     cfg = demo_config(extra_sets, images)
     loop.train(cfg, out, progress=progress)
-    plots.all_figures(dynamics.analyze_run(out), out)
+    analysis = dynamics.analyze_run(out)
+    plots.all_figures(analysis, dynamics.shown_samples(out, analysis), out / "figures")
     elicit.elicit_run(out, progress=progress, every=ELICIT_EVERY)
     return {"figures": sorted(str(p) for p in (out / "figures").glob("*"))}

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -58,7 +57,7 @@ from jaxconcept import claims
 from jaxconcept import config as C
 from jaxconcept import data as D
 from jaxconcept import probe as P
-from jaxconcept import groups, rundir, stats
+from jaxconcept import rundir, stats
 
 SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
 
@@ -422,23 +421,14 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
       rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
       ValueError: an unknown measure.
     """
-    run_dir = rundir.path(run_dir)
-    cfg = rundir.load_config(run_dir)
-    parts = groups.of_run(run_dir, cfg)  # a sweep of several groups is read group by group, as one run
-    steps = groups.steps_with(run_dir, "samples", parts)
+    run = rundir.Run(run_dir)
+    run_dir, cfg, parts, member_cfgs = run.dir, run.config, run.groups, run.member_configs
+    steps = run.steps("samples")
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no samples (samples/step_*.npz): train it first, "
                                  "or wait for the first evaluation point")
-    member_cfgs = C.members(cfg)
-    try:
-        members = rundir.load_members(run_dir)
-    except rundir.RunDirError:  # missing or unreadable: what matters can be recomputed from the config
-        members = [{"index": i, **C.sweep_settings(m), "values": C.member_values(cfg, m),
-                    "signal": D.concept_signal(m.data)} for i, m in enumerate(member_cfgs)]
-    if len(members) != len(member_cfgs):
-        raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}; "
-                                 "delete members.json to have it rebuilt")
-    frozen_at = _frozen_at(run_dir, len(members), parts)
+    members = run.members()
+    frozen_at = _frozen_at(run.metrics(), len(members))
     spec = D.spec(member_cfgs[0].data)
     table = P.class_value_table(spec)
     names = spec.class_names
@@ -459,7 +449,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
     nan_samples = np.zeros(n_m, int)
     for t, step in enumerate(steps):
         for part in parts:
-            samples = rundir.load_samples(part.dir, step)["samples"]  # [M_group, n_classes, n_samples, *x_shape]
+            samples = run.samples(step, part)  # [M_group, n_classes, n_samples, *x_shape]
             if samples.shape[0] != len(part.members) or samples.shape[1] != spec.n_classes:
                 raise rundir.RunDirError(f"{part.dir}: samples at step {step} have shape {samples.shape}, expected "
                                          f"[{len(part.members)}, {spec.n_classes}, n_samples, ...]")
@@ -491,10 +481,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
                 memo = memorised_class(spec, c, m.get("signal", {}))
                 paths[name] = {**corner_path(steps, coords[i, :, c], all_corners, c, memo), "memo": names[memo]}
         sat, msd = saturation(steps, coords[i][:, list(spec.train_classes)].transpose(1, 0, 2), train_corners)
-        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes",
-                                                 "mask_prob")},
-                        "group": m.get("group", 0), "values": m.get("values", {}),
-                        "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
+        records.append({**rundir.member_header(m), "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
                         "nan_samples": int(nan_samples[i]), "learning_time": lt, f"learning_time_{other}": lt_other,
                         "turn": turns, "saturation": sat, "saturation_msd": _round(msd), "path": paths,
                         "accuracy": accd, "coords": crd})
@@ -521,25 +508,39 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
                    for k, p in probes.items()},
         "members": records, "summary": summary,
     }
-    out["claims"] = claims.table(out, elicitation(run_dir))
+    out["claims"] = claims.table(out, elicitation(run))
     if write:
         rundir.write_json(run_dir / "analysis.json", out)
     return out
 
 
-def elicitation(run_dir) -> dict | None:
+def shown_samples(run_dir, analysis: dict, member: int = 0, max_frames: int = 40, probe_kw: dict | None = None) -> dict:
+    """What the figures show of one member's samples (``plots.all_figures``): {"member",
+    "frames": indices into analysis["steps"] (at most ``max_frames``, evenly spread, the last
+    included), "samples": per frame [n_classes, n, ...]}: images, the first 6 per class; vectors,
+    the first 256 per class as concept coordinates [n_classes, 256, n_concepts] (the member's exact
+    probe, ``probe_kw`` as for ``analyze_run``)."""
+    run = rundir.Run(run_dir)
+    n_t = len(analysis["steps"])
+    frames = sorted(set(np.linspace(0, n_t - 1, min(max_frames, n_t)).round().astype(int).tolist()))
+    shown = [run.member_samples(analysis["steps"][t], member)[:, :6 if analysis["kind"] != "vector" else 256]
+             for t in frames]
+    if analysis["kind"] == "vector":
+        probe = P.probe_for(run.member_configs[member].data, **{"band": run.config.eval.vector_band, **(probe_kw or {})})
+        shown = [P.coordinates(probe, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1) for x in shown]
+    return {"member": member, "frames": frames, "samples": shown}
+
+
+def elicitation(run: rundir.Run) -> dict | None:
     """RUN_DIR/elicit.json when it exists and holds the arms and run length of today's format, else None."""
-    path = Path(run_dir) / "elicit.json"
-    if not path.exists():
-        return None
-    out = rundir.read_json(path, "written by `jaxconcept elicit`; run it again")
-    return out if isinstance(out, dict) and "run_length" in out else None
+    out = run.output("elicit.json")
+    return out if out is not None and "run_length" in out else None
 
 
-def _frozen_at(run_dir, n: int, parts=None) -> list:
+def _frozen_at(metrics: list[dict], n: int) -> list:
     """Per member, the first logged step at which training had frozen it (diverged), or None."""
     out = [None] * n
-    for r in groups.load_metrics(run_dir, parts):
+    for r in metrics:
         for i, f in enumerate(r.get("frozen", [])[:n]):
             if f and out[i] is None:
                 out[i] = r["step"]

@@ -1,7 +1,7 @@
 """Figures of a concept-space analysis (PNG, and an animated GIF), for image and vector runs.
 
-Every function takes the dict written by ``dynamics.analyze_run`` (and the run directory where
-samples are needed) and writes one file:
+Every function takes the dict written by ``dynamics.analyze_run`` (and, where samples are drawn,
+what ``dynamics.shown_samples`` read of one member's) and writes one file; none reads a run:
 
     trajectories.png      the classes' paths through concept space for every member: training
                           classes dashed, held-out solid, coloured by the swept separation, our
@@ -34,9 +34,6 @@ from matplotlib import animation as mpl_animation
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from jaxconcept import config as C
-from jaxconcept import groups
-from jaxconcept import probe as P
 from jaxconcept import rundir
 
 # Figures are built as matplotlib.figure.Figure objects and saved, never through pyplot: no
@@ -71,19 +68,6 @@ def _concept_axes(ax, analysis):
     ax.set_ylim(-0.55, 1.55)
     ax.set_aspect("equal")
     ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="0.85", lw=0.8, zorder=0)
-
-
-def _member_samples(analysis, run_dir, step, member: int, n: int):
-    """One member's first n samples per class at ``step``: [n_classes, n, *x_shape] (from its group's file)."""
-    return groups.member_samples(run_dir, step, member)[:, :n]
-
-
-def _vector_coords(run_dir, member: int, samples):
-    """Concept coordinates of vector samples [n_classes, n, D] with the member's exact probe."""
-    mc = C.members(rundir.load_config(run_dir))[member]
-    probe = P.probe_for(mc.data)
-    n_cls, n = samples.shape[:2]
-    return P.coordinates(probe, samples.reshape(n_cls * n, -1)).reshape(n_cls, n, -1)
 
 
 def _grid_image(imgs, ncol: int = 2) -> np.ndarray:
@@ -130,15 +114,15 @@ def _label_corners(ax, analysis):
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
-    """Concept-space trajectories of every member (see module docstring). Returns ``path``."""
+def trajectories(analysis: dict, shown: dict, path) -> Path:
+    """Concept-space trajectories of every member (see module docstring), with the last samples of
+    ``shown`` (``dynamics.shown_samples``). Returns ``path``."""
     colours, sm = _colour_map(analysis)
     fig = Figure(figsize=(6.4, 5.6))
     ax = fig.subplots()
     _concept_axes(ax, analysis)
-    last = analysis["steps"][-1]
     if analysis["kind"] != "vector":  # thumbnails of each class's final samples, outside its corner
-        samples = _member_samples(analysis, run_dir, last, member, 4)
+        samples = shown["samples"][-1][:, :4]
         for c, (x, y) in enumerate(_xy(analysis["corners"])):
             mosaic = _grid_image(samples[c])
             im = OffsetImage(mosaic, zoom=56.0 / mosaic.shape[1])  # about 56 pixels wide at any image size
@@ -146,7 +130,7 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
                                                              y + (0.3 if y > 0.5 else -0.3)),
                                          frameon=True, pad=0.1, arrowprops=dict(arrowstyle="-", color="0.6")))
     else:  # a scatter of one member's final samples
-        z = _xy(_vector_coords(run_dir, member, _member_samples(analysis, run_dir, last, member, 256)))
+        z = _xy(shown["samples"][-1])
         for c in range(z.shape[0]):
             ax.scatter(z[c, :, 0], z[c, :, 1], s=4, alpha=0.35, color=CLASS_COLOURS(c), lw=0, zorder=1)
     _draw_trajectories(ax, analysis, colours)
@@ -227,16 +211,14 @@ def learning_times(analysis: dict, path) -> Path:
     return _save(fig, path)
 
 
-def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40, fps: int = 4) -> Path:
-    """Animated GIF: trajectories up to each checkpoint beside that checkpoint's samples."""
-    steps = analysis["steps"]
-    frames = sorted(set(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int).tolist()))
+def animate(analysis: dict, shown: dict, path, fps: int = 4) -> Path:
+    """Animated GIF: trajectories up to each frame's checkpoint beside its samples (``shown``:
+    ``dynamics.shown_samples``; vectors as concept coordinates)."""
+    steps, frames, member = analysis["steps"], shown["frames"], shown["member"]
     colours, _ = _colour_map(analysis)
     names = analysis["class_names"]
     images = analysis["kind"] != "vector"
-    shown = [_member_samples(analysis, run_dir, steps[t], member, 6 if images else 256) for t in frames]
-    if not images:
-        shown = [_xy(_vector_coords(run_dir, member, s)) for s in shown]
+    shown = shown["samples"] if images else [_xy(s) for s in shown["samples"]]
     fig = Figure(figsize=(9.6, 4.6))
     ax, ax2 = fig.subplots(1, 2)
 
@@ -342,13 +324,13 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     return _save(fig, path)
 
 
-def all_figures(analysis: dict, run_dir, out_dir=None, by: str | None = None, colour: str | None = None) -> list[Path]:
-    """Every figure of a run into ``out_dir`` (default RUN_DIR/figures); for a sweep with a swept
-    field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
-    out = rundir.path(out_dir) if out_dir else rundir.path(run_dir) / "figures"
-    figs = [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
-            learning_times(analysis, out / "learning_times.png"),
-            animate(analysis, run_dir, out / "trajectories.gif")]
+def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, colour: str | None = None) -> list[Path]:
+    """Every figure of an analysis (``dynamics.analyze_run``) and one member's samples (``shown``:
+    ``dynamics.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
+    swept field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
+    out = rundir.path(out_dir)
+    figs = [trajectories(analysis, shown, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
+            learning_times(analysis, out / "learning_times.png"), animate(analysis, shown, out / "trajectories.gif")]
     swept = [f for f in analysis.get("swept", []) if f != "seed"]
     if by is not None or any(_numbers([m["values"].get(f) for m in analysis["members"]]) for f in swept):
         figs.append(sweep_figure(analysis, out / "sweep.png", by, colour))

@@ -451,26 +451,3 @@ def host(x):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def load_params(run_dir, step, group=None):
-    """Stacked parameters [M, ...] (real members, numpy) saved at evaluation ``step`` of a run, or
-    of one of its groups (``group``: a ``groups.Group``; rows in its member order).
-
-    Raises RunDirError: the run or its parameter file is missing, damaged or of another model, or
-    the run has several groups and none is named."""
-    from jaxconcept import groups
-
-    cfg = rundir.load_config(run_dir)
-    gs = groups.of_run(run_dir, cfg)
-    if group is None and len(gs) > 1:
-        raise rundir.RunDirError(f"{run_dir} is a sweep of {len(gs)} groups, each with its own parameters: read "
-                                 "them one group at a time (groups.of_run)")
-    group = group or gs[0]
-    ms = C.members(cfg)
-    first = ms[group.members[0]]
-    spec = D.spec(first.data)
-    net = nets.build(first.model, spec)
-    like = jax.eval_shape(lambda k: diffusion.init_params(net, first.model, spec, k), jax.random.PRNGKey(0))
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(group.members), *a.shape), a.dtype), like)
-    return rundir.load_params(group.dir, step, like)

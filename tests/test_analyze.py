@@ -15,6 +15,10 @@ STEPS = [10 * (i + 1) for i in range(12)]
 N_SAMPLES = 20
 
 
+def _figures(a, run):
+    return plots.all_figures(a, dynamics.shown_samples(run, a), run / "figures")
+
+
 def _held_out_mix(t: int, rest_end: int) -> np.ndarray:
     """Source-class proportions of the held-out class (3) at checkpoint t: centre -> class 1
     (memorised) -> rest until ``rest_end`` -> ramp to class 3 over 4 checkpoints (0.25 .. 1)."""
@@ -108,7 +112,7 @@ def test_analyze_vector_run(tmp_path):
     _check_analysis(a, cfg, rest_ends, tol_steps=2.0)
     on_disk = json.loads((tmp_path / "run" / "analysis.json").read_text())
     assert on_disk["members"][1]["learning_time"] == a["members"][1]["learning_time"]
-    _check_figures(plots.all_figures(a, tmp_path / "run"))
+    _check_figures(_figures(a, tmp_path / "run"))
 
 
 def test_analyze_image_run(tmp_path, monkeypatch, probe_cache):
@@ -117,7 +121,7 @@ def test_analyze_image_run(tmp_path, monkeypatch, probe_cache):
     make_fake_run(tmp_path / "run", cfg, rest_ends)
     a = dynamics.analyze_run(tmp_path / "run")
     _check_analysis(a, cfg, rest_ends, tol_steps=0.5)
-    _check_figures(plots.all_figures(a, tmp_path / "run"))
+    _check_figures(_figures(a, tmp_path / "run"))
 
 
 def test_cli_analyze(tmp_path, capsys):
@@ -156,7 +160,7 @@ def test_end_to_end_tiny_vector_run(tmp_path):
         assert acc.shape == (len(steps),) and np.all((acc >= 0) & (acc <= 1))
         assert np.all(np.isfinite(m["coords"][name]))
     assert set(m["turn"]) == {a["class_names"][c] for c in a["held_out"]}
-    _check_figures_names(plots.all_figures(a, tmp_path / "run"))
+    _check_figures_names(_figures(a, tmp_path / "run"))
 
 
 def _check_figures_names(paths):

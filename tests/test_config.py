@@ -181,7 +181,7 @@ def _same_as_before(new: dict, old: dict, data_cls):
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_members_probe_keys_and_run_configs_as_before(name):
-    from jaxconcept import probe, rundir
+    from jaxconcept import probe, runconfig
 
     case = BEFORE[name]
     cfg = C.load(ROOT / case["file"]) if "file" in case else C.override(C.preset(case["preset"]), case.get("sets", []))
@@ -191,7 +191,7 @@ def test_members_probe_keys_and_run_configs_as_before(name):
         _same_as_before(_flat(C.to_dict(m)), {**_flat(case["first"]), **diff}, type(m.data))
         assert probe.cache_key(m.data) == key
     assert C.from_dict(case["config"]) == cfg  # the run's old config.json loads to the same config
-    assert rundir.config_diffs(case["config"], cfg) == []  # and resumes
+    assert runconfig.config_diffs(case["config"], cfg) == []  # and resumes
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
     _leaves_close(state.ema, ema, rtol=1e-6, atol=1e-7)
     assert not np.allclose(state.ema, state.params)
     sw, final = loop.train(cfg, tmp_path, progress=False)
-    saved = stack.load_params(tmp_path, 8)
+    saved = rundir.Run(tmp_path).params(8)
     _leaves_close(saved, sw.layout.unravel(np.asarray(final.ema)), rtol=0, atol=0)
     with pytest.raises(C.ConfigError, match=r"train\.ema"):
         C.override(cfg, ["train.ema=1.0"])
@@ -120,7 +120,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     members = json.loads((tmp_path / "run" / "members.json").read_text())
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
-    params = stack.load_params(tmp_path / "run", 6)
+    params = rundir.Run(tmp_path / "run").params(6)
     _leaves_close(params, sw.layout.unravel(np.asarray(state.params)), rtol=0, atol=0)
 
 
