@@ -309,10 +309,10 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         if a is not None and "members" in a and all("path" in m for m in a["members"]):  # its claims gain claim 3
             a["claims"] = claims.table(a, out)
             rundir.write_json(run_dir / "analysis.json", a)
-        from jaxconcept import plots
+        from jaxconcept import elicit_plots
 
-        plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
-        plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
+        elicit_plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
+        elicit_plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
     return out
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxconcept.nets import tap_names

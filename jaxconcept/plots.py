@@ -1,7 +1,7 @@
 """Figures of a concept-space analysis (PNG, and an animated GIF), for image and vector runs.
 
-Every function takes the dict written by ``dynamics.analyze_run`` (and, where samples are drawn,
-what ``dynamics.shown_samples`` read of one member's) and writes one file; none reads a run:
+Every function takes the dict written by ``analyze.analyze_run`` (and, where samples are drawn,
+what ``analyze.shown_samples`` read of one member's) and writes one file; none reads a run:
 
     trajectories.png      the classes' paths through concept space for every member: training
                           classes dashed, held-out solid, coloured by the swept separation, our
@@ -17,10 +17,7 @@ what ``dynamics.shown_samples`` read of one member's) and writes one file; none 
                           by another, a panel per setting of the rest (``sweep_figure``)
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
-vector examples in concept space), and, from the dict ``elicit.elicit_run`` writes (elicit.json):
-
-    elicit.png            held-out accuracy of every elicitation arm vs step, saturation dotted
-    elicit_turn.png       each arm's emergence step minus the saturation step, per member
+vector examples in concept space). The figures of elicitation are ``elicit_plots``.
 """
 from __future__ import annotations
 
@@ -116,7 +113,7 @@ def _label_corners(ax, analysis):
 # --------------------------------------------------------------------------------------------
 def trajectories(analysis: dict, shown: dict, path) -> Path:
     """Concept-space trajectories of every member (see module docstring), with the last samples of
-    ``shown`` (``dynamics.shown_samples``). Returns ``path``."""
+    ``shown`` (``analyze.shown_samples``). Returns ``path``."""
     colours, sm = _colour_map(analysis)
     fig = Figure(figsize=(6.4, 5.6))
     ax = fig.subplots()
@@ -138,7 +135,7 @@ def trajectories(analysis: dict, shown: dict, path) -> Path:
     fig.colorbar(sm, ax=ax, label=analysis["colour_by"]["field"], shrink=0.8)
     ax.set_title(f"{analysis.get('name') or 'run'}: concept space (held out solid, training dashed;\n"
                  "* our turn, red X training classes saturated)", fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def accuracy(analysis: dict, path) -> Path:
@@ -164,7 +161,7 @@ def accuracy(analysis: dict, path) -> Path:
         ax.axis("off")
     axes[0, 0].set_ylabel("accuracy (all concepts)")
     fig.colorbar(sm, ax=axes, label=analysis["colour_by"]["field"], shrink=0.8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def learning_times(analysis: dict, path) -> Path:
@@ -208,12 +205,12 @@ def learning_times(analysis: dict, path) -> Path:
         ax.legend(fontsize=7)
     definition = analysis.get("definition", f"first step with accuracy >= {analysis['threshold']}")
     fig.suptitle(f"learning time vs concept signal\n{definition}", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def animate(analysis: dict, shown: dict, path, fps: int = 4) -> Path:
     """Animated GIF: trajectories up to each frame's checkpoint beside its samples (``shown``:
-    ``dynamics.shown_samples``; vectors as concept coordinates)."""
+    ``analyze.shown_samples``; vectors as concept coordinates)."""
     steps, frames, member = analysis["steps"], shown["frames"], shown["member"]
     colours, _ = _colour_map(analysis)
     names = analysis["class_names"]
@@ -321,12 +318,12 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     axes[0, 0].set_ylabel(f"learning time of {held} (step)")
     fig.suptitle(f"learning time (joint accuracy >= {analysis['threshold']}) vs {by}; open triangles: never",
                  fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, colour: str | None = None) -> list[Path]:
-    """Every figure of an analysis (``dynamics.analyze_run``) and one member's samples (``shown``:
-    ``dynamics.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
+    """Every figure of an analysis (``analyze.analyze_run``) and one member's samples (``shown``:
+    ``analyze.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
     swept field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
     out = rundir.path(out_dir)
     figs = [trajectories(analysis, shown, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
@@ -337,7 +334,7 @@ def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, col
     return figs
 
 
-def _save(fig, path) -> Path:
+def save(fig, path) -> Path:
     """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
     the path's suffix."""
     with rundir.atomic(path, "wb") as f:
@@ -360,7 +357,7 @@ def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
                 ax.imshow(np.clip(np.transpose(x[idx[j]], (1, 0, 2)), 0, 1), origin="lower")
         held = " (held out)" if c in spec.held_out else ""
         axes[c, 0].set_ylabel(f"{spec.class_names[c]}{held}", rotation=0, ha="right", va="center", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def data_scatter(spec, x, labels, path) -> Path:
@@ -379,73 +376,4 @@ def data_scatter(spec, x, labels, path) -> Path:
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title(f"{len(z)} examples of {spec.n_classes} classes in concept space", fontsize=9)
-    return _save(fig, path)
-
-
-ARM_STYLES = {"naive": ("k", "naive prompt"), "over_ref": ("tab:green", "overprompting (reference's colours)"),
-              "over": ("tab:blue", "overprompting (scaled)"), "latent": ("tab:red", "latent (held-out prompt)"),
-              "latent_comp": ("tab:purple", "latent (compositional)")}
-
-
-def _elicit_groups(result: dict) -> dict:
-    groups: dict = {}
-    for m in result["members"]:
-        key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
-        if m.get("mask_prob") not in (None, 1.0):
-            key += f", mask_prob={m['mask_prob']}"
-        key = ", ".join([key] + [f"{k}={v}" for k, v in m.get("values", {}).items()
-                                 if k not in ("seed", "data.sep_col", "data.m", "data.s", "data.mask_prob")])
-        groups.setdefault(key, []).append(m)
-    return groups
-
-
-def elicit_figure(result: dict, path) -> Path:
-    """Held-out accuracy vs step of every arm (naive, each overprompting, each latent
-    intervention); members grouped by their sweep setting, mean line with the seeds' spread
-    (min-max band); the median saturation step (the reference's turn marker) dotted."""
-    steps = np.asarray(result["steps"])
-    groups = _elicit_groups(result)
-    fig = Figure(figsize=(4.2 * len(groups), 3.4))
-    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
-    for ax, (key, ms) in zip(axes[0], groups.items()):
-        for kind, (colour, label) in ARM_STYLES.items():
-            if kind not in ms[0]["accuracy"]:
-                continue
-            a = np.asarray([m["accuracy"][kind] for m in ms])
-            ax.plot(steps, a.mean(0), color=colour, label=label)
-            ax.fill_between(steps, a.min(0), a.max(0), color=colour, alpha=0.12)
-        turns = [m["turn_step"] for m in ms if m.get("turn_step") is not None]
-        if turns:
-            ax.axvline(float(np.median(turns)), color="C3", ls=":", lw=1)
-        ax.axhline(result["threshold"], ls=":", color="grey")
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0, 0].set_ylabel("held-out accuracy (honest)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(result.get("definition", ""), fontsize=7)
-    return _save(fig, path)
-
-
-def elicit_turn_figure(result: dict, path) -> Path:
-    """Each arm's emergence step minus the member's saturation step (the reference's turn
-    marker), one dot per member coloured by setting: left of 0 = before the turn; members that
-    never emerge or never saturate are left out (counted in the labels)."""
-    groups = _elicit_groups(result)
-    arms = [a for a in ARM_STYLES if a in result["members"][0]["emergence_step"]]
-    fig = Figure(figsize=(6.4, 0.5 + 0.55 * len(arms)))
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["viridis"]
-    for g, (key, ms) in enumerate(groups.items()):
-        colour = cmap(g / max(1, len(groups) - 1))
-        for y, arm in enumerate(arms):
-            v = [m["emergence_minus_turn"].get(arm) for m in ms]
-            v = [x for x in v if x is not None]
-            jitter = (g - (len(groups) - 1) / 2) * 0.08
-            ax.plot(v, np.full(len(v), y + jitter), "o", ms=4, color=colour, label=key if y == 0 else None)
-    missing = [sum(m["emergence_minus_turn"].get(a) is None for m in result["members"]) for a in arms]
-    ax.set_yticks(range(len(arms)))
-    ax.set_yticklabels([f"{ARM_STYLES[a][1]} ({k} n/a)" for a, k in zip(arms, missing)], fontsize=7)
-    ax.axvline(0, color="C3", ls=":", lw=1)
-    ax.set_xlabel("emergence step - saturation step (the turn)")
-    ax.legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    return save(fig, path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import cli, dynamics, plots, rundir
+from jaxconcept import analyze, cli, plots, rundir
 from jaxconcept import config as C
 from jaxconcept import data as D
 
@@ -16,7 +16,7 @@ N_SAMPLES = 20
 
 
 def _figures(a, run):
-    return plots.all_figures(a, dynamics.shown_samples(run, a), run / "figures")
+    return plots.all_figures(a, analyze.shown_samples(run, a), run / "figures")
 
 
 def _held_out_mix(t: int, rest_end: int) -> np.ndarray:
@@ -108,7 +108,7 @@ def _check_figures(paths):
 def test_analyze_vector_run(tmp_path):
     cfg, rest_ends = _vec_cfg(), [4, 6, 5, 7]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     _check_analysis(a, cfg, rest_ends, tol_steps=2.0)
     on_disk = json.loads((tmp_path / "run" / "analysis.json").read_text())
     assert on_disk["members"][1]["learning_time"] == a["members"][1]["learning_time"]
@@ -119,7 +119,7 @@ def test_analyze_image_run(tmp_path, monkeypatch, probe_cache):
     monkeypatch.setenv("JAXCONCEPT_CACHE", str(probe_cache))
     cfg, rest_ends = C.preset("tiny"), [5]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     _check_analysis(a, cfg, rest_ends, tol_steps=0.5)
     _check_figures(_figures(a, tmp_path / "run"))
 
@@ -151,7 +151,7 @@ def test_end_to_end_tiny_vector_run(tmp_path):
 
     cfg = C.preset("vec_tiny")
     loop.train(cfg, tmp_path / "run", progress=False)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     steps = rundir.steps_with(tmp_path / "run")
     assert a["steps"] == steps and len(a["members"]) == 1
     m = a["members"][0]

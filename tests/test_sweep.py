@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, rundir
-from jaxconcept import loop, plan, stack
+from jaxconcept import loop, plan, programs, stack
 from jaxconcept.step import draw_batch, eval_loss
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
@@ -58,7 +58,7 @@ def test_any_split_of_the_steps_is_one_program_and_the_same_bits():
         if k == 5:
             assert sorted(sw._compiled) == ["advance", "init"]  # one training program for 5, 5, 2 and 1 steps
             assert sw.jitted.advance._cache_size() == 0  # nothing compiled beside the ahead-of-time programs
-            text = stack.lower(sw, "advance").as_text()
+            text = programs.lower(sw, "advance").as_text()
             assert "stablehlo.while" in text and "stablehlo.case" not in text and "stablehlo.if" not in text
     for k in (5, 13):
         _leaves_close(states[k][0], states[1][0], rtol=0, atol=0)
