@@ -1,7 +1,8 @@
 """The variational diffusion model (Kingma et al. 2021) as pure functions of an ``apply_fn``.
 
-Nothing here knows what the network is: ``apply_fn(net_params, x, t, cond, train, key)`` returns
-eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
+The model's functions do not know what the network is (only ``train_step_flops`` builds the
+configured one, to count a training step's FLOPs): ``apply_fn(net_params, x, t, cond, train,
+key)`` returns eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
 with the *configured* gamma range (SPEC A2).
 
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule

@@ -5,7 +5,7 @@ For every member and checkpoint (parameters saved by training, ``eval.save_param
   naive       - samples of the held-out prompt;
   over        - prompts pushed past the training range along the concept with the weakest concept
                 signal among those in which the held-out class differs from class 0: the one
-                learned last (``overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
+                learned last (``prompts.overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
   over_ref    - the reference's overprompting (images with a colour concept): its fixed colours
                 (0.4, 0.4, 0.6) ... (0.05, 0.05, 0.95) with size 0.3 at every separation
                 (``prompts.reference_overprompts``);

@@ -1,4 +1,5 @@
-"""The on-disk layout of a run directory, shared by training, analysis and elicitation.
+"""The run directory: its on-disk layout, its files' readers and writers, and ``Run``, the one
+reader that analysis and elicitation share.
 
     RUN_DIR/config.json           the full resolved (sweep) config, written once
     RUN_DIR/members.json          one entry per member: index, seed, its sweep values, signals
