@@ -16,6 +16,7 @@ import logging
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxconcept import rundir, store
 
@@ -93,7 +94,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
         mngr.wait_until_finished()
 
 
-def move_aside(directory, step: int, why: str) -> Path:
+def move_aside(directory, step: int, why: str) -> "epath.Path":
     """Move checkpoint ``step`` to ``<directory>.bad/`` (process 0 only) and say so in one line."""
     src = _dir(directory) / str(step)
     bad = store.path(f"{_dir(directory)}.bad")

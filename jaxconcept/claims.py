@@ -2,13 +2,14 @@
 and verdicts (``table``), printed by ``jaxconcept analyze`` and ``elicit`` and kept in
 analysis.json ("claims").
 
-1. Learning time falls as the concept signal grows: per seed, Spearman's rho of T (censored at
-   the run length) against the concept's signal over the run's settings, and its median over
-   seeds; with exactly two settings, the paired difference T(weaker) - T(stronger) per seed with
-   a bootstrap interval. Verdict: three settings or more, "reproduced" when the median rho <=
-   -0.8 and every seed's rho < 0, "partly" when the median rho < 0; two settings, "reproduced"
-   when the difference's interval lies above 0 and at least 3 in 4 seeds' differences are > 0,
-   "partly" when the mean difference > 0; else "not".
+1. Learning time falls as the concept signal grows: per replicate (a seed; in a sweep of other
+   fields too, a seed and their values: ``replicate``), Spearman's rho of T (censored at the run
+   length) against the concept's signal over the run's data settings, and its median over
+   replicates; with exactly two settings, the paired difference T(weaker) - T(stronger) per
+   replicate with a bootstrap interval. Verdict: three settings or more, "reproduced" when the
+   median rho <= -0.8 and every replicate's rho < 0, "partly" when the median rho < 0; two
+   settings, "reproduced" when the difference's interval lies above 0 and at least 3 in 4
+   replicates' differences are > 0, "partly" when the mean difference > 0; else "not".
 2. Memorise, then generalise (``dynamics.corner_path``), beside the reference's saturation marker
    and our chord-angle turn: "reproduced" when at least 75 % of the members do, "partly" 50 %.
 3. Hidden capabilities (from elicit.json): per elicitation arm, the lead over naive prompting
@@ -43,6 +44,14 @@ def setting_key(member: dict) -> str:
     return json.dumps([[member.get(k) for k in SETTING_FIELDS], _swept(member)], sort_keys=True)
 
 
+def replicate(member: dict) -> str:
+    """The member's seed and its swept values outside the data section (e.g. "0" or "0, train.lr=0.001"):
+    the members that share it form one replicate of a claim-1 series, in which only the
+    data-generating setting, and so the concept signal, varies."""
+    rest = [f"{k}={v}" for k, v in _swept(member).items() if not k.startswith("data.")]
+    return ", ".join([str(member["seed"]), *rest])
+
+
 def setting_label(member: dict) -> str:
     """A short name of the member's setting, e.g. "sep_col=0.35" or "m=[1.0, 0.2]"."""
     parts = [f"{k}={member[k]}" for k in SETTING_FIELDS if member.get(k) is not None
@@ -74,8 +83,9 @@ def time_vs_signal(members: list[dict], times: list, signals: list, run_length: 
       signals: each member's signal of the concept. run_length: where never is censored.
     Returns:
       {"by_setting": [{"setting", "signal", "mean", "n", "censored"}] ordered by signal,
-       "rho": {seed: rho or None}, "median_rho", "difference" (two settings: bootstrap of the
-       per-seed T(weaker) - T(stronger)), "verdict"}.
+       "rho": {replicate: rho or None} (``replicate``: the seed, and any swept field outside the
+       data section), "median_rho", "difference" (two settings: bootstrap of the per-replicate
+       T(weaker) - T(stronger)), "verdict"}.
     """
     t, cens = stats.censor(times, run_length)
     keys = [setting_key(m) for m in members]
@@ -86,16 +96,17 @@ def time_vs_signal(members: list[dict], times: list, signals: list, run_length: 
         by_setting.append({"setting": setting_label(members[sel[0]]), "signal": float(np.mean([signals[i] for i in sel])),
                            "mean": float(t[sel].mean()), "n": len(sel), "censored": int(cens[sel].sum())})
     rho = {}
-    for sd in sorted({m["seed"] for m in members}):
-        sel = [i for i, m in enumerate(members) if m["seed"] == sd]
-        rho[sd] = stats.spearman([signals[i] for i in sel], t[sel]) if len(sel) > 1 else None
+    reps = [replicate(m) for m in members]
+    for rep in sorted(set(reps), key=lambda r: [m["seed"] for m, rr in zip(members, reps) if rr == r][0]):
+        sel = [i for i, r in enumerate(reps) if r == rep]
+        rho[rep] = stats.spearman([signals[i] for i in sel], t[sel]) if len(sel) > 1 else None
     got = [r for r in rho.values() if r is not None]
     med = float(np.median(got)) if got else None
     diff = None
     if len(order) == 2:
         d = []
-        for sd in rho:
-            pair = [[t[i] for i, (m, kk) in enumerate(zip(members, keys)) if m["seed"] == sd and kk == k] for k in order]
+        for rep in rho:
+            pair = [[t[i] for i, (r, kk) in enumerate(zip(reps, keys)) if r == rep and kk == k] for k in order]
             if all(len(p) == 1 for p in pair):
                 d.append(pair[0][0] - pair[1][0])
         diff = {**stats.bootstrap_mean(d, seed), "positive": int(sum(x > 0 for x in d))}
@@ -107,7 +118,7 @@ def time_vs_signal(members: list[dict], times: list, signals: list, run_length: 
         verdict = "reproduced" if ok else "partly" if diff["mean"] > 0 else "not"
     else:
         verdict = "not"
-    return {"by_setting": by_setting, "rho": {str(k): v for k, v in rho.items()}, "median_rho": med,
+    return {"by_setting": by_setting, "rho": rho, "median_rho": med,
             "difference": diff, "verdict": verdict}
 
 
@@ -138,7 +149,8 @@ def claim1(analysis: dict) -> list[dict]:
             ours = "; ".join(f"{b['setting']}: {_fmt(b['mean'])}" + (f" ({b['censored']} of {b['n']} never)"
                                                                        if b["censored"] else "") for b in r["by_setting"])
             rho = ", ".join(_fmt(v, 2) for v in r["rho"].values())
-            stat = f"rho per seed {rho}; median {_fmt(r['median_rho'], 2)}"
+            per = "seed" if all(", " not in k for k in r["rho"]) else "replicate (seed, other swept fields)"
+            stat = f"rho per {per} {rho}; median {_fmt(r['median_rho'], 2)}"
             if r["difference"]:
                 stat += f"; T(weaker) - T(stronger) {_interval(r['difference'])}, > 0 in {r['difference']['positive']} of {r['difference']['n']}"
             rows.append({"claim": 1, "what": f"T of {con}, {cls}", "ours": ours, "statistic": stat,

@@ -1,6 +1,6 @@
 """The CPU demo: a small sweep trained, analysed and elicited in minutes.
 
-Its configuration is experiments/demo.json, chosen by measurement on a 2-core CPU (README.md)
+Its configuration is experiments/demo.json, chosen by measurement on a 2-core CPU (docs/demo.md)
 so that the held-out class's memorise-then-turn trajectory and its earlier emergence under
 overprompting are visible within the time budget.
 """

@@ -2,7 +2,7 @@
 whole-file writes, appended records, moving a tree aside, and the lock that keeps one training
 process per run directory.
 
-Guarantees, and where an object store gives a weaker one (README "Runs in a bucket"):
+Guarantees, and where an object store gives a weaker one (docs/outputs.md "Runs in a bucket"):
 
 - ``atomic``: a file is written whole or not at all. Locally: a temporary file beside it
   (mode 0666 less the umask, so 0644 by default), fsynced, renamed over the final name. In a

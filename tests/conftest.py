@@ -19,7 +19,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # created (and removed at exi
 if "JAXCONCEPT_TEST_PROBE_CACHE" not in os.environ:
     os.environ["JAXCONCEPT_TEST_PROBE_CACHE"] = tempfile.mkdtemp(prefix="jaxconcept_test_probes_")
     atexit.register(shutil.rmtree, os.environ["JAXCONCEPT_TEST_PROBE_CACHE"], True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# programs that compile in under 0.2 s are not worth a cache entry: the eager ops of a test (thousands,
+# each a few milliseconds) would each write one (a third of test_images' time); the command line
+# caches everything (its --compile-cache setting), so its tests see every program cached
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # the command line's size limit (cli.COMPILE_CACHE_MAX_BYTES) in every process sharing the cache: a
 # cache written without it holds no access times, which a process with it warns about
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))

@@ -38,7 +38,7 @@ def gcs():
 
 
 def _env(url):
-    """How each library reaches the server instead of Cloud Storage (README: Runs in a bucket)."""
+    """How each library reaches the server instead of Cloud Storage (docs/outputs.md: Runs in a bucket)."""
     return dict(ENV1,
                 STORAGE_EMULATOR_HOST=url,  # gcsfs (etils.epath's gs:// files), google-cloud-storage (the lock)
                 TENSORSTORE_GCS_HTTP_URL=url,  # tensorstore (orbax's arrays)

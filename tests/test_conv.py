@@ -92,15 +92,16 @@ def test_unet_explicit_equals_xla():
         cfg = C.override(C.preset("tiny"), [f'model.conv="{impl}"', "model.dropout=0.3"])
         spec = D.spec(cfg.data)
         net = nets.build(cfg.model, spec)
-        params = diffusion.init_params(net, cfg.model, spec, jax.random.PRNGKey(0))
+        params = jax.jit(lambda k: diffusion.init_params(net, cfg.model, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
         # every conv non-zero (conv_1 and conv_out start at zero and would hide their blocks)
         params = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), params)
         x = jax.random.uniform(jax.random.PRNGKey(1), (4, *spec.x_shape))
         cond = jax.random.uniform(jax.random.PRNGKey(2), (4, spec.cond_dim))
         apply_fn = diffusion.make_apply(net)
         loss = lambda p: diffusion.loss_fn(apply_fn, cfg.model, p, x, cond, jax.random.PRNGKey(3))[0]  # noqa: E731
-        eps = apply_fn(params["net"], x, jnp.full((4,), 0.3), cond, True, jax.random.PRNGKey(4))
-        out[impl] = (params, eps, jax.grad(loss)(params))
+        eps = jax.jit(apply_fn, static_argnums=4)(params["net"], x, jnp.full((4,), 0.3), cond, True,
+                                                  jax.random.PRNGKey(4))  # jitted: one program, not one per op
+        out[impl] = (params, eps, jax.jit(jax.grad(loss))(params))
     (p0, e0, g0), (p1, e1, g1) = out["xla"], out["explicit"]
     assert jax.tree.structure(p0) == jax.tree.structure(p1)
     jax.tree.map(np.testing.assert_array_equal, p0, p1)

@@ -1,5 +1,5 @@
-"""The demo's three claims (README, "What the demo shows"), checked by running part of it: its
-three concept-1 separations m1 (0.2, 0.3, 0.4), one seed, half its training budget. The README
+"""The demo's three claims (docs/demo.md), checked by running part of it: its
+three concept-1 separations m1 (0.2, 0.3, 0.4), one seed, half its training budget. docs/demo.md
 states these claims with the first crossing of 80 % (``learning_time_first_crossing`` and
 ``emergence_step_first_crossing``, kept beside the reference's smoothed measure), so that is
 what is checked here.

@@ -1,4 +1,4 @@
-"""The CPU image study's first claim (README, "Images on a CPU"), checked by running a shrunk cut
+"""The CPU image study's first claim (docs/images.md), checked by running a shrunk cut
 of it: the held-out class (blue-small) learns its colour sooner when the colour signal is larger.
 
 Two members of ``2x2_small`` (16x16 images, the small U-Net), sep_col 0.2 and 0.8, one seed,

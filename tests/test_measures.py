@@ -107,6 +107,21 @@ def _member(m1, seed):
     return {"seed": seed, "m": [1.0, m1], "s": [0.05, 0.05], "signal": {"dim1": m1 / 0.05}}
 
 
+def test_claim_1_ranks_signal_within_each_replicate_of_a_mixed_sweep():
+    """A sweep of weight decay beside the signal: rho is taken per (seed, weight decay), so a
+    setting that slows everything does not mix into the ranking of the signal."""
+    ms = [{**_member(m1, sd), "values": {"data.m": [1.0, m1], "train.weight_decay": wd, "seed": sd}}
+          for wd in (0.01, 0.05) for m1 in (0.2, 0.3, 0.4) for sd in (0, 1)]
+    times = [(3000.0 if m["values"]["train.weight_decay"] == 0.01 else 7000.0) - 4000 * m["m"][1] for m in ms]
+    r = claims.time_vs_signal(ms, times, [m["signal"]["dim1"] for m in ms], run_length=8000)
+    assert r["rho"] == {"0, train.weight_decay=0.01": -1.0, "0, train.weight_decay=0.05": -1.0,
+                        "1, train.weight_decay=0.01": -1.0, "1, train.weight_decay=0.05": -1.0}
+    assert r["verdict"] == "reproduced" and len(r["by_setting"]) == 6
+    pooled = stats.spearman([m["signal"]["dim1"] for m in ms if m["seed"] == 0],
+                            [t for m, t in zip(ms, times) if m["seed"] == 0])
+    assert pooled > -0.8  # what one rho per seed would have said
+
+
 def test_claim_1_counts_never_as_the_run_length_not_dropped():
     ms = [_member(m1, sd) for m1 in (0.15, 0.2, 0.3) for sd in (0, 1)]
     times = [None, None, 5000.0, 6000.0, 2000.0, 2500.0]  # the weakest never learns: censored at 8000

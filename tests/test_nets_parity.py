@@ -28,14 +28,15 @@ def test_shapes_taps_and_vmap_over_parameter_sets():
         net = nets.build(cfg.model, spec)
         apply_fn = diffusion.make_apply(net)
         keys = jax.random.split(jax.random.PRNGKey(0), 4)
-        stack = jax.vmap(lambda k: diffusion.init_params(net, cfg.model, spec, k))(keys)
+        stack = jax.jit(jax.vmap(lambda k: diffusion.init_params(net, cfg.model, spec, k)))(keys)  # noqa: B023
         x = jax.random.normal(jax.random.PRNGKey(1), (3, *spec.x_shape))
         t, c = jnp.full((3,), 0.5), jnp.ones((3, spec.cond_dim))
-        out = jax.vmap(lambda p: apply_fn(p["net"], x, t, c, False, keys[0]))(stack)
+        one = jax.jit(lambda p: apply_fn(p["net"], x, t, c, False, keys[0]))  # noqa: B023 - jitted: one program each
+        out = jax.jit(jax.vmap(one))(stack)
         assert out.shape == (4, 3, *spec.x_shape)
         for i in range(4):
-            p = jax.tree.map(lambda a: a[i], stack)
-            np.testing.assert_allclose(out[i], apply_fn(p["net"], x, t, c, False, keys[0]), rtol=1e-5, atol=1e-5)
+            p = jax.tree.map(lambda a: a[i], stack)  # noqa: B023
+            np.testing.assert_allclose(out[i], one(p), rtol=1e-5, atol=1e-5)
         names = nets.tap_names(net, spec)
         assert any(n.endswith("cond_c") for n in names) and any(n.endswith("cond_t") for n in names)
 
@@ -49,9 +50,10 @@ def test_bfloat16_compute_close_to_float32():
     for dtype in ("float32", "bfloat16"):
         m = C.override(cfg, [f"model.dtype=\"{dtype}\""]).model
         net = nets.build(m, spec)
-        p = diffusion.init_params(net, m, spec, jax.random.PRNGKey(0))
+        p = jax.jit(lambda k: diffusion.init_params(net, m, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
         p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), p)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))  # fp32 parameters
-        outs.append(np.asarray(diffusion.make_apply(net)(p["net"], x, t, c, False, jax.random.PRNGKey(0))))
+        apply_fn = jax.jit(diffusion.make_apply(net), static_argnums=4)  # one program, not one per op
+        outs.append(np.asarray(apply_fn(p["net"], x, t, c, False, jax.random.PRNGKey(0))))
     assert outs[1].dtype == np.float32 and np.isfinite(outs[1]).all()
     assert np.abs(outs[1] - outs[0]).max() < 0.1 * (np.abs(outs[0]).max() + 1)

@@ -11,7 +11,7 @@ convolution (YNNPACK) or a matmul, at top level and inside loops alike:
   * 1 x 1: a matmul over channels;
   * 2 x 2, stride 2, VALID (downsampling) and its transpose (upsampling): space-to-depth /
     depth-to-space reshapes around one matmul.
-Why (measured on a 2-core AMD EPYC, jax 0.10.2; README "CPU and convolutions"): XLA:CPU left the
+Why (measured on a 2-core AMD EPYC, jax 0.10.2; docs/benchmarks.md "CPU and convolutions"): XLA:CPU left the
 kernel gradient of the stride-2 conv to a generic Eigen kernel (2.8 GFLOP/s, 0.78 s of a 5.4 s 2x2
 U-Net step), and inside ``lax.scan`` it leaves the gradients' non-canonical convolutions to a naive
 loop (a 4-layer conv net's gradient 170x slower than at top level), so the CPU path could not
