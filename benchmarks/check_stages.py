@@ -182,7 +182,7 @@ class Stages:
     def start_background(self):
         """Start the PyTorch peers' process, then submit every program to the compile farm in
         priority order: the run's init, the rows, the run's evaluate, Stable Diffusion."""
-        from jaxconcept import stack
+        from jaxconcept import programs
 
         a, c = self.a, self.c
         if a.reference and c.accel:  # on a CPU it would take the cores our compiles need: it starts at its stage
@@ -195,12 +195,12 @@ class Stages:
         run_row = next(r for r in self.rows if r.members == c.run_members) if c.run_members in a.members else \
             S.Row(a.dtypes[0], c.run_members, *S.stackings(c.run_members, c.backend)[0])
         self.run_sweep = S.row_sweep(c.base, run_row, c.devices)
-        self.futures["init"] = self.farm.submit("init", lambda: stack.lower(self.run_sweep, "init"))
+        self.futures["init"] = self.farm.submit("init", lambda: programs.lower(self.run_sweep, "init"))
         for i, r in enumerate(self.rows):
             sw = self.sweeps[r] = S.row_sweep(c.base, r, c.devices)
-            self.futures[r] = self.farm.submit(r.label, lambda sw=sw: stack.lower(sw, "advance"))
+            self.futures[r] = self.farm.submit(r.label, lambda sw=sw: programs.lower(sw, "advance"))
             if i == 0 and not a.no_sampler:  # the run's evaluate early: the run needs it too
-                self.futures["evaluate"] = self.farm.submit("evaluate", lambda: stack.lower(self.run_sweep, "evaluate"))
+                self.futures["evaluate"] = self.farm.submit("evaluate", lambda: programs.lower(self.run_sweep, "evaluate"))
         if not a.no_sd:
             import sd_bench
 
@@ -278,7 +278,7 @@ class Stages:
     def sampler(self, deadline):
         import jax
 
-        from jaxconcept import stack
+        from jaxconcept import programs, stack
 
         if self.a.no_sampler:
             return self.rep.skip("sampler", "--no-sampler")
@@ -290,7 +290,7 @@ class Stages:
         compiled, info = got
         sw = self.run_sweep
         state, data = self.state
-        ins = stack.abstract_inputs(sw)["evaluate"]
+        ins = programs.abstract_inputs(sw)["evaluate"]
         prompts = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), ins[2].shape), sw.sharding())
         seeds = stack.put(sw, stack.seeds_array(sw))
 

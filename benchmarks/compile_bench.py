@@ -9,7 +9,7 @@
    ops counted with every ``func.call`` inlined (each call counts its callee's ops again): what
    XLA:GPU compiles.
 2. **CPU compile seconds** of the same three programs lowered for this CPU: one after another,
-   and side by side as training compiles them (``stack.compile_programs``).
+   and side by side as training compiles them (``programs.compile_programs``).
 3. **Programs compiled before a run's first metric**: ``jaxconcept train`` of a run shaped like
    experiments/colour_sweep_mini.json (8 members swept over sep_col, 30 evaluation points, 100
    steps per call; the first point at step 20, between multiples of 100), shrunk to the tiny
@@ -70,26 +70,26 @@ def inlined_ops(lowered) -> collections.Counter:
 
 
 def measure_ops(args) -> dict:
-    from jaxconcept import config as C, stack
+    from jaxconcept import config as C, programs, stack
 
     cfg = C.resolve(args.preset, None, args.set)
     sw = stack.build(cfg, strategy=args.strategy)
     out = {}
     for name in ("init", "advance", "evaluate"):
         t0 = time.perf_counter()
-        c = inlined_ops(stack.lower(sw, name, ("cuda",)))
+        c = inlined_ops(programs.lower(sw, name, ("cuda",)))
         out[name] = {"ops": sum(c.values()), "top": c.most_common(4), "lower_s": time.perf_counter() - t0}
     return out
 
 
 def measure_cpu_compile(args) -> dict:
-    from jaxconcept import config as C, stack
+    from jaxconcept import config as C, programs, stack
 
     cfg = C.resolve(args.preset, None, args.set)
     sw = stack.build(cfg, strategy=args.strategy)
     out = {}
     for name in ("init", "advance", "evaluate"):
-        low = stack.lower(sw, name)
+        low = programs.lower(sw, name)
         t0 = time.perf_counter()
         low.compile()
         out[name] = time.perf_counter() - t0

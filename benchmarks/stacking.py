@@ -6,7 +6,7 @@ Every configuration is the run's own config (``experiments/colour_sweep_mini.jso
 with only the member count, the compute dtype, the stacking and the convolution formulation
 changed, so the 8-member bf16 programs *are* the run's and JAX's persistent compilation cache
 serves ``jaxconcept train`` afterwards. The engine's public API is used throughout:
-``stack.build``, ``stack.lower``, ``stack.abstract_inputs``, ``stack.put``/``Sweep.sharding``.
+``stack.build``, ``programs.lower``, ``programs.abstract_inputs``, ``stack.put``/``Sweep.sharding``.
 """
 from __future__ import annotations
 

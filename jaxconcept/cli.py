@@ -1,5 +1,8 @@
 """`jaxconcept` command line: config, data, info, train, analyze, elicit, demo, sd.
 
+This module owns the arguments, the messages and the exit codes; the commands themselves are
+``commands`` (sd: ``sd.command``).
+
 Each command is a thin shell over library functions; see README.md. The library reports progress
 and warnings through the ``jaxconcept`` logger (``logging``); while a command runs, that logger
 prints one line per message on stderr (``--quiet``: warnings only), as do the library's
@@ -13,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from jaxconcept import config as C
+from jaxconcept import commands as K, config as C
+from jaxconcept.commands import CLIError  # noqa: F401 - the command line's error
 
 
 def _add_config_args(p):
@@ -21,10 +25,6 @@ def _add_config_args(p):
     p.add_argument("--config", default=None, help="JSON config file (may name a preset)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set data.sep_col=0.3 or --set 'seeds=[0,100]'")
-
-
-def _config(args) -> C.Config:
-    return C.resolve(args.preset, args.config, args.sets)
 
 
 COMPILE_CACHE_MAX_BYTES = 8 << 30  # the persistent compilation cache's size; older entries are evicted first
@@ -55,10 +55,6 @@ def _compile_cache(args) -> None:
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
 
 
-class CLIError(Exception):
-    """A bad command-line input: reported as one line, exit code 2."""
-
-
 def _threshold(text: str) -> float:
     try:
         v = float(text)
@@ -69,233 +65,19 @@ def _threshold(text: str) -> float:
     return v
 
 
-def _output_file(path: str, flag: str) -> Path:
-    """A file the command will write: its directory must exist, it must not be a directory."""
-    p = Path(path)
-    if p.is_dir():
-        raise CLIError(f"{flag} {path}: is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise CLIError(f"{flag} {path}: the directory {str(p.parent)!r} does not exist")
-    return p
-
-
-def cmd_data(args):
-    import jax
-    import numpy as np
-
-    from jaxconcept import data as D
-
-    cfg = _config(args)
-    if not (args.out or args.show):
-        raise CLIError("give --out FILE.npz and/or --show FILE.png")
-    if not 1 <= args.n_per_class <= 100_000:
-        raise CLIError(f"--n-per-class={args.n_per_class} is invalid: allowed an integer in [1, 100000]")
-    out = _output_file(args.out, "--out") if args.out else None
-    show = _output_file(args.show, "--show") if args.show else None
-    if cfg.data.kind in D.HOST_FED:
-        raise CLIError(f"data.kind={cfg.data.kind!r} has no generating process to render; it reads a dataset")
-    m = C.members(cfg)[0].data
-    if len(C.members(cfg)) > 1:
-        logging.getLogger("jaxconcept").info("the config is a sweep; rendering its first member")
-    spec, params = D.spec(m), D.params(m)
-    x, cond, labels = D.render_all(spec, params, jax.random.PRNGKey(args.seed), args.n_per_class)
-    signal = D.concept_signal(m)
-    if out:
-        with open(out, "wb") as f:
-            np.savez(f, images=np.asarray(x, np.float32), cond=np.asarray(cond), labels=np.asarray(labels),
-                     class_names=np.array(spec.class_names), **{f"signal_{k}": v for k, v in signal.items()})
-        print(f"wrote {out}: {x.shape[0]} examples of {spec.n_classes} classes; signal {signal}")
-    if show:
-        from jaxconcept import plots
-
-        plots.data_grid(spec, np.asarray(x), np.asarray(labels), show)
-        print(f"wrote {show}")
-    return 0
-
-
-def cmd_config(args):
-    """The resolved config as JSON on stdout; what it sweeps and its members on the log."""
-    import json
-
-    cfg = _config(args)
-    ms = C.members(cfg)
-    print(json.dumps(C.to_dict(cfg), indent=1, sort_keys=True))
-    log = logging.getLogger("jaxconcept")
-    log.info("%d member(s), sweeping %s", len(ms), ", ".join(C.swept_fields(cfg)) or "nothing")
-    if args.members:
-        group_of = {i: g for g, idx in enumerate(C.groups(cfg, ms)) for i in idx}
-        for i, m in enumerate(ms):
-            log.info("member %d (group %d): %s", i, group_of[i], json.dumps({**C.sweep_settings(m),
-                                                                            **C.member_values(cfg, m)}))
-    return 0
-
-
-def cmd_info(args):
-    import jax
-
-    from jaxconcept import data as D, diffusion, nets
-
-    cfg = _config(args)
-    spec = D.spec(C.members(cfg)[0].data)
-    net = nets.build(cfg.model, spec)
-    params = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
-    n = nets.param_count(params)
-    flops = diffusion.train_step_flops(cfg)
-    n_members = len(C.members(cfg))
-    print(f"preset/config: {cfg.name or '-'}; {cfg.model.arch} on {spec.kind} {spec.x_shape}, cond {spec.cond_dim}, "
-          f"compute {cfg.model.dtype}")
-    print(f"parameters: {n:,} (network {n - 2:,} + 2 schedule)")
-    print(f"FLOPs per training step (batch {cfg.train.batch_size}, forward + backward, XLA): {flops / 1e9:.3f} GFLOP")
-    print(f"whole run: {n_members} member(s) x {cfg.train.steps:,} steps = {n_members * cfg.train.steps * flops / 1e15:.3f} "
-          f"PFLOP of training")
-    print(f"tap points: {len(nets.tap_names(net, spec))}")
-    return 0
-
-
-def _distributed(args) -> None:
-    """jax.distributed.initialize with what the flags (else the JAX_* environment variables) name;
-    whatever they leave out is detected by JAX from the launcher (SLURM, Open MPI, a TPU pod), so
-    partial overrides work (e.g. JAX_COORDINATOR_ADDRESS under Open MPI). Peers that do not all
-    join within ``--join-timeout`` seconds end the process with one message, not a silent wait."""
-    import os
-    import threading
-
-    import jax
-
-    coord = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    nproc = args.num_processes if args.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
-    pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
-    try:
-        nproc = None if nproc is None else int(nproc)
-        pid = None if pid is None else int(pid)
-    except ValueError:
-        raise CLIError(f"--num-processes={nproc!r}, --process-id={pid!r}: allowed integers") from None
-    if nproc is not None and nproc < 1 or pid is not None and not 0 <= pid < (nproc if nproc is not None else pid + 1):
-        raise CLIError(f"--num-processes={nproc}, --process-id={pid}: allowed N >= 1 and 0 <= I < N")
-    if coord is not None and ":" not in str(coord):
-        raise CLIError(f"--coordinator={coord!r} is invalid: allowed HOST:PORT, e.g. 10.0.0.1:1234")
-    if not args.join_timeout > 0:
-        raise CLIError(f"--join-timeout={args.join_timeout} is invalid: allowed a number of seconds > 0")
-    timeout = args.join_timeout
-    who = "this process" if pid is None or nproc is None else f"process {pid} of {nproc}"
-    print(f"jaxconcept train: {who} waiting up to {timeout:.0f} s for its peers"
-          + (f" at {coord}" if coord else ""), file=sys.stderr, flush=True)
-
-    def give_up():  # JAX's own timeout aborts the process with a stack dump: say what happened first
-        print(f"jaxconcept train: {who}: not every process joined within {timeout:.0f} s (--join-timeout); "
-              "a peer did not start, or stopped before joining (e.g. on a bad config: see its output)",
-              file=sys.stderr, flush=True)
-        os._exit(2)
-    watchdog = threading.Timer(timeout, give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        jax.distributed.initialize(coord, nproc, pid, initialization_timeout=int(timeout) + 60)
-    except (ValueError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        missing = [f for f, v in (("--coordinator", coord), ("--num-processes", nproc), ("--process-id", pid))
-                   if v is None]
-        if missing:
-            raise CLIError("--coordinator, --num-processes and --process-id go together (or JAX_COORDINATOR_ADDRESS, "
-                           "JAX_NUM_PROCESSES, JAX_PROCESS_ID) unless a launcher JAX detects (SLURM, Open MPI, a TPU "
-                           f"pod) supplies the rest; missing {', '.join(missing)} [{msg}]") from None
-        raise CLIError(f"jax.distributed.initialize failed: {msg}") from None
-    finally:
-        watchdog.cancel()
-
-
-def cmd_train(args):
-    cfg = _config(args)
-    from jaxconcept import loop
-
-    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
-        _distributed(args)  # multi-host (TPU pod, several GPU hosts): every host runs this command
-    import jax
-
-    lead = jax.process_index() == 0
-    n = len(C.members(cfg))
-    swept = ", ".join(C.swept_fields(cfg)) or "nothing"
-    n_groups = len(C.groups(cfg))
-    groups = f" in {n_groups} groups, one after another (differing in {', '.join(C.group_fields(cfg))})" if (
-        n_groups > 1) else ""
-    if lead:
-        print(f"jaxconcept train: {n} member(s) (sweeping {swept}){groups}, {cfg.train.steps} steps -> {args.out}")
-    loop.train(cfg, args.out, progress=not args.no_progress)
-    if lead:
-        print(f"jaxconcept train: done; next: jaxconcept analyze {args.out}")
-    return 0
-
-
-def _measure(args) -> str:
-    return args.measure.replace("-", "_")
-
-
-def cmd_analyze(args):
-    from jaxconcept import claims, dynamics, plots
-
-    analysis = dynamics.analyze_run(args.run_dir, args.threshold, measure=_measure(args))
-    if args.by or args.colour:
-        try:
-            plots.sweep_axes(analysis, args.by, args.colour)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-    figs = plots.all_figures(analysis, args.run_dir, by=args.by, colour=args.colour)
-    print(f"jaxconcept analyze: {len(analysis['members'])} member(s), {len(analysis['steps'])} checkpoints; "
-          f"learning time: {analysis['definition']}")
-    for m in analysis["members"]:
-        for c in analysis["held_out"]:
-            name = analysis["class_names"][c]
-            lt = ", ".join(f"{k} {'never' if v is None else round(v)}" for k, v in m["learning_time"][name].items())
-            t = m["turn"][name]
-            turn = f"our turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn (ours)"
-            frozen = f"; frozen (diverged) at step {m['frozen_at']}" if m.get("frozen_at") is not None else ""
-            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; saturation at step "
-                  f"{m['saturation'] if m['saturation'] is not None else 'never'}; {turn}{frozen}")
-    for m in analysis["members"]:
-        if m.get("nan_samples"):
-            print(f"  member {m['index']}: {m['nan_samples']} non-finite sample(s) counted as wrong")
-    if analysis["claims"]:
-        print("claims (the summary table; analysis.json 'claims'):")
-        print(claims.format_table(analysis["claims"]))
-    print(f"jaxconcept analyze: wrote {args.run_dir}/analysis.json and " + ", ".join(str(f) for f in figs))
-    return 0
-
-
-def cmd_elicit(args):
-    from jaxconcept import claims, elicit
-
-    if args.every < 1:
-        raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
-    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
-                            measure=_measure(args))
-    print(f"jaxconcept elicit: emergence: {out['definition']}; turn = saturation of the training classes")
-    for m in out["members"]:
-        e, rel = m["emergence_step"], m["emergence_minus_turn"]
-        arms = ", ".join(f"{k} {'never' if v is None else round(v)}"
-                         + ("" if rel.get(k) is None else f" (turn {rel[k]:+.0f})") for k, v in e.items())
-        print(f"  member {m['index']} ({m['concept']} pushed): {arms}; turn {m['turn_step']}")
-    print(claims.format_table(out["claims"]))
-    print(f"wrote {args.run_dir}/elicit.json, figures/elicit.png and figures/elicit_turn.png")
-    return 0
-
-
-def cmd_demo(args):
-    from jaxconcept import demo
-
-    out = args.out or ("runs/demo_images" if args.images else "runs/demo")
-    cfg = demo.demo_config(args.sets, args.images)
-    print(f"jaxconcept demo: {len(C.members(cfg))} models x {cfg.train.steps} steps -> {out}")
-    figs = demo.run(out, progress=not args.no_progress, extra_sets=args.sets, images=args.images)["figures"]
-    print("jaxconcept demo: figures\n  " + "\n  ".join(figs))
-    return 0
-
-
 def _known_errors() -> tuple:
     """Errors that are the user's to fix: reported in one line, exit code 2."""
     from jaxconcept import data, probe, rundir
     from jaxconcept.sd import SDError
 
     return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, rundir.RunError, SDError)
+
+
+def _probe_args(p) -> None:
+    p.add_argument("--probe-cache", default=None, metavar="DIR",
+                   help="where trained concept probes are kept (default ~/.cache/jaxconcept/probes)")
+    p.add_argument("--probe-bar", type=_threshold, default=None, metavar="X",
+                   help="accuracy the probe must reach, in (0, 1] (default 0.99 images, 0.85 celeba attributes)")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -325,16 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output .npz")
     p.add_argument("--show", default=None,
                    help="output .png: a grid of examples per class (images), a scatter in concept space (vectors)")
-    p.set_defaults(fn=cmd_data)
+    p.set_defaults(fn=K.cmd_data)
 
     p = add("config", help="print the resolved config (preset, file and overrides) as JSON; its members on stderr")
     _add_config_args(p)
     p.add_argument("--members", action="store_true", help="also list every member's sweep values (stderr)")
-    p.set_defaults(fn=cmd_config)
+    p.set_defaults(fn=K.cmd_config)
 
     p = add("info", help="parameter count and FLOPs per training step of the configured model")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_info)
+    p.set_defaults(fn=K.cmd_info)
 
     p = add("train", help="train a run or a sweep (lists in sweep fields) into RUN_DIR")
     _add_config_args(p)
@@ -348,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1 (or JAX_PROCESS_ID)")
     p.add_argument("--join-timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait for every process to join before giving up with a message (default 300)")
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=K.cmd_train)
 
     p = add("analyze", help="concept-space analysis of a run: analysis.json, the claims table, figures")
     p.add_argument("run_dir")
@@ -361,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "field with numbers outside data)")
     p.add_argument("--colour", default=None, metavar="FIELD",
                    help="sweep.png: colour points by this swept field (e.g. data.sep_col; default: another swept field)")
-    p.set_defaults(fn=cmd_analyze)
+    _probe_args(p)
+    p.set_defaults(fn=K.cmd_analyze)
 
     p = add("elicit", help="hidden capabilities: overprompting and latent interventions")
     p.add_argument("run_dir")
@@ -372,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elicit at every K-th saved checkpoint (and the last): a K-th of the cost (default 1)")
     p.add_argument("--measure", choices=("reference", "first-crossing"), default="reference",
                    help="emergence: the reference's smoothed rule (default) or the first crossing")
-    p.set_defaults(fn=cmd_elicit)
+    _probe_args(p)
+    p.set_defaults(fn=K.cmd_elicit)
 
     p = add("demo", help="small CPU sweep: train, analyse, elicit, figures (about 2.5 min on 2 cores)")
     p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo_images)")
@@ -381,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set 'data.m=[2,0.25]'")
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=K.cmd_demo)
 
     from jaxconcept.sd import command as sd_command  # argparse only; the work is in jaxconcept/sd/
 

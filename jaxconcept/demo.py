@@ -29,11 +29,12 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
     of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
     the demo). A run directory holding the same config resumes.
     """
-    from jaxconcept import dynamics, elicit, loop, plots, rundir
+    from jaxconcept import analyze, elicit, loop, plots, rundir
 
     out = rundir.path(out)
     cfg = demo_config(extra_sets, images)
     loop.train(cfg, out, progress=progress)
-    plots.all_figures(dynamics.analyze_run(out), out)
+    analysis = analyze.analyze_run(out)
+    plots.all_figures(analysis, analyze.shown_samples(out, analysis), out / "figures")
     elicit.elicit_run(out, progress=progress, every=ELICIT_EVERY)
     return {"figures": sorted(str(p) for p in (out / "figures").glob("*"))}

@@ -1,7 +1,8 @@
 """The variational diffusion model (Kingma et al. 2021) as pure functions of an ``apply_fn``.
 
-Nothing here knows what the network is: ``apply_fn(net_params, x, t, cond, train, key)`` returns
-eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
+The model's functions do not know what the network is (only ``train_step_flops`` builds the
+configured one, to count a training step's FLOPs): ``apply_fn(net_params, x, t, cond, train,
+key)`` returns eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
 with the *configured* gamma range (SPEC A2).
 
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule
@@ -126,8 +127,7 @@ def loss_terms(apply_fn, model_cfg, params, x, cond, key, *, train=True, p_cfg=0
     if not train and not (_number(w_cfg) and w_cfg == 1.0):
         null = jnp.broadcast_to(_null(null_cond, cond), cond.shape)
         eps_null = apply_fn(params["net"], z_t, net_time(model_cfg, g_t), null, train, k_net)
-        guided = eps_null + w_cfg * (eps_hat - eps_null)
-        eps_hat = guided if _number(w_cfg) else jnp.where(w_cfg == 1.0, eps_hat, guided)
+        eps_hat = guidance_mix(eps_hat, eps_null, w_cfg)
     assert eps_hat.shape == x.shape, (eps_hat.shape, x.shape)
     dgamma_dt = jnp.abs(params["gamma"]["w"])  # linear schedule: gamma'(t) = |w| (learned through)
     diffusion = 0.5 * dgamma_dt * jnp.sum((eps_hat - eps) ** 2, axis=axes)
@@ -187,7 +187,14 @@ def eps_guided(apply_fn, model_cfg, params, z, g, cond, w_cfg=1.0, null_cond=Non
     eps_null = apply_fn(params["net"], z, t_in, null, False, key)
     if _number(w_cfg) and w_cfg == 0.0:
         return eps_null
-    eps_cond = apply_fn(params["net"], z, t_in, cond, False, key)
+    return guidance_mix(apply_fn(params["net"], z, t_in, cond, False, key), eps_null, w_cfg)
+
+
+def guidance_mix(eps_cond, eps_null, w_cfg):
+    """Classifier-free guidance (Ho & Salimans 2022, as the reference's sampler):
+    eps(null) + w_cfg (eps(cond) - eps(null)); eps_cond, eps_null of one shape, w_cfg a number or
+    a traced scalar. A traced w_cfg selects eps_cond where it is 1 and eps_null where it is 0: the
+    numbers of the one-call shortcuts a Python number takes (``eps_guided``)."""
     guided = eps_null + w_cfg * (eps_cond - eps_null)
     if _number(w_cfg):
         return guided

@@ -1,7 +1,7 @@
 """Learning dynamics in concept space (SPEC A3): trajectories, accuracies, learning times, turns.
 
-Pure functions over arrays, then ``analyze_run`` which applies them to every member and
-checkpoint of a run directory and writes RUN_DIR/analysis.json.
+Pure functions over arrays; ``analyze.analyze_run`` applies them to every member and checkpoint
+of a run directory and writes RUN_DIR/analysis.json.
 
 Definitions used throughout:
 
@@ -54,10 +54,8 @@ import warnings
 import numpy as np
 
 from jaxconcept import claims
-from jaxconcept import config as C
-from jaxconcept import data as D
 from jaxconcept import probe as P
-from jaxconcept import groups, rundir, stats
+from jaxconcept import stats
 
 SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
 
@@ -75,7 +73,7 @@ def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
     """
     samples = np.asarray(samples, np.float32)
     n_cls, n_s = samples.shape[:2]
-    finite = _finite(samples)  # [n_cls, n_s]
+    finite = finite_samples(samples)  # [n_cls, n_s]
     z = P.coordinates(probe, np.where(finite[..., None], samples.reshape(n_cls, n_s, -1), 0).reshape(
         n_cls * n_s, *samples.shape[2:])).reshape(n_cls, n_s, -1)
     z = np.where(finite[..., None], z, np.nan)  # non-finite samples have no coordinates
@@ -84,7 +82,7 @@ def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
         return z, np.nanmean(z, axis=1)
 
 
-def _finite(samples) -> np.ndarray:
+def finite_samples(samples) -> np.ndarray:
     """[n_classes, n_samples, *x_shape] -> [n_classes, n_samples]: the sample is all finite."""
     return np.isfinite(samples.reshape(*samples.shape[:2], -1)).all(-1)
 
@@ -100,7 +98,7 @@ def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, n
     samples = np.asarray(samples, np.float32)
     n_cls, n_s = samples.shape[:2]
     target = np.repeat(np.asarray(class_values), n_s, axis=0)  # [n_cls * n_s, n_concepts]
-    finite = _finite(samples)
+    finite = finite_samples(samples)
     clean = np.where(finite.reshape(n_cls, n_s, *([1] * (samples.ndim - 2))), samples, 0)
     ok = P.correct(probe, clean.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
     ok &= finite[..., None]  # a non-finite sample is wrong whatever the probe makes of it
@@ -387,159 +385,3 @@ def colour_axis(members: list[dict]) -> tuple[str, list]:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             return name, [float(v) for v in vals]
     return "seed", [float(m.get("seed", i)) for i, m in enumerate(members)]
-
-
-# --------------------------------------------------------------------------------------------
-# A run directory
-# --------------------------------------------------------------------------------------------
-def _round(a, nd=4):
-    return np.round(np.asarray(a, np.float64), nd).tolist()
-
-
-def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "reference", probe_kw: dict | None = None,
-                turn_kw: dict | None = None, write: bool = True) -> dict:
-    """Concept-space analysis of every member and checkpoint of a run; writes analysis.json.
-
-    Args:
-      run_dir: a run directory (rundir.py layout) with at least one samples/step_*.npz.
-      threshold: accuracy that counts as learned by ``measure`` (default: the measure's, ``THRESHOLDS``).
-      measure: the learning-time measure of "learning_time" and the figures, "reference" (default) or
-        "first_crossing"; the other measure (at its own default threshold) is kept beside it.
-      probe_kw: keyword arguments for ``probe.probe_for`` (e.g. k, max_steps).
-      turn_kw: keyword arguments for ``sudden_turn``.
-      write: write RUN_DIR/analysis.json.
-    Returns:
-      The analysis dict: run-level description ("steps", "run_length", "measure", "definition",
-      "concepts", "class_names", ...), "probes" (test accuracy of each probe), "members" (per
-      member: config values, signals, probe, "learning_time" {class: {concept|"joint": step|None}}
-      by ``measure`` and "learning_time_<other measure>" beside it, "turn" {held-out class: our
-      detector}, "saturation" (step or None) and "saturation_msd" [T], "path" {held-out class:
-      ``corner_path`` and "memo"}, "accuracy" {class: {concept|"joint": [T]}}, "coords" {class:
-      [T][n_concepts]}), "summary" (learning time vs signal/separation per class and concept) and
-      "claims" (``claims.table``; claim 3 when RUN_DIR/elicit.json is there).
-    Raises:
-      rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
-      ValueError: an unknown measure.
-    """
-    run_dir = rundir.path(run_dir)
-    cfg = rundir.load_config(run_dir)
-    parts = groups.of_run(run_dir, cfg)  # a sweep of several groups is read group by group, as one run
-    steps = groups.steps_with(run_dir, "samples", parts)
-    if not steps:
-        raise rundir.RunDirError(f"{run_dir} has no samples (samples/step_*.npz): train it first, "
-                                 "or wait for the first evaluation point")
-    member_cfgs = C.members(cfg)
-    try:
-        members = rundir.load_members(run_dir)
-    except rundir.RunDirError:  # missing or unreadable: what matters can be recomputed from the config
-        members = [{"index": i, **C.sweep_settings(m), "values": C.member_values(cfg, m),
-                    "signal": D.concept_signal(m.data)} for i, m in enumerate(member_cfgs)]
-    if len(members) != len(member_cfgs):
-        raise rundir.RunDirError(f"{run_dir}: members.json lists {len(members)} members, the config {len(member_cfgs)}; "
-                                 "delete members.json to have it rebuilt")
-    frozen_at = _frozen_at(run_dir, len(members), parts)
-    spec = D.spec(member_cfgs[0].data)
-    table = P.class_value_table(spec)
-    names = spec.class_names
-    train_corners = corners(spec.values, table)[list(spec.train_classes)]
-
-    probes: dict = {}
-    member_probe = []
-    for mc in member_cfgs:
-        key = P.cache_key(mc.data)
-        if key not in probes:
-            probes[key] = P.probe_for(mc.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})})
-        member_probe.append(key)
-
-    n_m, n_t = len(members), len(steps)
-    coords = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
-    acc = np.zeros((n_m, n_t, spec.n_classes, len(spec.concepts)))
-    joint = np.zeros((n_m, n_t, spec.n_classes))
-    nan_samples = np.zeros(n_m, int)
-    for t, step in enumerate(steps):
-        for part in parts:
-            samples = rundir.load_samples(part.dir, step)["samples"]  # [M_group, n_classes, n_samples, *x_shape]
-            if samples.shape[0] != len(part.members) or samples.shape[1] != spec.n_classes:
-                raise rundir.RunDirError(f"{part.dir}: samples at step {step} have shape {samples.shape}, expected "
-                                         f"[{len(part.members)}, {spec.n_classes}, n_samples, ...]")
-            for row, i in enumerate(part.members):
-                nan_samples[i] += int((~_finite(samples[row])).sum())
-                pr = probes[member_probe[i]]
-                coords[i, t] = class_coordinates(pr, samples[row])[1]
-                acc[i, t], joint[i, t] = class_accuracy(pr, samples[row], table)
-
-    if measure not in MEASURES:
-        raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(MEASURES)}")
-    threshold = THRESHOLDS[measure] if threshold is None else threshold
-    other = next(k for k in MEASURES if k != measure)
-    all_corners = corners(spec.values, table)
-    records = []
-    for i, m in enumerate(members):
-        lt, lt_other, turns, paths, accd, crd = {}, {}, {}, {}, {}, {}
-        for c, name in enumerate(names):
-            curves = {con: acc[i, :, c, j] for j, con in enumerate(spec.concepts)}
-            curves["joint"] = joint[i, :, c]
-            lt[name] = {k: learning_time(steps, v, threshold, measure) for k, v in curves.items()}
-            lt_other[name] = {k: learning_time(steps, v, None, other) for k, v in curves.items()}
-            accd[name] = {k: _round(v) for k, v in curves.items()}
-            crd[name] = _round(coords[i, :, c])
-            if c in spec.held_out:
-                tr = sudden_turn(steps, coords[i, :, c], train_corners, **(turn_kw or {}))
-                tr["nearest"] = names[spec.train_classes[tr["nearest"]]]
-                turns[name] = tr
-                memo = memorised_class(spec, c, m.get("signal", {}))
-                paths[name] = {**corner_path(steps, coords[i, :, c], all_corners, c, memo), "memo": names[memo]}
-        sat, msd = saturation(steps, coords[i][:, list(spec.train_classes)].transpose(1, 0, 2), train_corners)
-        records.append({**{k: m.get(k) for k in ("index", "seed", "sep_col", "sep_size", "m", "s", "attributes",
-                                                 "mask_prob")},
-                        "group": m.get("group", 0), "values": m.get("values", {}),
-                        "signal": m.get("signal", {}), "probe": member_probe[i], "frozen_at": frozen_at[i],
-                        "nan_samples": int(nan_samples[i]), "learning_time": lt, f"learning_time_{other}": lt_other,
-                        "turn": turns, "saturation": sat, "saturation_msd": _round(msd), "path": paths,
-                        "accuracy": accd, "coords": crd})
-
-    run_length = cfg.train.steps
-    summary = {name: {con: summarize_times(records, name, con, run_length) for con in (*spec.concepts, "joint")}
-               for name in names}
-    axis, axis_values = colour_axis(records)
-    out = {
-        "run_dir": str(run_dir), "name": cfg.name, "kind": spec.kind, "threshold": threshold, "steps": steps,
-        "run_length": run_length, "measure": measure, "definition": definition(measure, threshold),
-        "other_measure": {"measure": other, "definition": definition(other, THRESHOLDS[other])},
-        "turn_marker": f"saturation: first checkpoint at which the training classes' mean squared distance to their "
-                       f"corners (trajectories smoothed by a Gaussian of sigma {SIGMA_TURN} checkpoints) is < {SATURATED}",
-        "swept": C.swept_fields(cfg), "groups": len(parts),
-        "concepts": list(spec.concepts), "values": list(spec.values),
-        "value_names": [list(v) for v in spec.value_names], "class_names": list(names),
-        "train_classes": list(spec.train_classes), "held_out": list(spec.held_out),
-        "corners": _round(all_corners), "colour_by": {"field": axis, "values": axis_values},
-        "probes": {k: {"kind": p.kind, "min_accuracy": float(np.min(p.accuracy)), "accuracy": _round(p.accuracy),
-                       # the worst class and concept on draws at the corners of the class boxes (images)
-                       "corner_min_accuracy": None if p.corner_accuracy is None else float(np.min(p.corner_accuracy)),
-                       "corner_accuracy": None if p.corner_accuracy is None else _round(p.corner_accuracy)}
-                   for k, p in probes.items()},
-        "members": records, "summary": summary,
-    }
-    out["claims"] = claims.table(out, elicitation(run_dir))
-    if write:
-        rundir.write_json(run_dir / "analysis.json", out)
-    return out
-
-
-def elicitation(run_dir) -> dict | None:
-    """RUN_DIR/elicit.json when it exists and holds the arms and run length of today's format, else None."""
-    path = rundir.path(run_dir) / "elicit.json"
-    if not path.exists():
-        return None
-    out = rundir.read_json(path, "written by `jaxconcept elicit`; run it again")
-    return out if isinstance(out, dict) and "run_length" in out else None
-
-
-def _frozen_at(run_dir, n: int, parts=None) -> list:
-    """Per member, the first logged step at which training had frozen it (diverged), or None."""
-    out = [None] * n
-    for r in groups.load_metrics(run_dir, parts):
-        for i, f in enumerate(r.get("frozen", [])[:n]):
-            if f and out[i] is None:
-                out[i] = r["step"]
-    return out

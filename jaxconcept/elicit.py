@@ -5,10 +5,10 @@ For every member and checkpoint (parameters saved by training, ``eval.save_param
   naive       - samples of the held-out prompt;
   over        - prompts pushed past the training range along the concept with the weakest concept
                 signal among those in which the held-out class differs from class 0: the one
-                learned last (``overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
+                learned last (``prompts.overprompts``; colour in the paper), at each of ``OVER_STRENGTHS``;
   over_ref    - the reference's overprompting (images with a colour concept): its fixed colours
                 (0.4, 0.4, 0.6) ... (0.05, 0.05, 0.95) with size 0.3 at every separation
-                (``interventions.reference_overprompts``);
+                (``prompts.reference_overprompts``);
   latent      - adding strength x (activation(held-out prompt) - activation(the prompt differing in
                 that concept)) at every concept projection (``steering_edits``), at each of
                 ``LATENT_STRENGTHS``: overprompting in activation space, built from the held-out prompt;
@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion, dynamics, groups, interventions as I, nets, probe as P, rundir
+from jaxconcept import config as C, data as D, diffusion, dynamics, interventions as I, nets, probe as P, rundir
+from jaxconcept import prompts as PR
+from jaxconcept.step import sampler_args
 
 OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
@@ -70,8 +73,7 @@ def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec
     key) and composed(params, cond_a, cond_b, cond_c, alphas [S], key) -> [S, n, *x_shape]."""
     net = nets.build(model_cfg, spec)
     n = eval_cfg.n_samples
-    kw = dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg, null_cond=D.null_cond(spec),
-              output=eval_cfg.sampler_output, loop_safe=nets.loop_safe(model_cfg))
+    kw = sampler_args(eval_cfg, spec, loop_safe=nets.loop_safe(model_cfg))
     plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), model_cfg, p, c, kk, **kw))
 
     def steered(p, cond_from, cond_to, alpha, kk):
@@ -108,7 +110,7 @@ class Setting:
     samplers: tuple  # (plain, steered, composed): see ``_samplers``
     n_over: int = len(OVER_STRENGTHS)  # S
     n_ref: int = 0  # R: the reference's fixed overprompts (0: none for this data)
-    comp: tuple | None = None  # (cond_a, cond_b, cond_c) of ``interventions.composition_classes``, or None
+    comp: tuple | None = None  # (cond_a, cond_b, cond_c) of ``prompts.composition_classes``, or None
 
 
 def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, samplers=None,
@@ -120,18 +122,15 @@ def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, 
     dp = D.params(member.data)
     h = spec.held_out[0]
     k = target_concept(member, h, concept)
-    vals = list(spec.class_values(h))
-    ref_vals = list(vals)
-    ref_vals[k] = 0
     prompts = D.prompts(spec, dp)
-    parts = [prompts[h][None], I.overprompts(spec, dp, h, k, over)]
-    ladder = I.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
+    parts = [prompts[h][None], PR.overprompts(spec, dp, h, k, over)]
+    ladder = PR.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
     if ladder is not None:
         parts.append(ladder)
-    abc = I.composition_classes(spec, h, k)
-    target = np.tile(np.asarray(vals)[None], (member.eval.n_samples, 1))
+    abc = PR.composition_classes(spec, h, k)
+    target = np.tile(np.asarray(spec.class_values(h))[None], (member.eval.n_samples, 1))
     sampling = dataclasses.replace(member.model, dropout=0.0, init_scale=1.0)  # training-only: one sampler for all
-    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[int(np.ravel_multi_index(ref_vals, spec.values))],
+    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[PR.reference_class(spec, h, k)],
                    prompts[h], target, probe, samplers or _samplers(sampling, member.eval, spec), n_over=len(over),
                    n_ref=0 if ladder is None else len(ladder), comp=None if abc is None else tuple(prompts[c] for c in abc))
 
@@ -227,7 +226,7 @@ def _curves(recs: list[dict]) -> dict:
 
 def strengths(arm: str) -> tuple:
     """The strengths (or, for "over_ref", the reference's colours) of an arm."""
-    return {"over": OVER_STRENGTHS, "over_ref": I.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
+    return {"over": OVER_STRENGTHS, "over_ref": PR.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
             "latent_comp": COMP_STRENGTHS}[arm]
 
 
@@ -250,36 +249,31 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(dynamics.MEASURES)}")
     from tqdm.auto import tqdm
 
-    from jaxconcept import claims, stack
+    from jaxconcept import claims
     from jaxconcept.step import member_keys
 
-    run_dir = rundir.path(run_dir)
-    cfg = rundir.load_config(run_dir)
-    members = C.members(cfg)
+    run = rundir.Run(run_dir)
+    run_dir, cfg, members = run.dir, run.config, run.member_configs
     if not D.spec(members[0].data).held_out:
         raise rundir.RunDirError(f"{run_dir}: its config holds no class out (every class is trained), and "
                                  "elicitation measures how a held-out class emerges; train a run that holds one "
                                  "out (data.held_out, or for vectors data.train_classes)")
-    parts = groups.of_run(run_dir, cfg)  # a sweep of several groups: each group's parameters in turn
-    steps = groups.steps_with(run_dir, "params", parts)
+    steps = run.steps("params")  # a sweep of several groups: each group's parameters in turn
     if not steps:
         raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
     steps = sorted(set(steps[::every]) | {steps[-1]})
-    try:
-        info = rundir.load_members(run_dir)
-    except rundir.RunDirError:
-        info = [{"index": i, **C.sweep_settings(m), "values": C.member_values(cfg, m)} for i, m in enumerate(members)]
+    info = run.members()
     settings = [setting(cfg, m, P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
                         concept) for m in members]
     keys = [member_keys(int(m.seeds[0]))["elicit"] for m in members]
     recs = [[] for _ in members]
     for s in tqdm(steps, desc="elicit", unit="checkpoint", disable=not progress, dynamic_ncols=True):
-        for part in parts:
-            stacked = stack.load_params(run_dir, s, part)  # one checkpoint of a group's members at a time
+        for part in run.groups:
+            stacked = run.params(s, part)  # one checkpoint of a group's members at a time
             for row, i in enumerate(part.members):
                 p = jax.tree.map(lambda a: jnp.asarray(a[row]), stacked)
                 recs[i].append(elicit_step(settings[i], p, jax.random.fold_in(keys[i], s)))
-    turns = _turn_steps(run_dir)
+    turns = _turn_steps(run)
     other = next(k for k in dynamics.MEASURES if k != measure)
     out = {"run_dir": str(run_dir), "threshold": threshold, "steps": steps, "run_length": cfg.train.steps,
            "measure": measure, "definition": dynamics.definition(measure, threshold).replace("T =", "emergence ="),
@@ -299,9 +293,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         sat, det = turns.get(i, (None, None))
         early = {k: (None if emerge["naive"] is None or emerge[k] is None else emerge["naive"] - emerge[k])
                  for k in arms[1:]}
-        out["members"].append({**{k: info[i].get(k) for k in ("index", "seed", *claims.SETTING_FIELDS)},
-                               "group": info[i].get("group", 0), "values": info[i].get("values", {}),
-                               "concept": st.concept, "accuracy": acc, "emergence_step": emerge,
+        out["members"].append({**rundir.member_header(info[i]), "concept": st.concept, "accuracy": acc, "emergence_step": emerge,
                                f"emergence_step_{other}": emerge_other,
                                "chosen_strength": {a: [strengths(a)[j] for j in curves[f"{a}_strength"]]
                                                    for a in ARMS if a in curves},
@@ -313,16 +305,14 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
     out["claims"] = claims.claim3(out)
     if write:
         rundir.write_json(run_dir / "elicit.json", out)
-        analysis = run_dir / "analysis.json"
-        if analysis.exists():  # the run's claims table gains claim 3
-            a = rundir.read_json(analysis, "written by `jaxconcept analyze`; run it again")
-            if isinstance(a, dict) and "members" in a and all("path" in m for m in a["members"]):
-                a["claims"] = claims.table(a, out)
-                rundir.write_json(analysis, a)
-        from jaxconcept import plots
+        a = run.output("analysis.json")
+        if a is not None and "members" in a and all("path" in m for m in a["members"]):  # its claims gain claim 3
+            a["claims"] = claims.table(a, out)
+            rundir.write_json(run_dir / "analysis.json", a)
+        from jaxconcept import elicit_plots
 
-        plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
-        plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
+        elicit_plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
+        elicit_plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
     return out
 
 
@@ -330,14 +320,16 @@ def _minus(emerge: dict, turn) -> dict:
     return {k: (None if v is None or turn is None else v - turn) for k, v in emerge.items()}
 
 
-def _turn_steps(run_dir) -> dict:
-    """{member index: (saturation step, our detector's turn step)} from analysis.json, when present."""
-    path = run_dir / "analysis.json"
-    if not path.exists():
+def _turn_steps(run: rundir.Run) -> dict:
+    """{member index: (saturation step, our detector's turn step)} from analysis.json; when it is
+    missing, one log line says so and every turn is null."""
+    analysis = run.output("analysis.json")
+    if analysis is None:
+        logging.getLogger(__name__).warning(f"{run.dir}/analysis.json is missing: the turn fields of elicit.json are "
+                                            "null (run `jaxconcept analyze` first to have them)")
         return {}
-    analysis = rundir.read_json(path, "written by `jaxconcept analyze`; run it again")
     out = {}
-    for m in analysis.get("members", []) if isinstance(analysis, dict) else []:
+    for m in analysis.get("members", []):
         turn = m.get("turn") if isinstance(m, dict) and "index" in m else None
         first = next(iter(turn.values()), None) if isinstance(turn, dict) else None
         if isinstance(first, dict):

@@ -1,4 +1,5 @@
-"""Interventions: pure transforms of named activations (``Tap`` outputs) during ``apply``.
+"""Interventions: pure transforms of named activations (``Tap`` outputs) during ``apply``, and the
+latent steering and composition edits built from them (prompt arithmetic is ``prompts``).
 
 An ``Edit`` names a tap point and an operation; its ``value`` and ``strength`` are arrays (pytree
 leaves), so ``jit``/``vmap`` sweep over them without recompiling. ``intervene(net, edits)``
@@ -15,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxconcept.nets import tap_names
@@ -147,70 +147,3 @@ def compositional_edits(net, spec, net_params, cond_a, cond_b, cond_c, strength)
     x = jnp.zeros((3, *spec.x_shape))
     acts = capture(net, net_params, x, jnp.zeros((3,)), jnp.stack([cond_a, cond_b, cond_c]), points)
     return [Edit(p, "replace", value=acts[p][0] + strength * (acts[p][1] - acts[p][2])) for p in points]
-
-
-def composition_classes(spec, cls: int, concept: int):
-    """(a, b, c) training classes whose projections compose class ``cls`` along ``concept``:
-    a = ``cls`` with ``concept`` at value 0; b = every other concept at 0, ``concept`` at cls's
-    value; c = class 0. None when one of them is not a training class (or ``cls`` is one of them)."""
-    vals = list(spec.class_values(cls))
-    a = list(vals)
-    a[concept] = 0
-    b = [0] * len(vals)
-    b[concept] = vals[concept]
-    out = tuple(int(np.ravel_multi_index(v, spec.values)) for v in (a, b, [0] * len(vals)))
-    return out if all(k in spec.train_classes for k in out) and cls not in out else None
-
-
-# The reference's overprompting (scripts/get_capability.py): these colours for the held-out
-# blue-small at every sep_col, with size 0.3, the rest of the prompt zero.
-REFERENCE_COLOURS = ((0.4, 0.4, 0.6), (0.35, 0.35, 0.65), (0.25, 0.25, 0.75), (0.15, 0.15, 0.85), (0.05, 0.05, 0.95))
-REFERENCE_SIZE = 0.3
-
-
-def reference_overprompts(spec, params, cls: int):
-    """The reference's fixed overprompts of image class ``cls``: its prompt with the colour set to
-    each of ``REFERENCE_COLOURS`` and the size to ``REFERENCE_SIZE`` (where the prompt holds them:
-    a masked concept stays zero). Returns [5, cond_dim], or None for data without a colour concept."""
-    from jaxconcept import data as D
-
-    if spec.kind != "images" or "colour" not in spec.concepts:
-        return None
-    from jaxconcept.data.images import SLOTS
-
-    p = jnp.repeat(D.prompts(spec, params)[cls][None], len(REFERENCE_COLOURS), 0)
-    col, size = SLOTS["colour"], SLOTS["size"]
-    held = p[0]
-    if bool(jnp.any(held[col] != 0)):
-        p = p.at[:, col].set(jnp.asarray(REFERENCE_COLOURS, jnp.float32))
-    if "size" in spec.concepts and bool(jnp.any(held[size] != 0)):
-        p = p.at[:, size].set(REFERENCE_SIZE)
-    return p
-
-
-def overprompts(spec, params, cls: int, concept: int, strengths):
-    """Prompts for class ``cls`` pushed beyond the training range along concept ``concept``.
-
-    Images, colour: each channel c -> 0.5 + (c - 0.5)(1 + s) (for sep_col 0.2 and s in
-    0, 0.5, 1.5, 2.5, 3.5 this gives SPEC A4's (0.4,0.4,0.6) ... (0.05,0.05,0.95)); other concepts
-    and vectors: p + s (p - p_ref), p_ref the prompt of the class that differs from ``cls`` only
-    in that concept (value 0). Image prompts are clipped to [0, 1]. Returns [S, cond_dim].
-    """
-    from jaxconcept import data as D
-
-    pr = D.prompts(spec, params)
-    vals = list(spec.class_values(cls))
-    vals[concept] = 0
-    ref = pr[int(np.ravel_multi_index(vals, spec.values))]
-    s = jnp.asarray(strengths, jnp.float32)[:, None]
-    p = pr[cls][None, :]
-    if spec.kind == "images":
-        from jaxconcept.data.images import SLOTS
-
-        out = p + s * (p - ref[None, :])
-        if spec.concepts[concept] == "colour":
-            sl = SLOTS["colour"]
-            col = 0.5 + (p[:, sl] - 0.5) * (1 + s)
-            out = out.at[:, sl].set(col)
-        return jnp.clip(out, 0.0, 1.0)
-    return p + s * (p - ref[None, :])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxconcept import checkpoint, config as C, data as D, plan, rundir, stack
+from jaxconcept import checkpoint, config as C, data as D, plan, rundir, runconfig, stack
 from jaxconcept.rundir import EXIT_STOPPED, RunError, Stopped  # noqa: F401 - part of train's API
 from jaxconcept.step import eval_params
 
@@ -91,7 +91,7 @@ def train(cfg: C.Config, run_dir, *, progress: bool = True, devices=None, stop_a
         _summary_writer()  # missing tensorboardX is refused before anything is written
     lead = jax.process_index() == 0
     try:
-        rundir.prepare(cfg, run_dir)
+        runconfig.prepare(cfg, run_dir)
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
         with rundir.lock(run_dir) if lead else contextlib.nullcontext(), _StopRequests() as stops:
@@ -128,7 +128,7 @@ def check_processes_agree(cfg: C.Config) -> None:
     problems = []
     for i, other in enumerate(runs[1:], 1):
         diffs = [f"{k} {runs[0][k]} vs {other[k]}" for k in ("jaxconcept", "jax") if other[k] != runs[0][k]]
-        flat0, flat = rundir.flat_dict(runs[0]["config"]), rundir.flat_dict(other["config"])
+        flat0, flat = runconfig.flat_dict(runs[0]["config"]), runconfig.flat_dict(other["config"])
         diffs += [f"{k} {flat0.get(k)!r} vs {flat.get(k)!r}" for k in sorted(set(flat0) | set(flat))
                   if flat0.get(k) != flat.get(k)]
         if diffs:
@@ -136,16 +136,6 @@ def check_processes_agree(cfg: C.Config) -> None:
     if problems:
         raise RunError(f"the {len(runs)} processes of this run disagree (process 0's value vs theirs): "
                        + "; ".join(problems) + "; start every process with the same config and versions")
-
-
-def member_records(cfg: C.Config, members=None, groups=None) -> list[dict]:
-    """members.json: per member of ``cfg``, its index, group, data sweep settings (the keys of
-    ``C.sweep_settings``), "values" (its value of every swept field, ``C.member_values``) and
-    concept signals. ``members``, ``groups``: ``C.members(cfg)`` and ``C.groups(cfg)``, if at hand."""
-    members = C.members(cfg) if members is None else members
-    group_of = {i: g for g, idx in enumerate(C.groups(cfg, members) if groups is None else groups) for i in idx}
-    return [{"index": i, "group": group_of[i], **C.sweep_settings(m), "values": C.member_values(cfg, m),
-             "signal": {k: float(v) for k, v in D.concept_signal(m.data).items()}} for i, m in enumerate(members)]
 
 
 def _train_groups(cfg, run_dir, *, progress, devices, stop_after, stops):
@@ -156,8 +146,8 @@ def _train_groups(cfg, run_dir, *, progress, devices, stop_after, stops):
     groups = C.groups(cfg, ms)
     if jax.process_index() == 0:
         log.info("config (what differs from the defaults; all of it: `jaxconcept config` or RUN_DIR/config.json): "
-                 "%s", rundir.differences_from_defaults(cfg))
-        rundir.write_run_files(run_dir, cfg, member_records(cfg, ms, groups))
+                 "%s", runconfig.differences_from_defaults(cfg))
+        runconfig.write_run_files(run_dir, cfg, rundir.member_records(cfg, ms, groups))
     out = None
     for g, idx in enumerate(groups):
         where = rundir.group_dir(run_dir, g, len(groups))
@@ -356,9 +346,5 @@ def _write_scalars(board, record: dict) -> None:
 
 
 def _describe(m: C.Config) -> str:
-    d = m.data
-    if d.kind == "images":
-        return f"sep_col={d.sep_col}, sep_size={d.sep_size}, seed={m.seeds[0]}"
-    if d.kind == "celeba":
-        return f"attributes={list(d.attributes)}, seed={m.seeds[0]}"
-    return f"m={list(d.m)}, s={list(d.s)}, seed={m.seeds[0]}"
+    """A member's seed and data sweep fields, e.g. "seed=0, sep_col=0.2, ..."."""
+    return ", ".join(f"{k}={v}" for k, v in C.sweep_settings(m).items() if v is not None)

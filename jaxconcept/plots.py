@@ -1,7 +1,7 @@
 """Figures of a concept-space analysis (PNG, and an animated GIF), for image and vector runs.
 
-Every function takes the dict written by ``dynamics.analyze_run`` (and the run directory where
-samples are needed) and writes one file:
+Every function takes the dict written by ``analyze.analyze_run`` (and, where samples are drawn,
+what ``analyze.shown_samples`` read of one member's) and writes one file; none reads a run:
 
     trajectories.png      the classes' paths through concept space for every member: training
                           classes dashed, held-out solid, coloured by the swept separation, our
@@ -17,10 +17,7 @@ samples are needed) and writes one file:
                           by another, a panel per setting of the rest (``sweep_figure``)
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
-vector examples in concept space), and, from the dict ``elicit.elicit_run`` writes (elicit.json):
-
-    elicit.png            held-out accuracy of every elicitation arm vs step, saturation dotted
-    elicit_turn.png       each arm's emergence step minus the saturation step, per member
+vector examples in concept space). The figures of elicitation are ``elicit_plots``.
 """
 from __future__ import annotations
 
@@ -34,9 +31,6 @@ from matplotlib import animation as mpl_animation
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from jaxconcept import config as C
-from jaxconcept import groups
-from jaxconcept import probe as P
 from jaxconcept import rundir
 
 # Figures are built as matplotlib.figure.Figure objects and saved, never through pyplot: no
@@ -71,19 +65,6 @@ def _concept_axes(ax, analysis):
     ax.set_ylim(-0.55, 1.55)
     ax.set_aspect("equal")
     ax.plot([0, 1, 1, 0, 0], [0, 0, 1, 1, 0], color="0.85", lw=0.8, zorder=0)
-
-
-def _member_samples(analysis, run_dir, step, member: int, n: int):
-    """One member's first n samples per class at ``step``: [n_classes, n, *x_shape] (from its group's file)."""
-    return groups.member_samples(run_dir, step, member)[:, :n]
-
-
-def _vector_coords(run_dir, member: int, samples):
-    """Concept coordinates of vector samples [n_classes, n, D] with the member's exact probe."""
-    mc = C.members(rundir.load_config(run_dir))[member]
-    probe = P.probe_for(mc.data)
-    n_cls, n = samples.shape[:2]
-    return P.coordinates(probe, samples.reshape(n_cls * n, -1)).reshape(n_cls, n, -1)
 
 
 def _grid_image(imgs, ncol: int = 2) -> np.ndarray:
@@ -130,15 +111,15 @@ def _label_corners(ax, analysis):
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
-    """Concept-space trajectories of every member (see module docstring). Returns ``path``."""
+def trajectories(analysis: dict, shown: dict, path) -> Path:
+    """Concept-space trajectories of every member (see module docstring), with the last samples of
+    ``shown`` (``analyze.shown_samples``). Returns ``path``."""
     colours, sm = _colour_map(analysis)
     fig = Figure(figsize=(6.4, 5.6))
     ax = fig.subplots()
     _concept_axes(ax, analysis)
-    last = analysis["steps"][-1]
     if analysis["kind"] != "vector":  # thumbnails of each class's final samples, outside its corner
-        samples = _member_samples(analysis, run_dir, last, member, 4)
+        samples = shown["samples"][-1][:, :4]
         for c, (x, y) in enumerate(_xy(analysis["corners"])):
             mosaic = _grid_image(samples[c])
             im = OffsetImage(mosaic, zoom=56.0 / mosaic.shape[1])  # about 56 pixels wide at any image size
@@ -146,7 +127,7 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
                                                              y + (0.3 if y > 0.5 else -0.3)),
                                          frameon=True, pad=0.1, arrowprops=dict(arrowstyle="-", color="0.6")))
     else:  # a scatter of one member's final samples
-        z = _xy(_vector_coords(run_dir, member, _member_samples(analysis, run_dir, last, member, 256)))
+        z = _xy(shown["samples"][-1])
         for c in range(z.shape[0]):
             ax.scatter(z[c, :, 0], z[c, :, 1], s=4, alpha=0.35, color=CLASS_COLOURS(c), lw=0, zorder=1)
     _draw_trajectories(ax, analysis, colours)
@@ -154,7 +135,7 @@ def trajectories(analysis: dict, run_dir, path, member: int = 0) -> Path:
     fig.colorbar(sm, ax=ax, label=analysis["colour_by"]["field"], shrink=0.8)
     ax.set_title(f"{analysis.get('name') or 'run'}: concept space (held out solid, training dashed;\n"
                  "* our turn, red X training classes saturated)", fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def accuracy(analysis: dict, path) -> Path:
@@ -180,7 +161,7 @@ def accuracy(analysis: dict, path) -> Path:
         ax.axis("off")
     axes[0, 0].set_ylabel("accuracy (all concepts)")
     fig.colorbar(sm, ax=axes, label=analysis["colour_by"]["field"], shrink=0.8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def learning_times(analysis: dict, path) -> Path:
@@ -224,19 +205,17 @@ def learning_times(analysis: dict, path) -> Path:
         ax.legend(fontsize=7)
     definition = analysis.get("definition", f"first step with accuracy >= {analysis['threshold']}")
     fig.suptitle(f"learning time vs concept signal\n{definition}", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def animate(analysis: dict, run_dir, path, member: int = 0, max_frames: int = 40, fps: int = 4) -> Path:
-    """Animated GIF: trajectories up to each checkpoint beside that checkpoint's samples."""
-    steps = analysis["steps"]
-    frames = sorted(set(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int).tolist()))
+def animate(analysis: dict, shown: dict, path, fps: int = 4) -> Path:
+    """Animated GIF: trajectories up to each frame's checkpoint beside its samples (``shown``:
+    ``analyze.shown_samples``; vectors as concept coordinates)."""
+    steps, frames, member = analysis["steps"], shown["frames"], shown["member"]
     colours, _ = _colour_map(analysis)
     names = analysis["class_names"]
     images = analysis["kind"] != "vector"
-    shown = [_member_samples(analysis, run_dir, steps[t], member, 6 if images else 256) for t in frames]
-    if not images:
-        shown = [_xy(_vector_coords(run_dir, member, s)) for s in shown]
+    shown = shown["samples"] if images else [_xy(s) for s in shown["samples"]]
     fig = Figure(figsize=(9.6, 4.6))
     ax, ax2 = fig.subplots(1, 2)
 
@@ -339,23 +318,23 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     axes[0, 0].set_ylabel(f"learning time of {held} (step)")
     fig.suptitle(f"learning time (joint accuracy >= {analysis['threshold']}) vs {by}; open triangles: never",
                  fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def all_figures(analysis: dict, run_dir, out_dir=None, by: str | None = None, colour: str | None = None) -> list[Path]:
-    """Every figure of a run into ``out_dir`` (default RUN_DIR/figures); for a sweep with a swept
-    field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
-    out = rundir.path(out_dir) if out_dir else rundir.path(run_dir) / "figures"
-    figs = [trajectories(analysis, run_dir, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
-            learning_times(analysis, out / "learning_times.png"),
-            animate(analysis, run_dir, out / "trajectories.gif")]
+def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, colour: str | None = None) -> list[Path]:
+    """Every figure of an analysis (``analyze.analyze_run``) and one member's samples (``shown``:
+    ``analyze.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
+    swept field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
+    out = rundir.path(out_dir)
+    figs = [trajectories(analysis, shown, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
+            learning_times(analysis, out / "learning_times.png"), animate(analysis, shown, out / "trajectories.gif")]
     swept = [f for f in analysis.get("swept", []) if f != "seed"]
     if by is not None or any(_numbers([m["values"].get(f) for m in analysis["members"]]) for f in swept):
         figs.append(sweep_figure(analysis, out / "sweep.png", by, colour))
     return figs
 
 
-def _save(fig, path) -> Path:
+def save(fig, path) -> Path:
     """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
     the path's suffix."""
     with rundir.atomic(path, "wb") as f:
@@ -378,7 +357,7 @@ def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:
                 ax.imshow(np.clip(np.transpose(x[idx[j]], (1, 0, 2)), 0, 1), origin="lower")
         held = " (held out)" if c in spec.held_out else ""
         axes[c, 0].set_ylabel(f"{spec.class_names[c]}{held}", rotation=0, ha="right", va="center", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def data_scatter(spec, x, labels, path) -> Path:
@@ -397,73 +376,4 @@ def data_scatter(spec, x, labels, path) -> Path:
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title(f"{len(z)} examples of {spec.n_classes} classes in concept space", fontsize=9)
-    return _save(fig, path)
-
-
-ARM_STYLES = {"naive": ("k", "naive prompt"), "over_ref": ("tab:green", "overprompting (reference's colours)"),
-              "over": ("tab:blue", "overprompting (scaled)"), "latent": ("tab:red", "latent (held-out prompt)"),
-              "latent_comp": ("tab:purple", "latent (compositional)")}
-
-
-def _elicit_groups(result: dict) -> dict:
-    groups: dict = {}
-    for m in result["members"]:
-        key = f"sep_col={m['sep_col']}" if m.get("m") is None else f"m={m['m']}, s={m['s']}"
-        if m.get("mask_prob") not in (None, 1.0):
-            key += f", mask_prob={m['mask_prob']}"
-        key = ", ".join([key] + [f"{k}={v}" for k, v in m.get("values", {}).items()
-                                 if k not in ("seed", "data.sep_col", "data.m", "data.s", "data.mask_prob")])
-        groups.setdefault(key, []).append(m)
-    return groups
-
-
-def elicit_figure(result: dict, path) -> Path:
-    """Held-out accuracy vs step of every arm (naive, each overprompting, each latent
-    intervention); members grouped by their sweep setting, mean line with the seeds' spread
-    (min-max band); the median saturation step (the reference's turn marker) dotted."""
-    steps = np.asarray(result["steps"])
-    groups = _elicit_groups(result)
-    fig = Figure(figsize=(4.2 * len(groups), 3.4))
-    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
-    for ax, (key, ms) in zip(axes[0], groups.items()):
-        for kind, (colour, label) in ARM_STYLES.items():
-            if kind not in ms[0]["accuracy"]:
-                continue
-            a = np.asarray([m["accuracy"][kind] for m in ms])
-            ax.plot(steps, a.mean(0), color=colour, label=label)
-            ax.fill_between(steps, a.min(0), a.max(0), color=colour, alpha=0.12)
-        turns = [m["turn_step"] for m in ms if m.get("turn_step") is not None]
-        if turns:
-            ax.axvline(float(np.median(turns)), color="C3", ls=":", lw=1)
-        ax.axhline(result["threshold"], ls=":", color="grey")
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0, 0].set_ylabel("held-out accuracy (honest)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(result.get("definition", ""), fontsize=7)
-    return _save(fig, path)
-
-
-def elicit_turn_figure(result: dict, path) -> Path:
-    """Each arm's emergence step minus the member's saturation step (the reference's turn
-    marker), one dot per member coloured by setting: left of 0 = before the turn; members that
-    never emerge or never saturate are left out (counted in the labels)."""
-    groups = _elicit_groups(result)
-    arms = [a for a in ARM_STYLES if a in result["members"][0]["emergence_step"]]
-    fig = Figure(figsize=(6.4, 0.5 + 0.55 * len(arms)))
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["viridis"]
-    for g, (key, ms) in enumerate(groups.items()):
-        colour = cmap(g / max(1, len(groups) - 1))
-        for y, arm in enumerate(arms):
-            v = [m["emergence_minus_turn"].get(arm) for m in ms]
-            v = [x for x in v if x is not None]
-            jitter = (g - (len(groups) - 1) / 2) * 0.08
-            ax.plot(v, np.full(len(v), y + jitter), "o", ms=4, color=colour, label=key if y == 0 else None)
-    missing = [sum(m["emergence_minus_turn"].get(a) is None for m in result["members"]) for a in arms]
-    ax.set_yticks(range(len(arms)))
-    ax.set_yticklabels([f"{ARM_STYLES[a][1]} ({k} n/a)" for a, k in zip(arms, missing)], fontsize=7)
-    ax.axvline(0, color="C3", ls=":", lw=1)
-    ax.set_xlabel("emergence step - saturation step (the turn)")
-    ax.legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    return save(fig, path)

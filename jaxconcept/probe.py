@@ -16,7 +16,7 @@ Three kinds, one interface (``probe_for(data_cfg) -> Probe``, ``predict``, ``coo
 * celeba (SPEC A5): the same ProbeNet (wider, two convs per stage), one softmax head per
   attribute, trained on the evaluation split of the photographs (every combination, the held-out
   one included; images the diffusion model never sees) with the training data's flips and colour
-  jitter; it must reach ``CELEBA_BAR`` (0.85; $JAXCONCEPT_CELEBA_PROBE_BAR or ``bar``) accuracy on
+  jitter; it must reach ``CELEBA_BAR`` (0.85; ``bar``, ``--probe-bar`` on the command line) accuracy on
   each attribute, averaged over the combinations, on the split's test part (``_celeba_probe``).
 * vector (SPEC A6): exact, nothing to train. Along each concept axis a sample takes the value
   whose grid coordinate is nearest — a classification, as the image probe's most probable value
@@ -28,8 +28,8 @@ Three kinds, one interface (``probe_for(data_cfg) -> Probe``, ``predict``, ``coo
   look easy — which is why it is no longer the default.
 
 The network and its training are ``probe_net`` (``ProbeNet``, ``fit``); this module builds,
-checks and caches the probes (``$JAXCONCEPT_CACHE``: parameters in ``rundir.save_tree``'s format,
-the one of a run's parameter files).
+checks and caches the probes (``probe_for(cache=...)``, ``--probe-cache`` on the command line;
+parameters in ``rundir.save_tree``'s format, the one of a run's parameter files).
 
 Concept-space coordinates are in [0, 1] per concept: for images the probability-weighted value
 index divided by (n_values - 1) — for two values, P(second value), e.g. P(blue), P(small); for
@@ -59,13 +59,6 @@ __all__ = ["CELEBA_BAR", "PROBE_VERSION", "Probe", "ProbeError", "ProbeNet", "ca
 PROBE_VERSION = 2  # bump when ProbeNet or its training changes: old cache entries are ignored
 VECTOR_BAR = 0.9  # the exact vector probe's bar on G's own samples (overlapping classes lower it)
 
-# DataConfig fields that change what G's images look like; the rest (split sizes, held-out
-# classes, conditioning) do not change the probe, so members differing only there share one.
-_IMAGE_FIELDS = ("kind", "concepts", "values", "sep_col", "sep_size", "image_size", "blur_sigma", "pixel_noise")
-_VECTOR_FIELDS = ("kind", "dim", "perdim", "m", "s", "normalize", "dim_nuisance", "nuisance")
-# celeba: what selects and shapes the images the probe learns from (the evaluation split)
-_CELEBA_FIELDS = ("kind", "attributes", "source", "data_dir", "crop", "image_size", "held_out", "n_per_class",
-                  "val_frac", "n_test")
 CELEBA_BAR = 0.85  # per-attribute accuracy the CelebA probe must reach (real attributes reach about 0.9)
 CELEBA_WIDTHS = (32, 64, 128, 256)  # ProbeNet stages for photographs, two convs each; as many as pool to 8x8
 
@@ -164,15 +157,21 @@ def correct(probe: Probe, x, target) -> np.ndarray:
 
 
 def cache_key(data_cfg) -> str:
-    """Hash of the DataConfig fields that change samples of G (plus the probe's version)."""
+    """Hash of the probe's version and every field of the data config but those its class says the
+    probe ignores (``DataConfig.probe_ignores``): a field added to a data class is in the key unless
+    it is named there, so a probe is never reused for data it was not trained on."""
     d = dataclasses.asdict(data_cfg)
-    keep = {"images": _IMAGE_FIELDS, "celeba": _CELEBA_FIELDS}.get(data_cfg.kind, _VECTOR_FIELDS)
+    keep = [f.name for f in dataclasses.fields(data_cfg) if f.name not in type(data_cfg).probe_ignores]
     blob = json.dumps({"v": PROBE_VERSION, **{k: d[k] for k in keep}}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXCONCEPT_CACHE", Path.home() / ".cache" / "jaxconcept" / "probes"))
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    """Where probes are cached: ``cache`` if given, else $JAXCONCEPT_CACHE (kept only so that a
+    test harness can point every process it starts at one cache), else ~/.cache/jaxconcept/probes."""
+    if cache:
+        return Path(cache)
+    return Path(os.environ.get("JAXCONCEPT_CACHE") or Path.home() / ".cache" / "jaxconcept" / "probes")
 
 
 def _save(path: Path, probe: Probe, meta: dict) -> None:
@@ -192,8 +191,8 @@ def fresh_samples(spec: D.DataSpec, params, key, n_per_class: int):
 
 
 def probe_for(data_cfg, *, bar: float | None = None, band: float = 0.0, seed: int = 0, max_steps: int | None = None,
-              n_test: int = 256, use_cache: bool = True, widths: tuple | None = None,
-              batch_size: int = 64, lr: float = 2e-3, verbose: bool = False) -> Probe:
+              n_test: int = 256, use_cache: bool = True, cache: str | os.PathLike | None = None,
+              widths: tuple | None = None, batch_size: int = 64, lr: float = 2e-3, verbose: bool = False) -> Probe:
     """The probe for one member's data config: loaded from the cache, or built and checked.
 
     Args:
@@ -205,19 +204,22 @@ def probe_for(data_cfg, *, bar: float | None = None, band: float = 0.0, seed: in
       seed: training / test-set seed. max_steps: image probes give up after this many steps
         (default 3000; celeba 20000).
       n_test: test samples per class (vector probes use 16x as many: they are free).
-      use_cache: read and write ``$JAXCONCEPT_CACHE`` (default ~/.cache/jaxconcept/probes).
+      use_cache: read and write the cache. cache: its directory (default ``cache_dir()``).
     Returns:
       Probe whose test accuracy is >= bar everywhere.
     Raises:
-      ProbeError when the bar is not met: the concept-space analysis would be meaningless.
+      ProbeError when the bar is not met: the concept-space analysis would be meaningless, or
+      when ``bar`` is outside (0, 1].
     """
+    if bar is not None and not 0 < bar <= 1:  # NaN fails too
+        raise ProbeError(f"probe bar={bar!r} is invalid: allowed a number in (0, 1]")
     spec, params = D.spec(data_cfg), D.params(data_cfg)
     table = class_value_table(spec)
     key = jax.random.PRNGKey(seed)
     ck = cache_key(data_cfg)
     if spec.kind == "celeba":
-        return _celeba_probe(data_cfg, spec, _celeba_bar() if bar is None else bar, key, ck,
-                             max_steps=max_steps or 20000, use_cache=use_cache,
+        return _celeba_probe(data_cfg, spec, CELEBA_BAR if bar is None else bar, key, ck,
+                             max_steps=max_steps or 20000, use_cache=use_cache, cache=cache_dir(cache),
                              widths=tuple(widths or _celeba_widths(spec)), batch_size=batch_size, lr=lr)
     bar = 0.99 if bar is None else bar
     max_steps = max_steps or 3000
@@ -270,7 +272,7 @@ def probe_for(data_cfg, *, bar: float | None = None, band: float = 0.0, seed: in
         _check(probe, spec, bar, f"{steps} training steps (max_steps={max_steps})")
         return probe, {"accuracy": acc.tolist(), "corner_accuracy": corner_acc.tolist(), "bar": bar, "steps": steps,
                        "data": ck}
-    return _cached(cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}", bar, use_cache, from_cache, train)
+    return _cached(cache_dir(cache) / f"{ck}-w{'x'.join(map(str, widths))}", bar, use_cache, from_cache, train)
 
 
 def _cached(path: Path, bar: float, use_cache: bool, from_cache: Callable, train: Callable) -> Probe:
@@ -317,22 +319,8 @@ def _celeba_widths(spec: D.DataSpec) -> tuple:
     return CELEBA_WIDTHS[: max(1, min(len(CELEBA_WIDTHS), int(np.log2(max(size, 8) / 8)) + 1))]
 
 
-def _celeba_bar() -> float:
-    """CELEBA_BAR, or $JAXCONCEPT_CELEBA_PROBE_BAR (a number in (0, 1]) for command-line runs."""
-    text = os.environ.get("JAXCONCEPT_CELEBA_PROBE_BAR")
-    if text is None:
-        return CELEBA_BAR
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v <= 1:
-        raise ProbeError(f"JAXCONCEPT_CELEBA_PROBE_BAR={text!r} is invalid: allowed a number in (0, 1]")
-    return v
-
-
 def _celeba_probe(data_cfg, spec: D.DataSpec, bar: float, key, ck: str, *, max_steps: int, use_cache: bool,
-                  widths: tuple, batch_size: int, lr: float, depth: int = 2) -> Probe:
+                  cache: Path, widths: tuple, batch_size: int, lr: float, depth: int = 2) -> Probe:
     """The attribute probe of a CelebA-kind data config (SPEC A3; the reference's attribute
     classifier): a ProbeNet with one softmax head per attribute, trained with the same flips and
     colour jitter as the diffusion data on the evaluation split (``celeba.probe_data``: images of
@@ -344,7 +332,7 @@ def _celeba_probe(data_cfg, spec: D.DataSpec, bar: float, key, ck: str, *, max_s
     def from_cache(path, meta):
         return Probe("celeba", spec.concepts, spec.values, net_params=_load(path, net, spec.x_shape),
                      widths=widths, depth=depth, accuracy=np.asarray(meta["accuracy"]), key=ck)
-    return _cached(cache_dir() / f"{ck}-w{'x'.join(map(str, widths))}-d{depth}", bar, use_cache, from_cache,
+    return _cached(cache / f"{ck}-w{'x'.join(map(str, widths))}-d{depth}", bar, use_cache, from_cache,
                    lambda: _train_celeba_probe(data_cfg, spec, net, bar, key, ck, max_steps, batch_size, lr))
 
 

@@ -1,4 +1,5 @@
-"""The on-disk layout of a run directory, shared by training, analysis and elicitation.
+"""The run directory: its on-disk layout, its files' readers and writers, and ``Run``, the one
+reader that analysis and elicitation share.
 
     RUN_DIR/config.json           the full resolved (sweep) config, written once
     RUN_DIR/members.json          one entry per member: index, seed, its sweep values, signals
@@ -26,8 +27,9 @@ config.json, members.json (each member's "group") and the analysis at RUN_DIR, a
 metrics.jsonl, samples/, params/ and checkpoints/ (its members' rows, in member order) in
 RUN_DIR/groups/<g>/ (``group_dir``); ``jaxconcept.groups`` reads them as one run.
 
-Before training, ``prepare`` checks the directory can hold the run (no other config, no
-training files without one) and ``write_run_files`` writes config.json and members.json.
+``Run`` is the one reader of a finished (or growing) run: config, members, metrics, samples,
+parameters and the analysis files. Before training, ``runconfig.prepare`` checks the directory
+can hold the run and ``runconfig.write_run_files`` writes config.json and members.json.
 
 RUN_DIR is a local path or a bucket (``gs://``): every file goes through ``store`` (etils.epath).
 Every file is written whole or not at all (``store.atomic``: locally a temporary file, flushed,
@@ -273,106 +275,100 @@ def reconcile_metrics(run_dir, step: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Preparing a run directory for training
+# The reader of a run
 # --------------------------------------------------------------------------------------------
-def flat_dict(d: dict, prefix: str = "") -> dict:
-    """A nested dict as {"section.field": value}."""
-    out = {}
-    for k, v in d.items():
-        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+def member_records(cfg: C.Config, members=None, groups=None) -> list[dict]:
+    """members.json: per member of ``cfg``, its index, group, data sweep settings (the keys of
+    ``C.sweep_settings``), "values" (its value of every swept field, ``C.member_values``) and
+    concept signals. ``members``, ``groups``: ``C.members(cfg)`` and ``C.groups(cfg)``, if at hand."""
+    from jaxconcept import data as D
+
+    members = C.members(cfg) if members is None else members
+    group_of = {i: g for g, idx in enumerate(C.groups(cfg, members) if groups is None else groups) for i in idx}
+    return [{"index": i, "group": group_of[i], **C.sweep_settings(m), "values": C.member_values(cfg, m),
+             "signal": {k: float(v) for k, v in D.concept_signal(m.data).items()}} for i, m in enumerate(members)]
 
 
-def config_diffs(old: dict, cfg: C.Config) -> list[str]:
-    """Every field in which ``cfg`` differs from ``old`` (a config.json's contents), as
-    "section.field: old -> new"; fields added since ``old`` was written take their defaults."""
-    try:
-        old = C.to_dict(C.from_dict(old))
-    except (C.ConfigError, TypeError, AttributeError):
-        pass
-    old, new = flat_dict(old), flat_dict(C.to_dict(cfg))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+def member_header(record: dict) -> dict:
+    """The keys every per-member record of analysis.json and elicit.json starts with, from a
+    members.json record: index, seed and the data sweep settings (``C.sweep_settings``: attributes
+    for CelebA), group, values."""
+    return {"index": record.get("index"), **{k: record.get(k) for k in C.sweep_settings(C.Config())},
+            "group": record.get("group", 0), "values": record.get("values", {})}
 
 
-def differences_from_defaults(cfg: C.Config) -> str:
-    """The fields of ``cfg`` that differ from ``C.Config()``, as one line of key=value."""
-    mine, default = flat_dict(C.to_dict(cfg)), flat_dict(C.to_dict(C.Config()))
-    return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
+class Run:
+    """A run directory as its readers (analysis, elicitation) see it, one group or many alike
+    (``jaxconcept.groups``): ``config``, ``member_configs``, ``groups`` on opening, the rest when
+    asked.
 
+    Raises RunDirError on opening: not a run directory, or config.json is not a valid config."""
 
-def growth(old: dict, cfg: C.Config) -> list[str]:
-    """The differences of ``config_diffs`` that are not a run growing (``cfg`` resumes a run of
-    ``old`` and trains it on to a larger ``train.steps``).
+    def __init__(self, run_dir):
+        from jaxconcept import groups
 
-    A run may grow: ``train.steps`` larger, and explicit ``eval.steps`` the old ones followed by
-    steps beyond the old end (with sqrt-spaced evaluation, ``eval.steps`` stays empty). Training
-    does not depend on ``train.steps`` (the learning rate is constant, every draw is keyed by the
-    step), so the grown run trains as a longer run would; its evaluation points are the ones
-    already written and, beyond the restored step, the new config's (``C.eval_steps``): a pure
-    function of the config and the start, as resuming needs.
+        self.dir = store.path(run_dir)
+        self.config = load_config(self.dir)
+        self.member_configs = C.members(self.config)
+        self.groups = groups.of_run(self.dir, self.config)
 
-    Raises RunError: ``train.steps`` shrinks and nothing else differs (one line)."""
-    diffs = config_diffs(old, cfg)
-    try:
-        was = C.from_dict(old)
-    except (C.ConfigError, TypeError, AttributeError):
-        return diffs
-    before, after = was.train.steps, cfg.train.steps
-    extended = list(was.eval.steps) == [s for s in cfg.eval.steps if s <= before]
-    allowed = {"train.steps"} | ({"eval.steps"} if extended else set())
-    others = [d for d in diffs if d.split(":")[0] not in allowed]
-    if after < before and not others:
-        raise RunError(f"train.steps={after} is less than the {before} steps this run directory was trained "
-                       f"to: a run may grow, not shrink; use another --out, or train.steps >= {before}")
-    return diffs if after < before else others
-
-
-def prepare(cfg: C.Config, run_dir) -> None:
-    """Check ``run_dir`` can hold this run (nothing written yet): a directory or nothing, under a
-    writable directory, holding no other run (the same run grown is allowed: ``growth``).
-
-    Raises RunError: a file is in the way, the directory holds a run of another config (or of
-    more steps), or training files without a config."""
-    run_dir = store.path(run_dir)
-    for parent in [run_dir, *run_dir.parents] if store.is_local(run_dir) else []:
-        if parent.exists() and not parent.is_dir():
-            raise RunError(f"--out {run_dir}: {parent} is a file, not a directory")
-        if parent.exists():
-            break
-    for name, what in (("config.json", "the run's config"), ("checkpoints/config.json", "a copy of the config")):
-        p = run_dir / name
-        if p.exists():
-            try:
-                old = read_json(p, what)
-            except RunDirError as exc:
-                raise RunError(str(exc)) from None
-            diffs = growth(old, cfg) if isinstance(old, dict) else ["(not a config)"]
-            if diffs:
-                raise RunError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
-                               "use another --out, or the same config to resume")
-    trained = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) or any(
-        steps_with(run_dir, sub) for sub in ("samples", "params")) or bool(load_metrics(run_dir)) or (
-        run_dir / "groups").exists()
-    if trained and not (run_dir / "config.json").exists():
-        if not (run_dir / "checkpoints" / "config.json").exists():
-            raise RunError(f"{run_dir} holds training files but no config.json, so the config they were "
-                           "trained with is unknown; restore config.json, or use another --out")
-
-
-def write_run_files(run_dir, cfg: C.Config, members: list[dict]) -> None:
-    """config.json (both copies: when missing, or the run grew) and members.json (``members``,
-    one record per member, when missing, unreadable or of another length). Process 0 only."""
-    run_dir = store.path(run_dir)
-    for p in (run_dir / "config.json", run_dir / "checkpoints" / "config.json"):
+    def members(self) -> list[dict]:
+        """members.json; when it is missing or unreadable, the same records recomputed from the
+        config (``member_records``). Raises RunDirError: it lists another number of members."""
         try:
-            same = p.exists() and not config_diffs(read_json(p, "the run's config"), cfg)
+            out = load_members(self.dir)
         except RunDirError:
-            same = False
-        if not same:
-            write_json(p, C.to_dict(cfg), indent=2)
-    try:
-        ok = len(load_members(run_dir)) == len(members)
-    except RunDirError:
-        ok = False
-    if not ok:
-        write_json(run_dir / "members.json", members)
+            return member_records(self.config, self.member_configs)
+        if len(out) != len(self.member_configs):
+            raise RunDirError(f"{self.dir}: members.json lists {len(out)} members, the config "
+                              f"{len(self.member_configs)}; delete members.json to have it rebuilt")
+        return out
+
+    def steps(self, sub: str = "samples") -> list[int]:
+        """Steps at which every group has saved ``sub`` ("samples" or "params"), increasing."""
+        from jaxconcept import groups
+
+        return groups.steps_with(self.dir, sub, self.groups)
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl of every group as one run's (``groups.load_metrics``)."""
+        from jaxconcept import groups
+
+        return groups.load_metrics(self.dir, self.groups)
+
+    def samples(self, step: int, group) -> np.ndarray:
+        """A group's samples at ``step``: [its members, n_classes, n_samples, *x_shape] float32."""
+        return load_samples(group.dir, step)["samples"]
+
+    def member_samples(self, step: int, member: int) -> np.ndarray:
+        """One member's samples at ``step``: [n_classes, n_samples, *x_shape]."""
+        from jaxconcept import groups
+
+        return groups.member_samples(self.dir, step, member, self.groups)
+
+    def params(self, step: int, group=None) -> dict:
+        """A group's stacked parameters [its members, ...] (numpy) saved at evaluation ``step``
+        (``group``: one of ``groups``; may be left out in a run of one group).
+        Raises RunDirError: missing, damaged or of another model, or no group named in a run of several."""
+        import jax
+
+        from jaxconcept import data as D, diffusion, nets
+
+        if group is None and len(self.groups) > 1:
+            raise RunDirError(f"{self.dir} is a sweep of {len(self.groups)} groups, each with its own parameters: "
+                              "read them one group at a time (Run.groups)")
+        group = group or self.groups[0]
+        first = self.member_configs[group.members[0]]
+        spec = D.spec(first.data)
+        net = nets.build(first.model, spec)
+        like = jax.eval_shape(lambda k: diffusion.init_params(net, first.model, spec, k), jax.random.PRNGKey(0))
+        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(group.members), *a.shape), a.dtype), like)
+        return load_params(group.dir, step, like)
+
+    def output(self, name: str) -> dict | None:
+        """RUN_DIR/<name> ("analysis.json", "elicit.json") when it exists, else None."""
+        p = self.dir / name
+        if not p.exists():
+            return None
+        out = read_json(p, f"written by `jaxconcept {name.split('.')[0].replace('analysis', 'analyze')}`; run it again")
+        return out if isinstance(out, dict) else None

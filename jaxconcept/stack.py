@@ -1,5 +1,6 @@
 """The stacked sweep: M members trained at once as one train state, and the programs that do it.
-The engine's model axis lives here (checkpoint and loop only slice the real members off it).
+The engine's model axis is made here; checkpoint, loop and ``rundir.Run.params`` only slice the
+real members off it.
 
 A sweep is one pytree whose leaves lead with the model axis [M, ...]. One compiled call moves
 every member n <= K steps: ``fori_loop(vmap(train_step))`` (``_advance_local``: a loop over steps
@@ -9,7 +10,7 @@ one traced copy per member (``Sweep.strategy``; ``plan`` chooses it when ``train
 "auto"). The model axis is split over the devices (and hosts) with ``shard_map`` on a 1-D mesh
 named "models"; a member count that does not divide the device count is padded with inert copies
 of the last member (trained, never written). The three programs (init, advance, evaluate) are
-compiled ahead of time, side by side (``Sweep.programs``).
+compiled ahead of time, side by side (``Sweep.programs``, ``programs``).
 
 Whether the network is fast inside XLA loops is decided once, here, where the sweep is built
 (``Sweep.loop_safe``, ``nets.loop_safe`` on the mesh's platform): a U-Net with XLA's own
@@ -21,11 +22,7 @@ convolutions on CPU (model.conv="xla") takes one step per call and samples in a 
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
-import logging
-import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -34,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxconcept import config as C, data as D, diffusion, nets, rundir
+from jaxconcept import config as C, data as D, diffusion, nets
 from jaxconcept.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
-                             member_keys, model_settings, train_step)
+                             member_keys, model_settings, sampler_args, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
@@ -86,7 +83,9 @@ class Sweep:
         side; the others are None unless compiled before."""
         missing = [n for n in names if n not in self._compiled]
         if missing:
-            self._compiled.update(compile_programs(self, missing))
+            from jaxconcept import programs
+
+            self._compiled.update(programs.compile_programs(self, missing))
         return Programs(*(self._compiled.get(n) for n in Programs._fields))
 
     @functools.cached_property
@@ -244,7 +243,7 @@ def steps_per_call(sw: Sweep) -> int:
 # --------------------------------------------------------------------------------------------
 # The per-device programs
 # --------------------------------------------------------------------------------------------
-def _init_local(sw: Sweep, seeds, dparams, hyper):
+def init_local(sw: Sweep, seeds, dparams, hyper):
     def one(seed, dp, hp):
         data = {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"])
         return init_member(sw.cfg, sw.spec, sw.net, sw.layout, seed, hp, ema=sw.active.ema), data
@@ -293,9 +292,8 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
         params = sw.layout.unravel(eval_params(st))
         model = model_settings(cfg.model, st.hyper)
         w_cfg = st.hyper["w_cfg"] if active.guidance else 1.0
-        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key, x_shape=spec.x_shape,
-                             n_steps=ec.sampler_steps, w_cfg=w_cfg, null_cond=D.null_cond(spec),
-                             output=ec.sampler_output, loop_safe=sw.loop_safe)
+        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key,
+                             **sampler_args(ec, spec, loop_safe=sw.loop_safe, w_cfg=w_cfg))
         val, test = held_back_losses(cfg, spec, apply_fn, params, [(dat["x_val"], dat["c_val"]),
                                                                   (dat["x_test"], dat["c_test"])],
                                      [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe,
@@ -306,75 +304,10 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
 
 def _jit(sw: Sweep) -> Programs:
     """The jitted, sharded programs of a sweep (``Sweep.jitted``)."""
-    init = jax.jit(sw.sharded(functools.partial(_init_local, sw), 3), out_shardings=sw.sharding())
+    init = jax.jit(sw.sharded(functools.partial(init_local, sw), 3), out_shardings=sw.sharding())
     advance = jax.jit(sw.sharded(functools.partial(_advance_local, sw), 3), donate_argnums=0)
     evaluate = jax.jit(sw.sharded(functools.partial(_evaluate_local, sw), 4))
     return Programs(init, advance, evaluate)
-
-
-def abstract_inputs(sw: Sweep) -> dict:
-    """ShapeDtypeStructs (with their shardings) of each program's arguments, as ``init``,
-    ``advance`` and ``evaluate`` pass them: {program name: tuple of arguments}."""
-    m, sh, rep = len(sw.padded), sw.sharding(), sw.replicated()
-    put = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
-    seeds = jax.ShapeDtypeStruct((m,), jnp.int32)
-    dparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sw.data_params)
-    hyper = {k: jax.ShapeDtypeStruct((m,), jnp.float32) for k in hyper_values(sw.padded)}
-    state, data = jax.eval_shape(functools.partial(_init_local, sw), seeds, dparams, hyper)
-    if sw.host_fed:
-        data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sw.host_eval.items()}
-    batches = None
-    if sw.host_fed:
-        k, b = steps_per_call(sw), sw.cfg.train.batch_size
-        batches = {"x": jax.ShapeDtypeStruct((m, k, b, *sw.spec.x_shape), D.host_dtype(sw.spec)),
-                   "c": jax.ShapeDtypeStruct((m, k, b, sw.spec.cond_dim), jnp.float32),
-                   "n": jax.ShapeDtypeStruct((m, k), jnp.int32)}
-    state, data, batches = (jax.tree.map(put, t) for t in (state, data, batches))
-    ec = sw.cfg.eval
-    prompts = jax.ShapeDtypeStruct((m, sw.spec.n_classes, ec.n_samples, sw.spec.cond_dim), jnp.float32, sharding=sh)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-    return {"init": (put(seeds), jax.tree.map(put, dparams), jax.tree.map(put, hyper)),
-            "advance": (state, data, batches, scalar),
-            "evaluate": (state, data, prompts, put(seeds), scalar)}
-
-
-_WHAT = {"init": "initialisation", "advance": "training step", "evaluate": "evaluation (sampler and held-back losses)"}
-
-
-def _kernel_rng():
-    """On GPUs, Threefry as one kernel per call instead of ~265 inlined ops (JAX's
-    jax_threefry_gpu_kernel_lowering: the same bits; init is ~95 % random-number hashing
-    otherwise). Applies to the lowering for cuda/rocm only; CPU and TPU lower as before."""
-    from jax._src import config as jax_config  # the option's scoped form (thread-local, part of the jit key)
-
-    state = getattr(jax_config, "threefry_gpu_kernel_lowering", None)
-    return state(True) if state is not None else contextlib.nullcontext()
-
-
-def lower(sw: Sweep, name: str, platforms=None):
-    """The lowered program ``name`` of ``sw`` (``jax.stages.Lowered``), for the sweep's own
-    platform or for ``platforms`` (e.g. ("cuda",) to inspect a GPU program on a CPU)."""
-    with _kernel_rng():
-        traced = getattr(sw.jitted, name).trace(*abstract_inputs(sw)[name])
-        return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
-
-
-def compile_programs(sw: Sweep, names) -> dict:
-    """Compile ``names`` (of ``Programs._fields``) ahead of time: traced and lowered one after
-    another, then compiled side by side (XLA compiles without the GIL), so the first step waits
-    for the longest compile, not the sum. Says so in one line on the jaxconcept logger.
-    Returns {name: jax.stages.Compiled}."""
-    log = logging.getLogger("jaxconcept")
-    what = " and the ".join([", ".join(_WHAT[n] for n in names[:-1]), _WHAT[names[-1]]] if len(names) > 1
-                            else [_WHAT[names[0]]])
-    t0 = time.perf_counter()
-    log.info("compiling the %s for %d member(s)…", what, sw.size)
-    lowered = {n: lower(sw, n) for n in names}
-    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        futures = {n: pool.submit(low.compile) for n, low in lowered.items()}
-        out = {n: f.result() for n, f in futures.items()}
-    log.info("compiled in %.1f s", time.perf_counter() - t0)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,26 +385,3 @@ def host(x):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def load_params(run_dir, step, group=None):
-    """Stacked parameters [M, ...] (real members, numpy) saved at evaluation ``step`` of a run, or
-    of one of its groups (``group``: a ``groups.Group``; rows in its member order).
-
-    Raises RunDirError: the run or its parameter file is missing, damaged or of another model, or
-    the run has several groups and none is named."""
-    from jaxconcept import groups
-
-    cfg = rundir.load_config(run_dir)
-    gs = groups.of_run(run_dir, cfg)
-    if group is None and len(gs) > 1:
-        raise rundir.RunDirError(f"{run_dir} is a sweep of {len(gs)} groups, each with its own parameters: read "
-                                 "them one group at a time (groups.of_run)")
-    group = group or gs[0]
-    ms = C.members(cfg)
-    first = ms[group.members[0]]
-    spec = D.spec(first.data)
-    net = nets.build(first.model, spec)
-    like = jax.eval_shape(lambda k: diffusion.init_params(net, first.model, spec, k), jax.random.PRNGKey(0))
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(group.members), *a.shape), a.dtype), like)
-    return rundir.load_params(group.dir, step, like)

@@ -124,6 +124,14 @@ def model_settings(model_cfg: C.ModelConfig, hyper: dict) -> diffusion.ModelSett
                                    data_noise=model_cfg.data_noise, init_scale=hyper["init_scale"])
 
 
+def sampler_args(eval_cfg: C.EvalConfig, spec: D.DataSpec, *, loop_safe: bool, w_cfg=None) -> dict:
+    """The keyword arguments of ``diffusion.sample`` an evaluation config sets: x_shape, n_steps
+    (``eval.sampler_steps``), w_cfg (``eval.w_cfg``, or a member's traced value), null_cond (the
+    data's unconditional prompt), output (``eval.sampler_output``) and loop_safe."""
+    return dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg if w_cfg is None else w_cfg,
+                null_cond=D.null_cond(spec), output=eval_cfg.sampler_output, loop_safe=loop_safe)
+
+
 def init_member(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, seed, hyper: dict, *, ema: bool) -> TrainState:
     """Train state of one member (``seed`` and ``hyper`` may be traced): parameters from its
     "init" stream (``diffusion.init_params`` at its initial scale and log-SNR range), zero moments,

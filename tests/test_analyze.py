@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import cli, dynamics, plots, rundir
+from jaxconcept import analyze, cli, plots, rundir
 from jaxconcept import config as C
 from jaxconcept import data as D
 
 STEPS = [10 * (i + 1) for i in range(12)]
 N_SAMPLES = 20
+
+
+def _figures(a, run):
+    return plots.all_figures(a, analyze.shown_samples(run, a), run / "figures")
 
 
 def _held_out_mix(t: int, rest_end: int) -> np.ndarray:
@@ -104,20 +108,20 @@ def _check_figures(paths):
 def test_analyze_vector_run(tmp_path):
     cfg, rest_ends = _vec_cfg(), [4, 6, 5, 7]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     _check_analysis(a, cfg, rest_ends, tol_steps=2.0)
     on_disk = json.loads((tmp_path / "run" / "analysis.json").read_text())
     assert on_disk["members"][1]["learning_time"] == a["members"][1]["learning_time"]
-    _check_figures(plots.all_figures(a, tmp_path / "run"))
+    _check_figures(_figures(a, tmp_path / "run"))
 
 
 def test_analyze_image_run(tmp_path, monkeypatch, probe_cache):
     monkeypatch.setenv("JAXCONCEPT_CACHE", str(probe_cache))
     cfg, rest_ends = C.preset("tiny"), [5]
     make_fake_run(tmp_path / "run", cfg, rest_ends)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     _check_analysis(a, cfg, rest_ends, tol_steps=0.5)
-    _check_figures(plots.all_figures(a, tmp_path / "run"))
+    _check_figures(_figures(a, tmp_path / "run"))
 
 
 def test_cli_analyze(tmp_path, capsys):
@@ -147,7 +151,7 @@ def test_end_to_end_tiny_vector_run(tmp_path):
 
     cfg = C.preset("vec_tiny")
     loop.train(cfg, tmp_path / "run", progress=False)
-    a = dynamics.analyze_run(tmp_path / "run")
+    a = analyze.analyze_run(tmp_path / "run")
     steps = rundir.steps_with(tmp_path / "run")
     assert a["steps"] == steps and len(a["members"]) == 1
     m = a["members"][0]
@@ -156,7 +160,7 @@ def test_end_to_end_tiny_vector_run(tmp_path):
         assert acc.shape == (len(steps),) and np.all((acc >= 0) & (acc <= 1))
         assert np.all(np.isfinite(m["coords"][name]))
     assert set(m["turn"]) == {a["class_names"][c] for c in a["held_out"]}
-    _check_figures_names(plots.all_figures(a, tmp_path / "run"))
+    _check_figures_names(_figures(a, tmp_path / "run"))
 
 
 def _check_figures_names(paths):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import celeba_fake as F
-from jaxconcept import cli, config as C, data as D, interventions as I, loop, plan, probe as P, rundir, stack
+from jaxconcept import cli, config as C, data as D, loop, prompts as PR, plan, probe as P, rundir, stack
 from jaxconcept.step import draw_batch, member_keys
 from jaxconcept.data import augment, celeba, celeba_source
 
@@ -57,7 +57,7 @@ def test_spec_prompts_and_a_sweep_over_attribute_pairs(folder):
     np.testing.assert_array_equal(D.eval_prompts(sp, D.params(cfg.data), jax.random.PRNGKey(0), 3)[1],
                                   [[1, 0, 0, 1]] * 3)
     # overprompting pushes the pushed attribute's one-hot beyond 1 / 0, leaving the other alone
-    np.testing.assert_allclose(I.overprompts(sp, D.params(cfg.data), 1, 1, [0.0, 0.5, 2.0]),
+    np.testing.assert_allclose(PR.overprompts(sp, D.params(cfg.data), 1, 1, [0.0, 0.5, 2.0]),
                                [[1, 0, 0, 1], [1, 0, -0.5, 1.5], [1, 0, -2, 3]])
 
 
@@ -178,6 +178,12 @@ def test_the_cache_is_reused_whole_and_keyed_by_what_changes_it(folder, monkeypa
     assert not list(celeba.cache_dir().glob(".tmp-*"))
     with pytest.raises(AssertionError, match="rebuilt"):
         celeba.load(cfg_for(folder, "data.crop=40").data)
+
+
+def test_data_cache_dir_puts_the_cache_there(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(celeba, "_LOADED", {})
+    celeba.load(cfg_for(folder, f"data.cache_dir={json.dumps(str(tmp_path))}").data)
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*/meta.json") for p in [p.parent]] == ["data"]
 
 
 @pytest.fixture(scope="module")

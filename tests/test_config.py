@@ -174,14 +174,14 @@ def _same_as_before(new: dict, old: dict, data_cls):
             assert k.startswith("data.") and kinds and data_cls not in kinds, k  # unused by this kind
         elif k not in old:
             assert (k, new[k]) in {("model.conv", "auto"), ("train.tensorboard", False), ("train.warmup", 0),
-                                   ("data.mask_prob", 1.0)}, k
+                                   ("data.mask_prob", 1.0), ("data.cache_dir", "")}, k
         else:
             assert json.dumps(new[k]) == json.dumps(old[k]), (k, new[k], old[k])
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_members_probe_keys_and_run_configs_as_before(name):
-    from jaxconcept import probe, rundir
+    from jaxconcept import probe, runconfig
 
     case = BEFORE[name]
     cfg = C.load(ROOT / case["file"]) if "file" in case else C.override(C.preset(case["preset"]), case.get("sets", []))
@@ -191,7 +191,7 @@ def test_members_probe_keys_and_run_configs_as_before(name):
         _same_as_before(_flat(C.to_dict(m)), {**_flat(case["first"]), **diff}, type(m.data))
         assert probe.cache_key(m.data) == key
     assert C.from_dict(case["config"]) == cfg  # the run's old config.json loads to the same config
-    assert rundir.config_diffs(case["config"], cfg) == []  # and resumes
+    assert runconfig.config_diffs(case["config"], cfg) == []  # and resumes
 
 
 # --------------------------------------------------------------------------------------------

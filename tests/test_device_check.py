@@ -112,7 +112,7 @@ def test_the_checks_programs_are_the_runs(device_check):
     import jax
 
     import stacking as S
-    from jaxconcept import config as C, stack
+    from jaxconcept import config as C, programs, stack
 
     a = device_check.parse(["--tiny"])
     base = C.resolve(None, a.config, a.all_sets)
@@ -121,9 +121,9 @@ def test_the_checks_programs_are_the_runs(device_check):
         assert len(C.members(S.member_config(base, m))) == m
     row = S.row_sweep(base, S.Row("bfloat16", 2, "vmap"), jax.devices()[:1])
     run = stack.build(C.resolve(None, a.config, a.all_sets), jax.devices()[:1], strategy="vmap")
-    assert stack.lower(row, "advance").as_text() == stack.lower(run, "advance").as_text()
+    assert programs.lower(row, "advance").as_text() == programs.lower(run, "advance").as_text()
     six = S.row_sweep(base, S.Row("bfloat16", 6, "vmap"), jax.devices()[:1])
-    shapes = lambda sw: [a.shape[1:] for a in jax.tree.leaves(stack.abstract_inputs(sw)["advance"])]  # noqa: E731
+    shapes = lambda sw: [a.shape[1:] for a in jax.tree.leaves(programs.abstract_inputs(sw)["advance"])]  # noqa: E731
     assert shapes(six) == shapes(row)
 
 

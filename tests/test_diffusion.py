@@ -236,3 +236,24 @@ def test_vmap_over_parameter_sets_equals_separate_calls():
 def test_step_flops_scale_with_the_batch():
     f32, f64 = (diffusion.step_flops(NET, M, SPEC, b) for b in (32, 64))
     assert f32 > 0 and 1.7 < f64 / f32 < 2.3
+
+
+def test_guidance_mix_traced_weight_gives_the_numbers_of_a_fixed_one():
+    cond, null = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
+    for w in (0.0, 1.0, 2.5):
+        traced = jax.jit(diffusion.guidance_mix)(cond, null, jnp.float32(w))
+        np.testing.assert_array_equal(traced, diffusion.guidance_mix(cond, null, w))
+    np.testing.assert_allclose(diffusion.guidance_mix(cond, null, 2.5), null + 2.5 * (cond - null))
+
+
+def test_sampler_args_are_the_eval_configs_and_fit_the_sampler():
+    import inspect
+
+    from jaxconcept.step import sampler_args
+
+    ec = C.EvalConfig(sampler_steps=7, w_cfg=2.0, sampler_output="mean")
+    kw = sampler_args(ec, SPEC, loop_safe=False)
+    assert set(kw) <= set(inspect.signature(diffusion.sample).parameters)
+    assert (kw["x_shape"], kw["n_steps"], kw["w_cfg"], kw["output"], kw["loop_safe"]) == (SPEC.x_shape, 7, 2.0, "mean",
+                                                                                           False)
+    assert sampler_args(ec, SPEC, loop_safe=True, w_cfg=0.5)["w_cfg"] == 0.5

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, data as D, diffusion, interventions as I, nets
+from jaxconcept import config as C, data as D, diffusion, interventions as I, nets, prompts as PR
 from jaxconcept.cli import main
 
 CFG = C.preset("tiny")
@@ -65,13 +65,21 @@ def test_unknown_point_names_the_valid_ones():
         I.intervene(NET, [I.Edit(I.cond_points(NET, SPEC)[0], "twist", value=1.0)], SPEC)
 
 
+def test_the_reference_class_has_the_pushed_concept_at_value_0():
+    sp = D.spec(C.preset("2x2").data)  # classes row-major over (colour, size): 3 = (1, 1)
+    assert [PR.reference_class(sp, 3, k) for k in (0, 1)] == [1, 2]
+    assert PR.reference_class(sp, 0, 1) == 0
+    p = D.params(C.preset("2x2").data)
+    np.testing.assert_allclose(PR.overprompts(sp, p, 3, 1, [-1.0])[0], D.prompts(sp, p)[2], atol=1e-6)  # s = -1: it
+
+
 def test_overprompts_match_the_paper_list():
     sp = D.spec(C.preset("2x2").data)
     p = D.params(C.preset("2x2").data)
-    got = np.asarray(I.overprompts(sp, p, 3, 0, [0.0, 0.5, 1.5, 2.5, 3.5]))[:, 4:7]
+    got = np.asarray(PR.overprompts(sp, p, 3, 0, [0.0, 0.5, 1.5, 2.5, 3.5]))[:, 4:7]
     want = [(0.4, 0.4, 0.6), (0.35, 0.35, 0.65), (0.25, 0.25, 0.75), (0.15, 0.15, 0.85), (0.05, 0.05, 0.95)]
     np.testing.assert_allclose(got, want, atol=1e-6)
-    assert np.all(np.asarray(I.overprompts(sp, p, 3, 1, [0.0, 1.0]))[:, 7] <= 0.25 + 1e-6)  # size pushed smaller
+    assert np.all(np.asarray(PR.overprompts(sp, p, 3, 1, [0.0, 1.0]))[:, 7] <= 0.25 + 1e-6)  # size pushed smaller
 
 
 def test_vector_end_to_end_train_analyze_elicit(tmp_path, capsys):

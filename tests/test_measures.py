@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats as sps
 
-from jaxconcept import claims, config as C, data as D, dynamics as Dy, interventions as I, stats
+from jaxconcept import claims, config as C, data as D, dynamics as Dy, interventions as I, prompts as PR, stats
 from jaxconcept.nets.layers import Tap
 
 STEPS = np.arange(1, 15) * 100  # 14 checkpoints
@@ -149,9 +149,9 @@ class LinearCond(nn.Module):
 def test_compositional_arm_equals_the_prompt_it_composes_on_a_linear_model():
     spec = D.spec(C.preset("tiny").data)
     pr = D.prompts(spec, D.params(C.preset("tiny").data))
-    a, b, c = I.composition_classes(spec, 3, spec.concepts.index("colour"))
+    a, b, c = PR.composition_classes(spec, 3, spec.concepts.index("colour"))
     assert (a, b, c) == (1, 2, 0)  # red-small + [blue-large - red-large]
-    assert I.composition_classes(spec, 3, spec.concepts.index("size")) == (2, 1, 0)
+    assert PR.composition_classes(spec, 3, spec.concepts.index("size")) == (2, 1, 0)
     net = LinearCond()
     x = jax.random.normal(jax.random.PRNGKey(0), (2, *spec.x_shape))
     params = net.init(jax.random.PRNGKey(1), x, jnp.zeros(2), jnp.zeros((2, 11)))["params"]
@@ -169,10 +169,10 @@ def test_reference_overprompts_are_its_fixed_colours_at_every_separation():
     for sep in (0.35, 0.8):
         cfg = C.override(C.preset("2x2"), [f"data.sep_col={sep}"]).data
         spec, p = D.spec(cfg), D.params(cfg)
-        got = np.asarray(I.reference_overprompts(spec, p, 3))
-        np.testing.assert_allclose(got[:, 4:7], I.REFERENCE_COLOURS, atol=1e-7)
+        got = np.asarray(PR.reference_overprompts(spec, p, 3))
+        np.testing.assert_allclose(got[:, 4:7], PR.REFERENCE_COLOURS, atol=1e-7)
         assert np.all(got[:, 7] == np.float32(0.3)) and np.all(got[:, [0, 1, 2, 3, 8, 9, 10]] == 0)
-    assert I.reference_overprompts(D.spec(C.preset("vec2x2").data), D.params(C.preset("vec2x2").data), 3) is None
+    assert PR.reference_overprompts(D.spec(C.preset("vec2x2").data), D.params(C.preset("vec2x2").data), 3) is None
 
 
 # --- the underspecification dose -------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_image_elicitation_has_every_arm_and_vectors_have_no_fixed_colours():
     spec, p = D.spec(member.data), D.params(member.data)
     st = elicit.setting(cfg, member, None, samplers=(None, None, None))
     assert st.concept == "colour" and (st.n_over, st.n_ref) == (len(elicit.OVER_STRENGTHS), 5)
-    np.testing.assert_array_equal(np.asarray(st.conds[-5:]), np.asarray(I.reference_overprompts(spec, p, 3)))
+    np.testing.assert_array_equal(np.asarray(st.conds[-5:]), np.asarray(PR.reference_overprompts(spec, p, 3)))
     pr = D.prompts(spec, p)
     for got, c in zip(st.comp, (1, 2, 0)):  # red-small, blue-large, red-large: never the held-out prompt
         np.testing.assert_array_equal(np.asarray(got), np.asarray(pr[c]))

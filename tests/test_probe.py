@@ -127,6 +127,18 @@ def test_cache_key_ignores_what_does_not_change_samples():
     assert P.cache_key(v) != P.cache_key(dataclasses.replace(v, s=(0.1, 0.1)))
 
 
+def test_a_field_added_to_the_data_config_is_in_the_cache_key():
+    from jaxconcept.config.checks import section
+
+    @section("data")
+    class WithExtra(C.ImageData):
+        extra: int = 0
+
+    base = P.cache_key(C.ImageData())
+    assert P.cache_key(WithExtra()) != base
+    assert P.cache_key(WithExtra(extra=1)) != P.cache_key(WithExtra())
+
+
 # --------------------------------------------------------------------------------------------
 # The real image probe (needs jaxconcept.data.images)
 # --------------------------------------------------------------------------------------------
@@ -144,8 +156,13 @@ def test_image_probe_for_tiny_config_meets_bar_and_is_cached(monkeypatch, probe_
     assert np.allclose(P.predict(again, x[:16]), P.predict(probe, x[:16]), atol=1e-6)
 
 
-def test_image_probe_undertrained_refuses(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXCONCEPT_CACHE", str(tmp_path))
+def test_image_probe_undertrained_refuses(tmp_path):
     with pytest.raises(P.ProbeError, match="refuses"):
-        P.probe_for(C.preset("tiny").data, max_steps=1, seed=3)
-    assert not any(tmp_path.rglob("meta.json"))  # a failed probe is never cached
+        P.probe_for(C.preset("tiny").data, max_steps=1, seed=3, cache=tmp_path)
+    assert any(tmp_path.glob("*.lock")) and not any(tmp_path.rglob("meta.json"))  # there, and never cached
+
+
+@pytest.mark.parametrize("bar", [0.0, 1.5, float("nan")])
+def test_a_bar_outside_0_1_is_refused_in_one_line(bar):
+    with pytest.raises(P.ProbeError, match=r"bar=.* is invalid: allowed a number in \(0, 1\]"):
+        P.probe_for(_vec_cfg(), bar=bar)

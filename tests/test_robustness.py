@@ -372,7 +372,7 @@ def test_analyze_and_elicit_name_damaged_files(tmp_path, capsys):
 
 
 def test_analyze_counts_nan_samples_as_wrong_and_marks_frozen_members(tmp_path):
-    from jaxconcept import dynamics
+    from jaxconcept import analyze
 
     run = tmp_path / "run"
     cfg = _cfg("eval.steps=[4,8]")
@@ -384,7 +384,7 @@ def test_analyze_counts_nan_samples_as_wrong_and_marks_frozen_members(tmp_path):
     recs = rundir.load_metrics(run)
     recs[-1]["frozen"] = [False, True]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    a = dynamics.analyze_run(run)
+    a = analyze.analyze_run(run)
     assert a["members"][1]["nan_samples"] == 5 and a["members"][0]["nan_samples"] == 0
     assert a["members"][1]["frozen_at"] == 8 and a["members"][0]["frozen_at"] is None
     acc = a["members"][1]["accuracy"]["0-0"]["joint"][-1]

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxconcept import checkpoint, config as C, dynamics, groups, loop, nets, plan, rundir, stack
+from jaxconcept import checkpoint, analyze, config as C, groups, loop, nets, plan, rundir, stack
 from jaxconcept.cli import main
 from jaxconcept.data import spec as data_spec
 from jaxconcept.step import Layout, TrainState, adamw, hyper_values
@@ -198,7 +198,7 @@ def test_two_groups_train_resume_and_read_as_one_run(tmp_path, capsys):
     a = json.loads((run / "analysis.json").read_text())
     assert a["groups"] == 2 and a["swept"] == ["model.hidden", "seed"] and len(a["members"]) == 4
     assert [m["group"] for m in a["members"]] == [0, 0, 1, 1] and (run / "figures" / "sweep.png").stat().st_size > 1000
-    alone = json.loads(json.dumps(dynamics.analyze_run(tmp_path / "alone", write=False)["members"]))
+    alone = json.loads(json.dumps(analyze.analyze_run(tmp_path / "alone", write=False)["members"]))
     for mine, theirs in zip(a["members"][2:], alone):
         assert mine["coords"] == theirs["coords"] and mine["accuracy"] == theirs["accuracy"]
     assert main(["elicit", str(run)]) == 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, rundir
-from jaxconcept import loop, plan, stack
+from jaxconcept import loop, plan, programs, stack
 from jaxconcept.step import draw_batch, eval_loss
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
@@ -58,7 +58,7 @@ def test_any_split_of_the_steps_is_one_program_and_the_same_bits():
         if k == 5:
             assert sorted(sw._compiled) == ["advance", "init"]  # one training program for 5, 5, 2 and 1 steps
             assert sw.jitted.advance._cache_size() == 0  # nothing compiled beside the ahead-of-time programs
-            text = stack.lower(sw, "advance").as_text()
+            text = programs.lower(sw, "advance").as_text()
             assert "stablehlo.while" in text and "stablehlo.case" not in text and "stablehlo.if" not in text
     for k in (5, 13):
         _leaves_close(states[k][0], states[1][0], rtol=0, atol=0)
@@ -89,7 +89,7 @@ def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
     _leaves_close(state.ema, ema, rtol=1e-6, atol=1e-7)
     assert not np.allclose(state.ema, state.params)
     sw, final = loop.train(cfg, tmp_path, progress=False)
-    saved = stack.load_params(tmp_path, 8)
+    saved = rundir.Run(tmp_path).params(8)
     _leaves_close(saved, sw.layout.unravel(np.asarray(final.ema)), rtol=0, atol=0)
     with pytest.raises(C.ConfigError, match=r"train\.ema"):
         C.override(cfg, ["train.ema=1.0"])
@@ -120,7 +120,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     members = json.loads((tmp_path / "run" / "members.json").read_text())
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
-    params = stack.load_params(tmp_path / "run", 6)
+    params = rundir.Run(tmp_path / "run").params(6)
     _leaves_close(params, sw.layout.unravel(np.asarray(state.params)), rtol=0, atol=0)
 
 

@@ -75,8 +75,8 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
     cfg = C.override(C.preset("vec_tiny"), TINY + ["train.steps=3", "train.steps_per_call=1", "eval.steps=[0,1,2,3]"])
     loop.train(cfg, run, progress=False)
     events, keys = [], []
-    load, step_fn = stack.load_params, elicit.elicit_step
-    monkeypatch.setattr(stack, "load_params", lambda r, s, *part: (events.append(("load", s)), load(r, s, *part))[1])
+    load, step_fn = rundir.Run.params, elicit.elicit_step
+    monkeypatch.setattr(rundir.Run, "params", lambda run, s, g=None: (events.append(("load", s)), load(run, s, g))[1])
 
     def spy(st, params, key, *a):
         events.append(("elicit", len(events)))

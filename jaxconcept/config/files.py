@@ -23,7 +23,8 @@ from jaxconcept.config.sections import DATA_KINDS, Config, DataConfig, data_conf
 from jaxconcept.config.sweeps import SECTIONS
 
 TOP = (*SECTIONS, "seeds", "name", "sweep")
-# the one data section of config.json files written before the data kinds had their own classes
+# the one data section of config.json files written before the data kinds had their own classes: a
+# record of that old format (how it is recognised), not a list of today's fields, so it never grows
 FLAT_DATA = frozenset({
     "kind", "concepts", "values", "sep_col", "sep_size", "image_size", "blur_sigma", "pixel_noise", "dim", "perdim",
     "m", "s", "normalize", "dim_nuisance", "nuisance", "cond_mode", "cond_noise", "attributes", "source", "data_dir",

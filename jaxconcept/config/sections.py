@@ -11,7 +11,7 @@ config per member with every field scalar and one seed. A swept field holds memb
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -48,6 +48,12 @@ class DataConfig:
     val_frac: Fraction = 0.15
     n_test: PosInt = 32  # test examples per held-out class, for the held-out loss at evaluation
 
+    # The fields that do not change what the concept probe learns from and is tested on (which
+    # classes are trained, how they are conditioned, split sizes, where files are kept): every
+    # other field, a field added later included, is in the probe's cache key (``probe.cache_key``).
+    probe_ignores: ClassVar[frozenset] = frozenset({"held_out", "masked", "mask_prob", "n_per_class", "val_frac",
+                                                    "n_test"})
+
 
 @section("data")
 class ImageData(DataConfig):
@@ -79,6 +85,8 @@ class VectorData(DataConfig):
     cond_noise: NonNeg = 0.0  # std of the noise added to "observed" conditioning
     train_classes: Annotated[tuple[NonNegInt, ...], Distinct] = ()  # () = at most one non-zero index
 
+    probe_ignores: ClassVar[frozenset] = DataConfig.probe_ignores | {"cond_mode", "cond_noise", "train_classes"}
+
 
 @section("data")
 class CelebaData(DataConfig):
@@ -90,10 +98,16 @@ class CelebaData(DataConfig):
                           Field(min_length=1, max_length=MAX_CLASSES.bit_length() - 1), Distinct] = ("Male", "Smiling")
     source: str = "celeb_a"  # a TFDS dataset name, prepared in the array_record format (data/celeba_source.py)
     data_dir: str = ""  # TFDS data directory ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets)
+    # the preprocessed-image cache ("" = $JAXCONCEPT_DATA_CACHE, else ~/.cache/jaxconcept/data); not the data
+    cache_dir: str = ""
     image_size: ImageSize = 32
     crop: NonNegInt = 0  # centre-crop side in source pixels before resizing (0 = the largest centred square)
     augment: bool = True  # random horizontal flips and colour jitter on training batches, on device
     jitter: Annotated[Real, Field(ge=0, le=0.5)] = 0.1  # colour-jitter strength: brightness, contrast, saturation, hue
+
+    # the probe learns from the evaluation split, which the held-out classes and split sizes select;
+    # augment and jitter only change how it is trained (any cached probe met its bar on the same test images)
+    probe_ignores: ClassVar[frozenset] = frozenset({"masked", "mask_prob", "augment", "jitter", "cache_dir"})
 
 
 DATA_KINDS = {"images": ImageData, "vector": VectorData, "celeba": CelebaData}

@@ -19,7 +19,7 @@ held-out one included), tested on the source's own test partition where it has o
 
 Images are centre-cropped to a square (``data.crop`` source pixels, 0 = the largest centred
 square), resized to ``image_size`` and stored once as uint8 ``.npy`` files in a cache directory
-(``$JAXCONCEPT_DATA_CACHE``, default ``~/.cache/jaxconcept/data``) keyed by everything that changes
+(``data.cache_dir``, see ``cache_dir``) keyed by everything that changes
 them, written to a temporary directory and renamed into place. Runs memory-map them, so start-up
 is fast and the training set never has to fit on the device: ``host_feed`` sends each step's
 batches as uint8, in the order the engine's on-device draw would take them
@@ -29,6 +29,7 @@ horizontal flips and torchvision-style colour jitter in a fixed order: ``augment
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +52,10 @@ CACHE_VERSION = 1  # bump when selection or preprocessing changes: old cache ent
 SELECT_SEED = 0  # the selection depends on the data config only, never on a member's seed
 PROBE_PER_CLASS = 5000  # at most this many probe-training images per combination
 PROBE_TEST_PER_CLASS = 500  # at most this many probe-test images per combination
+# data fields that do not change the cached images (how batches are conditioned and augmented, where
+# files are: data_dir enters as the source's identity); every other field, one added later included,
+# is in the cache key (``_key``)
+CACHE_IGNORES = frozenset({"kind", "masked", "mask_prob", "augment", "jitter", "data_dir", "cache_dir"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,14 +207,19 @@ def select_probe(idx: Index, cfg, per_class: int = PROBE_PER_CLASS, test_per_cla
 # --------------------------------------------------------------------------------------------
 # The cache of preprocessed images
 # --------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXCONCEPT_DATA_CACHE", Path.home() / ".cache" / "jaxconcept" / "data"))
+def cache_dir(cfg=None) -> Path:
+    """Where preprocessed images are kept: ``cfg.cache_dir`` if set, else $JAXCONCEPT_DATA_CACHE (kept
+    only so that a test harness can point every process it starts at one cache), else
+    ~/.cache/jaxconcept/data."""
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("JAXCONCEPT_DATA_CACHE") or Path.home() / ".cache" / "jaxconcept" / "data")
 
 
 def _key(cfg, what: str, **extra) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "what": what, "source": source_id(cfg), "attributes": _attributes(cfg),
-                       "held_out": sorted(cfg.held_out), "n_per_class": cfg.n_per_class, "val_frac": cfg.val_frac,
-                       "n_test": cfg.n_test, "image_size": cfg.image_size, "crop": cfg.crop, **extra},
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in CACHE_IGNORES}
+    blob = json.dumps({"v": CACHE_VERSION, "what": what, **fields, "source": source_id(cfg),
+                       "attributes": _attributes(cfg), "held_out": sorted(cfg.held_out), **extra},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -251,7 +261,7 @@ def _cached(cfg, what: str, names, make_parts, **extra) -> dict:
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        path = cache_dir() / f"{what}-{key}"
+        path = cache_dir(cfg) / f"{what}-{key}"
         if not (path / "meta.json").exists():
             idx = index(cfg)
             _build(path, idx, make_parts(idx), int(cfg.crop), int(cfg.image_size))

@@ -4,7 +4,7 @@ Every method maps strengths s [S] (a traced array: one jitted call covers them a
 conditioning per strength [S, T, D]; s = 0 is the prompt as written (naive prompting):
 
   extrapolate  c + s (c - c_ref), c_ref the prompt with the concept word replaced by a reference
-               word of as many tokens (the toy model's overprompting, ``interventions.overprompts``)
+               word of as many tokens (the toy model's overprompting, ``prompts.extrapolate``)
   weight       the concept's positions of the encoder output scaled by 1 + s
   token        the concept's input token embeddings scaled by 1 + s, then encoded
   repeat       the concept word written 1 + s times (s a whole number)
@@ -19,17 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept.interventions import Edit
+from jaxconcept.prompts import extrapolate
 from jaxconcept.sd import SDError
 from jaxconcept.sd import pipeline as P
 from jaxconcept.sd.tokenizer import Tokenizer, quote, word_pattern
 
 METHODS = ("extrapolate", "weight", "token", "repeat", "steer")
 NEEDS_REF = ("extrapolate", "steer")
-
-
-def extrapolate(c, c_ref, s):
-    """c + s (c - c_ref) for each strength: c, c_ref [T, D], s [S] -> [S, T, D]."""
-    return c[None] + s[:, None, None] * (c - c_ref)[None]
 
 
 def weight(c, mask, s):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import interventions
+from jaxconcept.diffusion import guidance_mix
 from jaxconcept.nets.layers import tap_calls
 from jaxconcept.sd.clip import CLIPTextEncoder
 from jaxconcept.sd.configs import SDConfig
@@ -110,8 +111,7 @@ def guided_eps(model, params, z, t, cond, null, guidance):
     ctx = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond])  # [2B, T, D]
     e = model.apply({"params": params}, jnp.concatenate([z, z]), jnp.full((2 * b,), t, jnp.float32), ctx,
                     method=StableDiffusion.eps)
-    e_null, e_text = e[:b], e[b:]
-    return e_null + guidance * (e_text - e_null)
+    return guidance_mix(e[b:], e[:b], guidance)
 
 
 def _ddim_chunk(model, params, z, cond, null, guidance, ts, a_t, a_prev, edits):
