@@ -84,7 +84,7 @@ def test_a_run_compiles_few_programs_once_and_a_second_process_compiles_nothing(
     # evaluation points between multiples of K = 5 (3, 7) and the end (9): one training program for all
     sets = ["train.steps=9", "train.steps_per_call=5", "eval.steps=[3,7,9]", "seeds=[0,1]"]
     programs, misses, _ = _train(tmp_path / "a", tmp_path / "xla", *sets)
-    assert programs.count("jit(_advance_local)") == 1 and programs.count("jit(_init_local)") == 1
+    assert programs.count("jit(_advance_local)") == 1 and programs.count("jit(init_local)") == 1
     assert programs.count("jit(_evaluate_local)") == 1
     assert len(programs) <= 8 and misses == len(programs), programs
     again, misses, hits = _train(tmp_path / "b", tmp_path / "xla", *sets)  # a fresh process, the same config
