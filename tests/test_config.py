@@ -144,6 +144,10 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert "data.sep_col" in err and "Traceback" not in err
     assert main(["train", "--preset", "nope", "--out", "/tmp/never"]) == 2
     assert "preset" in capsys.readouterr().err
+    assert main(["config", "--preset", "tiny", "--set", "data.sep_col=[0.2,0.4"]) == 2  # an unclosed list
+    err = capsys.readouterr().err.strip()
+    assert "data.sep_col=[0.2,0.4 is not valid JSON" in err and len(err.splitlines()) == 1
+    assert C.override(C.preset("tiny"), ["name=plain"]).name == "plain"  # other text stays a string
 
 
 # --------------------------------------------------------------------------------------------

@@ -207,11 +207,17 @@ def load(path, base: Config | None = None) -> Config:
     return from_dict(d, base)
 
 
-def parse_value(text: str):
-    """A --set value: JSON when it parses (numbers, lists, true/false), else the raw string."""
+def parse_value(text: str, key: str = "value"):
+    """A --set value: JSON when it parses (numbers, lists, true/false), else the raw string.
+
+    Raises ConfigError: the text opens a list or a mapping ("[", "{") that is not valid JSON."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if text.lstrip()[:1] in ("[", "{"):
+            raise ConfigError(f"{key}={text} is not valid JSON ({exc.msg} at character {exc.pos}): a list is "
+                              "[a,b,...] and a sampled axis {\"log_uniform\":[lo,hi]}; quote the whole --set "
+                              "for the shell") from None
         return text
 
 
@@ -226,7 +232,7 @@ def override(cfg: Config, assignments) -> Config:
             raise ConfigError(f"--set {a!r}: expected KEY=VALUE, e.g. data.sep_col=0.3")
         key, text = a.split("=", 1)
         parts = key.strip().split(".")
-        value = parse_value(text)
+        value = parse_value(text, key.strip())
         if len(parts) == 1:
             changes[parts[0]] = value
         elif len(parts) == 2:
