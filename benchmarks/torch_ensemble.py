@@ -14,7 +14,7 @@ github.com/cfpark00/concept-learning, whose CUNet ``reference_torch.build_unet``
 
 The loss is the VDM loss of SPEC A2 (diffusion + latent + reconstruction terms in bits per
 dimension, antithetic times, learned linear log-SNR schedule), written for one member as
-jaxconcept's ``diffusion.loss_terms`` computes it: the reference's own ``get_loss`` takes
+jaxconcept's ``vdm.loss_terms`` computes it: the reference's own ``get_loss`` takes
 gamma'(t) with ``torch.autograd.grad``, which functorch transforms do not allow; for the linear
 schedule gamma'(t) = |w|, so the arithmetic is the same.
 

@@ -119,7 +119,7 @@ def _analysis():
 def test_sweep_figure_plots_learning_time_against_a_swept_field(tmp_path):
     from matplotlib.image import imread
 
-    from jaxconcept import plots
+    from jaxconcept.analysis import plots
 
     a = _analysis()
     assert plots.sweep_axes(a) == ("model.init_scale", "data.sep_col", ["train.lr"])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxconcept.config.rules import default_train_classes
 from jaxconcept.data import DataSpec
 
 NUISANCE_STD = 0.1  # spread of each bimodal nuisance mode (SPEC A6)
@@ -42,11 +43,6 @@ NUISANCE_STD = 0.1  # spread of each bimodal nuisance mode (SPEC A6)
 def _grid(dim: int, perdim: int) -> np.ndarray:
     """Value indices of every class, row-major: [n_classes, dim] int."""
     return np.array(list(itertools.product(range(perdim), repeat=dim)), np.int32).reshape(-1, dim)
-
-
-def default_train_classes(dim: int, perdim: int) -> tuple:
-    """Grid points with at most one non-zero index: the origin and each concept's values alone."""
-    return tuple(int(c) for c, g in enumerate(_grid(dim, perdim)) if np.count_nonzero(g) <= 1)
 
 
 def split_sizes(n_per_class: int, val_frac: float) -> tuple:

@@ -17,7 +17,7 @@ what ``analyze.shown_samples`` read of one member's) and writes one file; none r
                           by another, a panel per setting of the rest (``sweep_figure``)
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
-vector examples in concept space). The figures of elicitation are ``elicit_plots``.
+vector examples in concept space). The figures of elicitation are in ``jaxconcept.elicit.plots``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from matplotlib import animation as mpl_animation
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from jaxconcept import rundir
+from jaxconcept import store
 
 # Figures are built as matplotlib.figure.Figure objects and saved, never through pyplot: no
 # backend is chosen and no global figure state is touched, whatever the importing program uses.
@@ -244,9 +244,9 @@ def animate(analysis: dict, shown: dict, path, fps: int = 4) -> Path:
     anim = mpl_animation.FuncAnimation(fig, draw, frames=len(frames))
     with tempfile.TemporaryDirectory() as tmp:  # Pillow writes a file by name; then copied whole into place
         anim.save(Path(tmp) / "a.gif", writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
-        with rundir.atomic(path, "wb") as f:
+        with store.atomic(path, "wb") as f:
             f.write((Path(tmp) / "a.gif").read_bytes())
-    return rundir.path(path)
+    return store.path(path)
 
 
 def _numbers(vals) -> bool:
@@ -325,7 +325,7 @@ def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, col
     """Every figure of an analysis (``analyze.analyze_run``) and one member's samples (``shown``:
     ``analyze.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
     swept field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
-    out = rundir.path(out_dir)
+    out = store.path(out_dir)
     figs = [trajectories(analysis, shown, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
             learning_times(analysis, out / "learning_times.png"), animate(analysis, shown, out / "trajectories.gif")]
     swept = [f for f in analysis.get("swept", []) if f != "seed"]
@@ -335,11 +335,11 @@ def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, col
 
 
 def save(fig, path) -> Path:
-    """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
+    """Write ``fig`` whole (``store.atomic``: a local file or a bucket object), in the format of
     the path's suffix."""
-    with rundir.atomic(path, "wb") as f:
-        fig.savefig(f, format=rundir.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    return rundir.path(path)
+    with store.atomic(path, "wb") as f:
+        fig.savefig(f, format=store.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    return store.path(path)
 
 
 def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import data as D, rundir
-from jaxconcept.probe_net import ProbeNet, fit, fit_all, init, net_probs, per_class_accuracy
+from jaxconcept.analysis.probe_net import ProbeNet, fit, fit_all, init, net_probs, per_class_accuracy
 
 __all__ = ["CELEBA_BAR", "PROBE_VERSION", "Probe", "ProbeError", "ProbeNet", "cache_key", "class_value_table",
            "coordinates", "correct", "fit", "fit_all", "init", "per_class_accuracy", "predict", "probe_for"]

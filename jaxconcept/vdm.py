@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxconcept import config as C, data as D, nets
+
 
 def _number(x) -> bool:
     """``x`` is a Python number, fixed when the program is traced (not a traced array)."""
@@ -268,7 +270,13 @@ def step_flops(net, model_cfg, spec, batch_size: int, *, p_cfg: float = 0.0) -> 
 
 def train_step_flops(cfg) -> float:
     """``step_flops`` of the first member of ``cfg`` (a ``config.Config``) at train.batch_size."""
-    from jaxconcept import config as C, data as D, nets
-
     spec = D.spec(C.members(cfg)[0].data)
     return step_flops(nets.build(cfg.model, spec), cfg.model, spec, cfg.train.batch_size, p_cfg=cfg.train.p_cfg)
+
+
+def sampler_args(eval_cfg: C.EvalConfig, spec: D.DataSpec, *, loop_safe: bool, w_cfg=None) -> dict:
+    """The keyword arguments of ``sample`` an evaluation config sets: x_shape, n_steps
+    (``eval.sampler_steps``), w_cfg (``eval.w_cfg``, or a member's traced value), null_cond (the
+    data's unconditional prompt), output (``eval.sampler_output``) and loop_safe."""
+    return dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg if w_cfg is None else w_cfg,
+                null_cond=D.null_cond(spec), output=eval_cfg.sampler_output, loop_safe=loop_safe)

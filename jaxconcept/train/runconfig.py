@@ -3,7 +3,8 @@ directory can hold the run (``prepare``) and writing config.json and members.jso
 from __future__ import annotations
 
 from jaxconcept import config as C, store
-from jaxconcept.rundir import RunDirError, RunError, load_members, load_metrics, read_json, steps_with, write_json
+from jaxconcept.train import RunError
+from jaxconcept.rundir import RunDirError, load_members, load_metrics, read_json, steps_with, write_json
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:

@@ -26,7 +26,7 @@ import json
 
 import numpy as np
 
-from jaxconcept import stats
+from jaxconcept.analysis import stats
 
 SETTING_FIELDS = ("sep_col", "sep_size", "m", "s", "attributes", "mask_prob")
 ARMS = {"over_ref": "overprompting (reference's fixed colours)", "over": "overprompting (scaled)",
