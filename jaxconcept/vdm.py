@@ -3,7 +3,7 @@
 The model's functions do not know what the network is (only ``train_step_flops`` builds the
 configured one, to count a training step's FLOPs): ``apply_fn(net_params, x, t, cond, train,
 key)`` returns eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
-with the *configured* gamma range (SPEC A2).
+with the *configured* gamma range (docs/study.md A2).
 
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule
 

@@ -1,4 +1,4 @@
-"""Interventions and overprompting (SPEC A4), and the vector end-to-end path train -> analyze -> elicit."""
+"""Interventions and overprompting (docs/study.md A4), and the vector end-to-end path train -> analyze -> elicit."""
 import json
 
 import jax

@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from jaxconcept import cli, config as C, data as D, vdm, nets
 from jaxconcept.nets.layers import Tap
 
-REFERENCE_2X2 = 10_913_861  # SPEC A2: the reference U-Net plus the two schedule parameters
+REFERENCE_2X2 = 10_913_861  # docs/study.md A2: the reference U-Net plus the two schedule parameters
 
 
 def _setup(name, *sets):

@@ -1,4 +1,4 @@
-"""Learning dynamics in concept space (SPEC A3): trajectories, accuracies, learning times, turns.
+"""Learning dynamics in concept space (docs/study.md A3): trajectories, accuracies, learning times, turns.
 
 Pure functions over arrays; ``analyze.analyze_run`` applies them to every member and checkpoint
 of a run directory and writes RUN_DIR/analysis.json.

@@ -1,5 +1,5 @@
 """Hidden capabilities: accuracy on the held-out class under naive prompting, overprompting and
-latent interventions, at every evaluation checkpoint of a run (SPEC A4).
+latent interventions, at every evaluation checkpoint of a run (docs/study.md A4).
 
 For every member and checkpoint (parameters saved by training, ``eval.save_params``), the arms:
   naive       - samples of the held-out prompt;
