@@ -206,7 +206,9 @@ def cmd_analyze(args):
             t = m["turn"][name]
             turn = f"our turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn (ours)"
             frozen = f"; frozen (diverged) at step {m['frozen_at']}" if m.get("frozen_at") is not None else ""
-            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; saturation at step "
+            setting = claims.setting_label(m)
+            where = f"seed {m['seed']}" + ("" if setting == "all" else f", {setting}")
+            print(f"  member {m['index']} ({where}) {name}: learning time {lt}; saturation at step "
                   f"{m['saturation'] if m['saturation'] is not None else 'never'}; {turn}{frozen}")
     for m in analysis["members"]:
         if m.get("nan_samples"):

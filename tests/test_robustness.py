@@ -194,7 +194,7 @@ def test_ctrl_c_while_starting_or_compiling_is_one_line(tmp_path):
 
 def test_importing_checkpoint_leaves_logging_alone():
     code = ("import logging; import absl.logging; before = logging.getLogger('absl').level; "
-            "import jaxconcept.checkpoint; print(before, logging.getLogger('absl').level)")
+            "import jaxconcept.train.checkpoint; print(before, logging.getLogger('absl').level)")
     out = subprocess.run([sys.executable, "-c", code], env=ENV1, capture_output=True, text=True, check=True)
     before, after = out.stdout.split()
     assert before == after  # orbax is quieted only while it runs

@@ -351,7 +351,7 @@ def summarize_times(members: list[dict], cls: str, concept: str, run_length: flo
             "separation": separation(ms[0], concept) if sig_name else None,
             "sep_col": ms[0].get("sep_col"), "sep_size": ms[0].get("sep_size"), "m": ms[0].get("m"),
             "s": ms[0].get("s"), "mask_prob": ms[0].get("mask_prob"),
-            "values": {k: v for k, v in ms[0].get("values", {}).items() if k != "seed"},
+            "values": claims.swept_values(ms[0]),
             "mean": float(t.mean()), "std": float(t.std()),
             "n": len(times), "n_learned": int((~cens).sum()), "times": times,
         })
