@@ -21,6 +21,8 @@ vector examples in concept space). The figures of elicitation are in ``jaxconcep
 """
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -279,8 +281,9 @@ def sweep_axes(analysis: dict, by: str | None = None, colour: str | None = None)
 def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None = None) -> Path:
     """Learning time of the first held-out class (joint accuracy) against a swept field, a point
     per member (``sweep_axes``: x ``by``, coloured by ``colour``, a panel per setting of the other
-    swept fields); members that never learned are open triangles at the run's last step; the x
-    axis is logarithmic where ``by`` spans a factor of 10 or more. Returns ``path``."""
+    swept fields; each colour shifted sideways by ~1 % of the axis, so equal times stay visible);
+    members that never learned are open triangles at the run's last step; the x axis is
+    logarithmic where ``by`` spans a factor of 10 or more. Returns ``path``."""
     by, colour, panels = sweep_axes(analysis, by, colour)
     held = analysis["class_names"][analysis["held_out"][0]]
     top = analysis["steps"][-1]
@@ -298,15 +301,21 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     else:
         order = sorted({str(v) for v in cvals})
         pick = lambda v: CLASS_COLOURS(order.index(str(v)) % 10)  # noqa: E731
+    ranks = sorted({json.dumps(v, sort_keys=True) for v in cvals})  # colour groups, dodged sideways
     for ax, key in zip(axes[0], keys):
         mine = [m for m in ms if tuple(str(m["values"].get(f)) for f in panels) == key]
+        xs = [m["values"].get(by) for m in mine]
+        log = min(xs) > 0 and max(xs) >= 10 * min(xs)
+        step = (math.log10(max(xs) / min(xs)) if log else (max(xs) - min(xs)) or 1.0) * 0.012
         for m in mine:
             t = m["learning_time"][held]["joint"]
-            x, c = m["values"].get(by), pick(m["values"].get(colour) if colour else 0)
+            v = m["values"].get(colour) if colour else 0
+            shift = step * (ranks.index(json.dumps(v, sort_keys=True)) - (len(ranks) - 1) / 2)
+            x, c = m["values"].get(by), pick(v)
+            x = x * 10 ** shift if log else x + shift
             ax.plot(x, top if t is None else t, "^" if t is None else "o", ms=6, mfc="none" if t is None else c,
                     color=c, alpha=0.85)
-        xs = [m["values"].get(by) for m in mine]
-        if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        if log:
             ax.set_xscale("log")
         ax.axhline(top, color="0.8", lw=0.8, ls=":")
         ax.set_xlabel(by)
