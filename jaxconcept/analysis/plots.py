@@ -262,6 +262,7 @@ def sweep_axes(analysis: dict, by: str | None = None, colour: str | None = None)
     combination of the swept fields left (the seed apart). Raises ValueError: a field not swept,
     or no swept field with numbers."""
     swept = [f for f in analysis.get("swept", []) if f != "seed"] + ["seed"]
+    by, colour = ("seed" if f == "seeds" else f for f in (by, colour))  # the config's axis is "seeds"
     vals = {f: [m["values"].get(f) for m in analysis["members"]] for f in swept}
     numeric = [f for f in swept if f != "seed" and _numbers(vals[f])]
     for name, f in (("by", by), ("colour", colour)):
