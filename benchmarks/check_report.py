@@ -1,6 +1,6 @@
 """The budget, the JSON report and the measured stacking table of ``device_check.py``.
 
-The table is ``plan.measured_choice``'s (jaxconcept/strategies.json, shipped in the package;
+The table is ``plan.measured_choice``'s (jaxconcept/train/strategies.json, shipped in the package;
 ``train.strategy="auto"`` tries its entry first, the first entry that matches winning). A check
 writes the entries it measured to DIR/strategies.json in the same form:
 

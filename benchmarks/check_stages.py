@@ -138,7 +138,7 @@ class Stages:
         self.farm = self.peers = None
         self.rows = []
         self.futures = {}  # name -> Future of (compiled, info)
-        self.sweeps = {}  # row -> Sweep
+        self.sweeps = {}  # row -> Stack
         self.state = None  # (state, data) of the run's members, once initialised
 
     # ---------------------------------------------------------------- helpers
@@ -166,12 +166,12 @@ class Stages:
               + (f"; float32 {r['float32_tflops']:.3f}" if "float32_tflops" in r else ""), flush=True)
 
     def flops(self, _):
-        from jaxconcept import diffusion
+        from jaxconcept import vdm
 
         if not self.c.budget.fits(1):
             return self.rep.skip("flops", f"{self.c.budget.left():.1f} s left")
         t = time.perf_counter()
-        self.flops_per_step = CR.finite(diffusion.train_step_flops(self.c.base))
+        self.flops_per_step = CR.finite(vdm.train_step_flops(self.c.base))
         self.rep.data["flops_per_model_step"] = self.flops_per_step
         self.rep.data["flops_s"] = round(time.perf_counter() - t, 3)
         gflop = CR.fmt(self.flops_per_step and self.flops_per_step / 1e9, '.3f')
@@ -182,7 +182,7 @@ class Stages:
     def start_background(self):
         """Start the PyTorch peers' process, then submit every program to the compile farm in
         priority order: the run's init, the rows, the run's evaluate, Stable Diffusion."""
-        from jaxconcept import programs
+        from jaxconcept.train import programs
 
         a, c = self.a, self.c
         if a.reference and c.accel:  # on a CPU it would take the cores our compiles need: it starts at its stage
@@ -278,7 +278,7 @@ class Stages:
     def sampler(self, deadline):
         import jax
 
-        from jaxconcept import programs, stack
+        from jaxconcept.train import programs, stack
 
         if self.a.no_sampler:
             return self.rep.skip("sampler", "--no-sampler")

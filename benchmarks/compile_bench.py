@@ -70,7 +70,8 @@ def inlined_ops(lowered) -> collections.Counter:
 
 
 def measure_ops(args) -> dict:
-    from jaxconcept import config as C, programs, stack
+    from jaxconcept import config as C
+    from jaxconcept.train import programs, stack
 
     cfg = C.resolve(args.preset, None, args.set)
     sw = stack.build(cfg, strategy=args.strategy)
@@ -83,7 +84,8 @@ def measure_ops(args) -> dict:
 
 
 def measure_cpu_compile(args) -> dict:
-    from jaxconcept import config as C, programs, stack
+    from jaxconcept import config as C
+    from jaxconcept.train import programs, stack
 
     cfg = C.resolve(args.preset, None, args.set)
     sw = stack.build(cfg, strategy=args.strategy)

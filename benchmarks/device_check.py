@@ -36,7 +36,7 @@ had):
    the background.
 
 The fastest stacking per (device kind, architecture, stack size) goes to DIR/strategies.json, in
-the form of the table ``train.strategy="auto"`` reads (jaxconcept/strategies.json, shipped in the
+the form of the table ``train.strategy="auto"`` reads (jaxconcept/train/strategies.json, shipped in the
 package; benchmarks/check_report.py describes it); ``--merge-strategies`` merges it there.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ from check_report import Budget, Report, merge_strategies  # noqa: E402
 
 SCHEMA = 2
 RUN_CONFIG = HERE.parent / "experiments" / "colour_sweep_mini.json"
-PACKAGE_TABLE = HERE.parent / "jaxconcept" / "strategies.json"
+PACKAGE_TABLE = HERE.parent / "jaxconcept" / "train" / "strategies.json"
 # --tiny: the run's config with 2 members on the tiny preset's U-Net and data sizes (device_check.sh
 # passes the same to `jaxconcept train`, so that the dry run shares its compiled programs as a real
 # run does)

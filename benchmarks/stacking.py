@@ -6,7 +6,7 @@ Every configuration is the run's own config (``experiments/colour_sweep_mini.jso
 with only the member count, the compute dtype, the stacking and the convolution formulation
 changed, so the 8-member bf16 programs *are* the run's and JAX's persistent compilation cache
 serves ``jaxconcept train`` afterwards. The engine's public API is used throughout:
-``stack.build``, ``programs.lower``, ``programs.abstract_inputs``, ``stack.put``/``Sweep.sharding``.
+``stack.build``, ``programs.lower``, ``programs.abstract_inputs``, ``stack.put``/``Stack.sharding``.
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def member_config(base, m: int):
 
 
 def row_sweep(base, row: Row, devices):
-    """The ``stack.Sweep`` of ``row`` (the run's config but for members, dtype, conv)."""
-    from jaxconcept import config as C, stack
+    """The ``stack.Stack`` of ``row`` (the run's config but for members, dtype, conv)."""
+    from jaxconcept import config as C
+    from jaxconcept.train import stack
 
     cfg = member_config(base, row.members)
     sets = [] if cfg.model.dtype == row.dtype else [f'model.dtype="{row.dtype}"']
@@ -187,8 +188,8 @@ def init_state(sw, compiled_init):
     arguments ``stack.init`` passes."""
     import jax
 
-    from jaxconcept import stack
-    from jaxconcept.step import hyper_values
+    from jaxconcept.train import stack
+    from jaxconcept.train.step import hyper_values
 
     if sw.host_fed:
         raise ValueError("device_check trains on-device data kinds only (images, vectors)")
@@ -240,9 +241,9 @@ def time_advance(sw, compiled, state, data, min_time: float, fits, target_call_s
     has passed or ``fits(seconds)`` says one more call would not fit. ``state`` is donated."""
     import jax
 
-    from jaxconcept import stack
+    from jaxconcept.train import stack
 
-    k = stack.steps_per_call(sw)
+    k = sw.steps_per_call
     holder = {"state": state}
 
     def call(n):

@@ -12,9 +12,9 @@ github.com/cfpark00/concept-learning, whose CUNet ``reference_torch.build_unet``
     python benchmarks/torch_ensemble.py --reference /tmp/reference --members 8,32 --json out.json
     python benchmarks/torch_ensemble.py --reference /tmp/reference --tiny --members 2   # CPU, seconds
 
-The loss is the VDM loss of SPEC A2 (diffusion + latent + reconstruction terms in bits per
+The loss is the VDM loss of docs/study.md A2 (diffusion + latent + reconstruction terms in bits per
 dimension, antithetic times, learned linear log-SNR schedule), written for one member as
-jaxconcept's ``diffusion.loss_terms`` computes it: the reference's own ``get_loss`` takes
+jaxconcept's ``vdm.loss_terms`` computes it: the reference's own ``get_loss`` takes
 gamma'(t) with ``torch.autograd.grad``, which functorch transforms do not allow; for the linear
 schedule gamma'(t) = |w|, so the arithmetic is the same.
 

@@ -35,7 +35,8 @@ import time
 import jax
 
 from jaxconcept import config as C
-from jaxconcept import diffusion, nets, plan, stack
+from jaxconcept import vdm, nets
+from jaxconcept.train import plan, stack
 
 
 def _time_advance(sw, state, data, k, reps):
@@ -54,7 +55,7 @@ def bench(cfg: C.Config, n_members: int, k: int, reps: int, loop: bool):
     if loop:  # baseline: one compiled single-member advance, called once per member in Python
         single = C.members(cfg)[0]
         sw = plan.build(single, jax.devices()[:1])
-        k = stack.steps_per_call(sw)  # 1 where the network cannot scan (nets.loop_safe)
+        k = sw.steps_per_call  # 1 where the network cannot scan (nets.loop_safe)
         states = [stack.init(sw, [m]) for m in C.members(cfg)]
         states[0] = (stack.advance(sw, *states[0], k)[0], states[0][1])  # compile + warm-up (donates)
         jax.block_until_ready(states)  # init and warm-up are dispatched asynchronously: not timed
@@ -66,7 +67,7 @@ def bench(cfg: C.Config, n_members: int, k: int, reps: int, loop: bool):
         return n_members * reps * k / (time.perf_counter() - t0)
     sw = plan.build(cfg)
     state, data = jax.block_until_ready(stack.init(sw))
-    return n_members / _time_advance(sw, state, data, stack.steps_per_call(sw), reps)
+    return n_members / _time_advance(sw, state, data, sw.steps_per_call, reps)
 
 
 def reference_rate(reference: str, cfg: C.Config, min_time: float) -> dict:
@@ -124,7 +125,7 @@ def main():
     strategies = (a.strategy or ("unroll" if cpu_unet else "vmap")).split(",")
     members = a.members or ("1" if cpu_unet else "1,4,16")
     convs = a.conv.split(",") if a.conv else [None]
-    flops = diffusion.train_step_flops(cfg)
+    flops = vdm.train_step_flops(cfg)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} x{len(jax.devices())} ({jax.default_backend()}); preset {a.preset}, "
           f"batch {cfg.train.batch_size}, {a.dtype}; {flops / 1e9:.2f} GFLOP per model-step (XLA)")

@@ -67,10 +67,11 @@ def _threshold(text: str) -> float:
 
 def _known_errors() -> tuple:
     """Errors that are the user's to fix: reported in one line, exit code 2."""
-    from jaxconcept import data, probe, rundir
+    from jaxconcept import data, rundir, train
+    from jaxconcept.analysis import probe
     from jaxconcept.sd import SDError
 
-    return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, rundir.RunError, SDError)
+    return (CLIError, C.ConfigError, data.DataError, rundir.RunDirError, probe.ProbeError, train.RunError, SDError)
 
 
 def _probe_args(p) -> None:
@@ -235,11 +236,11 @@ def main(argv=None):
         print(f"jaxconcept {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - only the known kinds below are reported without a traceback
-        from jaxconcept import rundir
+        from jaxconcept import train
 
-        if isinstance(exc, rundir.Stopped):
+        if isinstance(exc, train.Stopped):
             print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
-            return rundir.EXIT_STOPPED
+            return train.EXIT_STOPPED
         if isinstance(exc, _known_errors()):
             print(f"jaxconcept {args.command}: {exc}", file=sys.stderr)
             return 2

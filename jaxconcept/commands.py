@@ -55,7 +55,7 @@ def cmd_data(args):
                      class_names=np.array(spec.class_names), **{f"signal_{k}": v for k, v in signal.items()})
         print(f"wrote {out}: {x.shape[0]} examples of {spec.n_classes} classes; signal {signal}")
     if show:
-        from jaxconcept import plots
+        from jaxconcept.analysis import plots
 
         plots.data_grid(spec, np.asarray(x), np.asarray(labels), show)
         print(f"wrote {show}")
@@ -82,14 +82,14 @@ def cmd_config(args):
 def cmd_info(args):
     import jax
 
-    from jaxconcept import data as D, diffusion, nets
+    from jaxconcept import data as D, vdm, nets
 
     cfg = _config(args)
     spec = D.spec(C.members(cfg)[0].data)
     net = nets.build(cfg.model, spec)
-    params = jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda k: vdm.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
     n = nets.param_count(params)
-    flops = diffusion.train_step_flops(cfg)
+    flops = vdm.train_step_flops(cfg)
     n_members = len(C.members(cfg))
     print(f"preset/config: {cfg.name or '-'}; {cfg.model.arch} on {spec.kind} {spec.x_shape}, cond {spec.cond_dim}, "
           f"compute {cfg.model.dtype}")
@@ -155,7 +155,7 @@ def _distributed(args) -> None:
 
 def cmd_train(args):
     cfg = _config(args)
-    from jaxconcept import loop
+    from jaxconcept.train import loop
 
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         _distributed(args)  # multi-host (TPU pod, several GPU hosts): every host runs this command
@@ -185,7 +185,7 @@ def _measure(args) -> str:
 
 
 def cmd_analyze(args):
-    from jaxconcept import analyze, claims, plots
+    from jaxconcept.analysis import analyze, claims, plots
 
     analysis = analyze.analyze_run(args.run_dir, args.threshold, measure=_measure(args), probe_kw=_probe_kw(args))
     if args.by or args.colour:
@@ -206,7 +206,9 @@ def cmd_analyze(args):
             t = m["turn"][name]
             turn = f"our turn at step {t['step']} ({t['angle']:.0f} deg)" if t["turned"] else "no turn (ours)"
             frozen = f"; frozen (diverged) at step {m['frozen_at']}" if m.get("frozen_at") is not None else ""
-            print(f"  member {m['index']} seed {m['seed']} {name}: learning time {lt}; saturation at step "
+            setting = claims.setting_label(m)
+            where = f"seed {m['seed']}" + ("" if setting == "all" else f", {setting}")
+            print(f"  member {m['index']} ({where}) {name}: learning time {lt}; saturation at step "
                   f"{m['saturation'] if m['saturation'] is not None else 'never'}; {turn}{frozen}")
     for m in analysis["members"]:
         if m.get("nan_samples"):
@@ -219,11 +221,12 @@ def cmd_analyze(args):
 
 
 def cmd_elicit(args):
-    from jaxconcept import claims, elicit
+    from jaxconcept.analysis import claims
+    from jaxconcept.elicit import measure
 
     if args.every < 1:
         raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
-    out = elicit.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
+    out = measure.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
                             measure=_measure(args), probe_kw=_probe_kw(args))
     print(f"jaxconcept elicit: emergence: {out['definition']}; turn = saturation of the training classes")
     for m in out["members"]:

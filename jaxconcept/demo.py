@@ -29,12 +29,15 @@ def run(out="runs/demo", progress: bool = True, extra_sets=(), images: bool = Fa
     of the vector demo. ``extra_sets`` are further ``--set`` overrides (the tests use them to shrink
     the demo). A run directory holding the same config resumes.
     """
-    from jaxconcept import analyze, elicit, loop, plots, rundir
+    from jaxconcept.analysis import analyze, plots
+    from jaxconcept.elicit import measure
+    from jaxconcept.train import loop
+    from jaxconcept import rundir
 
     out = rundir.path(out)
     cfg = demo_config(extra_sets, images)
     loop.train(cfg, out, progress=progress)
     analysis = analyze.analyze_run(out)
     plots.all_figures(analysis, analyze.shown_samples(out, analysis), out / "figures")
-    elicit.elicit_run(out, progress=progress, every=ELICIT_EVERY)
+    measure.elicit_run(out, progress=progress, every=ELICIT_EVERY)
     return {"figures": sorted(str(p) for p in (out / "figures").glob("*"))}

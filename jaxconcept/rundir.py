@@ -1,5 +1,5 @@
-"""The run directory: its on-disk layout, its files' readers and writers, and ``Run``, the one
-reader that analysis and elicitation share.
+"""The run directory: its on-disk layout and its files' readers and writers (``runs.Run`` reads a
+whole run through them).
 
     RUN_DIR/config.json           the full resolved (sweep) config, written once
     RUN_DIR/members.json          one entry per member: index, seed, its sweep values, signals
@@ -25,9 +25,9 @@ reader that analysis and elicitation share.
 A sweep of several groups (``config.groups``: members that need programs of their own) keeps
 config.json, members.json (each member's "group") and the analysis at RUN_DIR, and each group's
 metrics.jsonl, samples/, params/ and checkpoints/ (its members' rows, in member order) in
-RUN_DIR/groups/<g>/ (``group_dir``); ``jaxconcept.groups`` reads them as one run.
+RUN_DIR/groups/<g>/ (``group_dir``); ``jaxconcept.runs`` reads them as one run.
 
-``Run`` is the one reader of a finished (or growing) run: config, members, metrics, samples,
+``runs.Run`` is the one reader of a finished (or growing) run: config, members, metrics, samples,
 parameters and the analysis files. Before training, ``runconfig.prepare`` checks the directory
 can hold the run and ``runconfig.write_run_files`` writes config.json and members.json.
 
@@ -46,29 +46,10 @@ import re
 
 import numpy as np
 
-from jaxconcept import config as C, store
+from jaxconcept import config as C, data as D, store
 from jaxconcept.store import RunDirError, RunWarning, atomic, lock, path, warn  # noqa: F401 - the run directory's API
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.npz$")
-
-
-class RunError(RuntimeError):
-    """A training run cannot start or go on: its directory holds another run or is locked, its
-    step does not fit in memory, its processes disagree. The command line prints it as one line."""
-
-
-EXIT_STOPPED = 75  # the command's exit code when a signal stopped training after a checkpoint (sysexits' EX_TEMPFAIL)
-
-
-class Stopped(Exception):
-    """Training stopped on a signal (SIGTERM, SIGINT, a pre-emption notice) after checkpointing
-    ``step``; running the same training again resumes from there. The command line prints it as
-    one line and exits with ``EXIT_STOPPED``."""
-
-    def __init__(self, step: int, why: str, saved: bool = True):
-        done = "checkpoint saved" if saved else "nothing trained since the last checkpoint"
-        super().__init__(f"stopped by {why} at step {step} ({done}); run the same command to resume")
-        self.step, self.why = step, why
 
 
 def clean_json(obj):
@@ -275,14 +256,12 @@ def reconcile_metrics(run_dir, step: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# The reader of a run
+# members.json
 # --------------------------------------------------------------------------------------------
 def member_records(cfg: C.Config, members=None, groups=None) -> list[dict]:
     """members.json: per member of ``cfg``, its index, group, data sweep settings (the keys of
     ``C.sweep_settings``), "values" (its value of every swept field, ``C.member_values``) and
     concept signals. ``members``, ``groups``: ``C.members(cfg)`` and ``C.groups(cfg)``, if at hand."""
-    from jaxconcept import data as D
-
     members = C.members(cfg) if members is None else members
     group_of = {i: g for g, idx in enumerate(C.groups(cfg, members) if groups is None else groups) for i in idx}
     return [{"index": i, "group": group_of[i], **C.sweep_settings(m), "values": C.member_values(cfg, m),
@@ -295,80 +274,3 @@ def member_header(record: dict) -> dict:
     for CelebA), group, values."""
     return {"index": record.get("index"), **{k: record.get(k) for k in C.sweep_settings(C.Config())},
             "group": record.get("group", 0), "values": record.get("values", {})}
-
-
-class Run:
-    """A run directory as its readers (analysis, elicitation) see it, one group or many alike
-    (``jaxconcept.groups``): ``config``, ``member_configs``, ``groups`` on opening, the rest when
-    asked.
-
-    Raises RunDirError on opening: not a run directory, or config.json is not a valid config."""
-
-    def __init__(self, run_dir):
-        from jaxconcept import groups
-
-        self.dir = store.path(run_dir)
-        self.config = load_config(self.dir)
-        self.member_configs = C.members(self.config)
-        self.groups = groups.of_run(self.dir, self.config)
-
-    def members(self) -> list[dict]:
-        """members.json; when it is missing or unreadable, the same records recomputed from the
-        config (``member_records``). Raises RunDirError: it lists another number of members."""
-        try:
-            out = load_members(self.dir)
-        except RunDirError:
-            return member_records(self.config, self.member_configs)
-        if len(out) != len(self.member_configs):
-            raise RunDirError(f"{self.dir}: members.json lists {len(out)} members, the config "
-                              f"{len(self.member_configs)}; delete members.json to have it rebuilt")
-        return out
-
-    def steps(self, sub: str = "samples") -> list[int]:
-        """Steps at which every group has saved ``sub`` ("samples" or "params"), increasing."""
-        from jaxconcept import groups
-
-        return groups.steps_with(self.dir, sub, self.groups)
-
-    def metrics(self) -> list[dict]:
-        """metrics.jsonl of every group as one run's (``groups.load_metrics``)."""
-        from jaxconcept import groups
-
-        return groups.load_metrics(self.dir, self.groups)
-
-    def samples(self, step: int, group) -> np.ndarray:
-        """A group's samples at ``step``: [its members, n_classes, n_samples, *x_shape] float32."""
-        return load_samples(group.dir, step)["samples"]
-
-    def member_samples(self, step: int, member: int) -> np.ndarray:
-        """One member's samples at ``step``: [n_classes, n_samples, *x_shape]."""
-        from jaxconcept import groups
-
-        return groups.member_samples(self.dir, step, member, self.groups)
-
-    def params(self, step: int, group=None) -> dict:
-        """A group's stacked parameters [its members, ...] (numpy) saved at evaluation ``step``
-        (``group``: one of ``groups``; may be left out in a run of one group).
-        Raises RunDirError: missing, damaged or of another model, or no group named in a run of several."""
-        import jax
-
-        from jaxconcept import data as D, diffusion, nets
-
-        if group is None and len(self.groups) > 1:
-            raise RunDirError(f"{self.dir} is a sweep of {len(self.groups)} groups, each with its own parameters: "
-                              "read them one group at a time (Run.groups)")
-        group = group or self.groups[0]
-        first = self.member_configs[group.members[0]]
-        spec = D.spec(first.data)
-        net = nets.build(first.model, spec)
-        like = jax.eval_shape(lambda k: diffusion.init_params(net, first.model, spec, k), jax.random.PRNGKey(0))
-        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(group.members), *a.shape), a.dtype), like)
-        return load_params(group.dir, step, like)
-
-    def output(self, name: str) -> dict | None:
-        """RUN_DIR/<name> ("analysis.json", "elicit.json") when it exists, else None."""
-        p = self.dir / name
-        if not p.exists():
-            return None
-        out = read_json(p, f"written by `jaxconcept {name.split('.')[0].replace('analysis', 'analyze')}`; run it again")
-        return out if isinstance(out, dict) else None

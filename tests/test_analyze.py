@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import analyze, cli, plots, rundir
+from jaxconcept.analysis import analyze, plots
+from jaxconcept import cli, rundir
 from jaxconcept import config as C
 from jaxconcept import data as D
 
@@ -147,7 +148,7 @@ def test_cli_analyze_refuses_non_runs(tmp_path, capsys):
 
 def test_end_to_end_tiny_vector_run(tmp_path):
     """A real (20-step) training run, then the analysis: well-formed, whatever the model learned."""
-    from jaxconcept import loop
+    from jaxconcept.train import loop
 
     cfg = C.preset("vec_tiny")
     loop.train(cfg, tmp_path / "run", progress=False)

@@ -119,12 +119,13 @@ def _analysis():
 def test_sweep_figure_plots_learning_time_against_a_swept_field(tmp_path):
     from matplotlib.image import imread
 
-    from jaxconcept import plots
+    from jaxconcept.analysis import plots
 
     a = _analysis()
     assert plots.sweep_axes(a) == ("model.init_scale", "data.sep_col", ["train.lr"])
     assert plots.sweep_axes(a, by="train.lr", colour="model.init_scale") == ("train.lr", "model.init_scale",
                                                                             ["data.sep_col"])
+    assert plots.sweep_axes(a, colour="seeds")[1] == "seed"  # the config's name of the axis
     with pytest.raises(ValueError, match=r"--by='train\.steps': not a swept field of this run; allowed data\.sep_col"):
         plots.sweep_axes(a, by="train.steps")
     one = plots.sweep_figure(a, tmp_path / "one.png", by="train.lr", colour="data.sep_col")

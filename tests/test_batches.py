@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C
-from jaxconcept.step import draw_batch, member_keys
+from jaxconcept.train.step import draw_batch, member_keys
 from jaxconcept.data import batches
 
 

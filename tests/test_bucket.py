@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from test_robustness import ENV1, _cmd, _free_port, _same_run, _signalled
 
-from jaxconcept import loop, rundir, store
+from jaxconcept.train import loop
+from jaxconcept import rundir, store
 
 BUCKET = "runs"
 

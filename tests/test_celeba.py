@@ -17,8 +17,11 @@ import pytest
 from PIL import Image
 
 import celeba_fake as F
-from jaxconcept import cli, config as C, data as D, loop, prompts as PR, plan, probe as P, rundir, stack
-from jaxconcept.step import draw_batch, member_keys
+from jaxconcept import cli, config as C, data as D, rundir
+from jaxconcept.train import loop, plan, stack
+from jaxconcept.elicit import prompts as PR
+from jaxconcept.analysis import probe as P
+from jaxconcept.train.step import draw_batch, member_keys
 from jaxconcept.data import augment, celeba, celeba_source
 
 
@@ -308,7 +311,9 @@ def test_the_core_library_and_a_prepared_cache_need_no_tensorflow(folder):
 import sys
 sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # as if not installed
 import numpy as np
-from jaxconcept import cli, config as C, loop, plan, stack, step, probe
+from jaxconcept import cli, config as C
+from jaxconcept.train import loop, plan, stack, step
+from jaxconcept.analysis import probe
 from jaxconcept.data import celeba
 cfg = C.override(C.preset("celeba_tiny"), ['data.data_dir={json.dumps(str(folder))}'])
 assert celeba.load(cfg.data)["x_train"].shape == (114, 16, 16, 3)

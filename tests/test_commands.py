@@ -62,8 +62,9 @@ state = lambda: (logging.getLogger().level, logging.getLogger().handlers[:], log
                  logging.getLogger('jaxconcept').handlers[:], warnings.showwarning, warnings.formatwarning,
                  list(warnings.filters), matplotlib.rcParams['backend'])
 before = state()
-import jaxconcept.cli, jaxconcept.plots, jaxconcept.demo, jaxconcept.plan, jaxconcept.probe, jaxconcept.elicit, \\
-    jaxconcept.dynamics, jaxconcept.sd.command, jaxconcept.sd.weights, jaxconcept.data.celeba
+import jaxconcept.cli, jaxconcept.analysis.plots, jaxconcept.demo, jaxconcept.train.plan, jaxconcept.analysis.probe, \\
+    jaxconcept.elicit.measure, jaxconcept.analysis.dynamics, jaxconcept.sd.command, jaxconcept.sd.weights, \\
+    jaxconcept.data.celeba
 assert state() == before, (before, state())
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

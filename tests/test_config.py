@@ -185,7 +185,8 @@ def _same_as_before(new: dict, old: dict, data_cls):
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_members_probe_keys_and_run_configs_as_before(name):
-    from jaxconcept import probe, runconfig
+    from jaxconcept.analysis import probe
+    from jaxconcept.train import runconfig
 
     case = BEFORE[name]
     cfg = C.load(ROOT / case["file"]) if "file" in case else C.override(C.preset(case["preset"]), case.get("sets", []))

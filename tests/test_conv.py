@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 from jaxconcept.nets import conv as convs, layers
 
 TOL = 2e-5  # relative to the largest magnitude: float32 with different summation orders
@@ -92,13 +92,13 @@ def test_unet_explicit_equals_xla():
         cfg = C.override(C.preset("tiny"), [f'model.conv="{impl}"', "model.dropout=0.3"])
         spec = D.spec(cfg.data)
         net = nets.build(cfg.model, spec)
-        params = jax.jit(lambda k: diffusion.init_params(net, cfg.model, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
+        params = jax.jit(lambda k: vdm.init_params(net, cfg.model, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
         # every conv non-zero (conv_1 and conv_out start at zero and would hide their blocks)
         params = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), params)
         x = jax.random.uniform(jax.random.PRNGKey(1), (4, *spec.x_shape))
         cond = jax.random.uniform(jax.random.PRNGKey(2), (4, spec.cond_dim))
-        apply_fn = diffusion.make_apply(net)
-        loss = lambda p: diffusion.loss_fn(apply_fn, cfg.model, p, x, cond, jax.random.PRNGKey(3))[0]  # noqa: E731
+        apply_fn = vdm.make_apply(net)
+        loss = lambda p: vdm.loss_fn(apply_fn, cfg.model, p, x, cond, jax.random.PRNGKey(3))[0]  # noqa: E731
         eps = jax.jit(apply_fn, static_argnums=4)(params["net"], x, jnp.full((4,), 0.3), cond, True,
                                                   jax.random.PRNGKey(4))  # jitted: one program, not one per op
         out[impl] = (params, eps, jax.jit(jax.grad(loss))(params))

@@ -1,4 +1,4 @@
-"""Vector concept spaces (SPEC A6): grid, statistics, nuisance, conditioning, stacking, signal."""
+"""Vector concept spaces (docs/study.md A6): grid, statistics, nuisance, conditioning, stacking, signal."""
 import itertools
 from dataclasses import replace
 

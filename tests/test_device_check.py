@@ -68,7 +68,7 @@ def test_winners_are_the_fastest_stacking_per_size(device_check):
     """Each size timed in several stackings gives the table's entry for the members per device
     around it (geometric midpoints), in the form plan.measured_choice reads."""
     import check_report as CR
-    from jaxconcept import plan
+    from jaxconcept.train import plan
 
     def row(m, stacking, strategy, rate, conv="auto", chunk=None, dtype="bfloat16", status="ok"):
         return {"dtype": dtype, "members": m, "stacking": stacking, "strategy": strategy, "chunk": chunk, "conv": conv,
@@ -112,7 +112,8 @@ def test_the_checks_programs_are_the_runs(device_check):
     import jax
 
     import stacking as S
-    from jaxconcept import config as C, programs, stack
+    from jaxconcept import config as C
+    from jaxconcept.train import programs, stack
 
     a = device_check.parse(["--tiny"])
     base = C.resolve(None, a.config, a.all_sets)
@@ -151,7 +152,7 @@ def test_strategies_table_merges(device_check, tmp_path):
     CR.write_json(run, {"measured": [{"device_kind": "H200", "arch": "unet"}]})
     with pytest.raises(ValueError, match="strategy, source"):
         CR.merge_strategies(run, table)
-    shipped = CR._read_table(BENCH.parent / "jaxconcept" / "strategies.json")  # the package's table reads
+    shipped = CR._read_table(BENCH.parent / "jaxconcept" / "train" / "strategies.json")  # the package's table reads
     assert all(not e.get("tiny") for e in shipped["measured"])
 
 

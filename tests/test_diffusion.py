@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 
 CFG = C.preset("vec_tiny")
 M = CFG.model
 SPEC = D.spec(CFG.data)
 NET = nets.build(M, SPEC)
-APPLY = diffusion.make_apply(NET)
+APPLY = vdm.make_apply(NET)
 LN2 = math.log(2)
 
 
@@ -24,7 +24,7 @@ def _batch(n, seed=0):
 
 
 def _params(seed=0):
-    return jax.jit(lambda k: diffusion.init_params(NET, M, SPEC, k))(jax.random.PRNGKey(seed))
+    return jax.jit(lambda k: vdm.init_params(NET, M, SPEC, k))(jax.random.PRNGKey(seed))
 
 
 def _schedule(b=M.gamma_min, w=M.gamma_max - M.gamma_min):
@@ -48,7 +48,7 @@ def _recon_bpd(g0, s):
 def test_loss_of_a_zero_network_matches_closed_form():
     for x in (_batch(4096)[0], jax.random.uniform(jax.random.PRNGKey(7), (256, 8, 8, 3))):
         cond = jnp.zeros((x.shape[0], 4))
-        loss, terms = jax.jit(lambda x, c: diffusion.loss_fn(_zero, M, _schedule(), x, c, jax.random.PRNGKey(1)))(x, cond)
+        loss, terms = jax.jit(lambda x, c: vdm.loss_fn(_zero, M, _schedule(), x, c, jax.random.PRNGKey(1)))(x, cond)
         w = M.gamma_max - M.gamma_min
         assert abs(float(terms["diffusion"]) - 0.5 * w / LN2) < 0.04 * 0.5 * w / LN2  # E||eps||^2 = D
         np.testing.assert_allclose(float(terms["latent"]), _latent_bpd(x, M.gamma_max), rtol=1e-4, atol=1e-6)
@@ -63,10 +63,10 @@ def test_unet_loss_at_init_matches_closed_form():
     cfg = C.preset("tiny")
     spec = D.spec(cfg.data)
     net = nets.build(cfg.model, spec)
-    params = jax.jit(lambda k: diffusion.init_params(net, cfg.model, spec, k))(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: vdm.init_params(net, cfg.model, spec, k))(jax.random.PRNGKey(0))
     x = jax.random.uniform(jax.random.PRNGKey(1), (64, *spec.x_shape))
     cond = jax.random.uniform(jax.random.PRNGKey(2), (64, spec.cond_dim))
-    f = jax.jit(lambda p, k: diffusion.loss_fn(diffusion.make_apply(net), cfg.model, p, x, cond, k, train=True))
+    f = jax.jit(lambda p, k: vdm.loss_fn(vdm.make_apply(net), cfg.model, p, x, cond, k, train=True))
     terms = [f(params, jax.random.PRNGKey(i))[1] for i in range(4)]
     diff = np.mean([float(t["diffusion"]) for t in terms])
     g0, g1 = cfg.model.gamma_min, cfg.model.gamma_max
@@ -91,7 +91,7 @@ def test_loss_decreases_and_the_network_learns():
         @jax.jit
         def step(carry, k):
             p, o = carry
-            (loss, _), g = jax.value_and_grad(lambda p: diffusion.loss_fn(APPLY, M, p, x, c, k), has_aux=True)(p)
+            (loss, _), g = jax.value_and_grad(lambda p: vdm.loss_fn(APPLY, M, p, x, c, k), has_aux=True)(p)
             u, o = tx.update(g, o, p)
             return (optax.apply_updates(p, u), o), loss
 
@@ -99,7 +99,7 @@ def test_loss_decreases_and_the_network_learns():
         return params, np.asarray(losses)
 
     def diffusion_term(p):  # at fixed keys, eval mode
-        f = jax.jit(lambda p, k: diffusion.loss_fn(APPLY, M, p, x, c, k, train=False)[1]["diffusion"])
+        f = jax.jit(lambda p, k: vdm.loss_fn(APPLY, M, p, x, c, k, train=False)[1]["diffusion"])
         return np.mean([float(f(p, jax.random.PRNGKey(100 + i))) for i in range(16)])
 
     p0 = _params()
@@ -111,7 +111,7 @@ def test_loss_decreases_and_the_network_learns():
 
 def test_gradients_reach_the_schedule():
     x, c = _batch(32)
-    g = jax.jit(jax.grad(lambda p: diffusion.loss_fn(APPLY, M, p, x, c, jax.random.PRNGKey(0))[0]))(_params())
+    g = jax.jit(jax.grad(lambda p: vdm.loss_fn(APPLY, M, p, x, c, jax.random.PRNGKey(0))[0]))(_params())
     assert abs(float(g["gamma"]["b"])) > 0 and abs(float(g["gamma"]["w"])) > 0
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
     assert float(g["gamma"]["b"]) > 0  # the reconstruction term pulls gamma_0 (hence b) down
@@ -125,7 +125,7 @@ def test_network_time_uses_the_configured_range_and_antithetic_times():
         return jnp.zeros_like(z)
 
     x, c = _batch(16)
-    diffusion.loss_fn(spy, M, _schedule(b=-7.0, w=-20.0), x, c, jax.random.PRNGKey(3))  # learned != configured
+    vdm.loss_fn(spy, M, _schedule(b=-7.0, w=-20.0), x, c, jax.random.PRNGKey(3))  # learned != configured
     g = M.gamma_min + np.asarray(seen["t"]) * (M.gamma_max - M.gamma_min)  # invert the configured scaling
     t = np.sort((g + 7.0) / 20.0)  # then the learned schedule gamma = b + |w| t
     assert 0 <= t[0] < 1 / 16 and t[-1] < 1
@@ -143,12 +143,12 @@ def test_cfg_dropout_rate_inside_the_loss():
     n, p_cfg = 20000, 0.2
     x, c = jnp.zeros((n, 3)), jax.random.uniform(jax.random.PRNGKey(0), (n, 4))
     null = D.null_cond(SPEC)
-    diffusion.loss_fn(spy, M, _schedule(), x, c, jax.random.PRNGKey(1), p_cfg=p_cfg, null_cond=null)
+    vdm.loss_fn(spy, M, _schedule(), x, c, jax.random.PRNGKey(1), p_cfg=p_cfg, null_cond=null)
     out = np.asarray(seen["c"])
     dropped = np.all(out == -1, axis=1)
     assert abs(dropped.mean() - p_cfg) < 0.015  # ~5 standard errors
     np.testing.assert_array_equal(out[~dropped], np.asarray(c)[~dropped])
-    other = diffusion.drop_cond(c, jax.random.PRNGKey(2), p_cfg, null)
+    other = vdm.drop_cond(c, jax.random.PRNGKey(2), p_cfg, null)
     assert not np.array_equal(np.all(np.asarray(other) == -1, axis=1), dropped)  # the key decides
 
 
@@ -157,11 +157,11 @@ def test_guidance_combines_conditional_and_null_predictions():
         return jnp.broadcast_to(c[:, :1], z.shape)
 
     z, cond = jnp.zeros((3, 3)), jnp.full((3, 4), 2.0)
-    eps = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 3.0, D.null_cond(SPEC))
+    eps = vdm.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 3.0, D.null_cond(SPEC))
     np.testing.assert_allclose(eps, -1.0 + 3.0 * (2.0 - (-1.0)))  # the reference: null + w (cond - null)
-    plain = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 1.0, None)
+    plain = vdm.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 1.0, None)
     np.testing.assert_allclose(plain, 2.0)
-    uncond = diffusion.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 0.0, D.null_cond(SPEC))
+    uncond = vdm.eps_guided(fake, M, _schedule(), z, jnp.float32(0.0), cond, 0.0, D.null_cond(SPEC))
     np.testing.assert_allclose(uncond, -1.0)
 
 
@@ -169,9 +169,9 @@ def test_sampler_returns_z0_as_the_reference_or_the_decoder_mean():
     params = _params()
     cond = jnp.zeros((4, SPEC.cond_dim))
     kw = dict(x_shape=SPEC.x_shape, n_steps=4)
-    z0 = diffusion.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), **kw)
-    mean = diffusion.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), output="mean", **kw)
-    alpha0 = np.sqrt(1 / (1 + np.exp(float(diffusion.gamma(params, 0.0)))))
+    z0 = vdm.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), **kw)
+    mean = vdm.sample(APPLY, M, params, cond, jax.random.PRNGKey(1), output="mean", **kw)
+    alpha0 = np.sqrt(1 / (1 + np.exp(float(vdm.gamma(params, 0.0)))))
     np.testing.assert_allclose(np.asarray(mean), np.asarray(z0) / alpha0, rtol=1e-5)
     assert abs(1 / alpha0 - 1) > 1e-3  # the two differ (0.34 % at gamma_0 = -5)
 
@@ -181,10 +181,10 @@ def test_eval_loss_uses_guidance_like_the_reference():
         return jnp.broadcast_to(c[:, :1], z.shape)
     x, c = jnp.zeros((4, 3)), jnp.full((4, 4), 2.0)
     kw = dict(train=False, null_cond=D.null_cond(SPEC))
-    plain = diffusion.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), **kw)["diffusion"]
-    guided = diffusion.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), w_cfg=3.0, **kw)["diffusion"]
+    plain = vdm.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), **kw)["diffusion"]
+    guided = vdm.loss_terms(fake, M, _schedule(), x, c, jax.random.PRNGKey(0), w_cfg=3.0, **kw)["diffusion"]
     assert not np.allclose(plain, guided)
-    again = diffusion.loss_terms(fake, M, _schedule(), x, jnp.full((4, 4), 8.0), jax.random.PRNGKey(0), **kw)
+    again = vdm.loss_terms(fake, M, _schedule(), x, jnp.full((4, 4), 8.0), jax.random.PRNGKey(0), **kw)
     np.testing.assert_allclose(guided, again["diffusion"], rtol=1e-6)  # -1 + 3 (2 + 1) = 8
 
 
@@ -192,7 +192,7 @@ def test_sampler_deterministic_given_key():
     params = _params()
     cond = jax.random.uniform(jax.random.PRNGKey(9), (5, SPEC.cond_dim))
     kw = dict(x_shape=SPEC.x_shape, n_steps=8)
-    run = jax.jit(lambda p, k, w: diffusion.sample(APPLY, M, p, cond, k, w_cfg=w, null_cond=D.null_cond(SPEC), **kw),
+    run = jax.jit(lambda p, k, w: vdm.sample(APPLY, M, p, cond, k, w_cfg=w, null_cond=D.null_cond(SPEC), **kw),
                   static_argnums=2)
     a, b, c = run(params, jax.random.PRNGKey(3), 0.0), run(params, jax.random.PRNGKey(3), 0.0), run(params, jax.random.PRNGKey(4), 0.0)
     np.testing.assert_array_equal(a, b)
@@ -212,7 +212,7 @@ def test_sampler_with_the_exact_score_reproduces_a_gaussian():
         return jnp.sqrt(s2) * (z - jnp.sqrt(a2) * mu) / (a2 * s * s + s2)
 
     def stats(n_steps):
-        f = jax.jit(lambda k: diffusion.sample(exact, M, _schedule(), jnp.zeros((20000, 4)), k, x_shape=(3,),
+        f = jax.jit(lambda k: vdm.sample(exact, M, _schedule(), jnp.zeros((20000, 4)), k, x_shape=(3,),
                                                n_steps=n_steps))
         x = np.asarray(f(jax.random.PRNGKey(0)))
         return x.mean(), x.std()
@@ -225,8 +225,8 @@ def test_sampler_with_the_exact_score_reproduces_a_gaussian():
 
 def test_vmap_over_parameter_sets_equals_separate_calls():
     x, c = _batch(16)
-    stack = jax.jit(jax.vmap(lambda k: diffusion.init_params(NET, M, SPEC, k)))(jax.random.split(jax.random.PRNGKey(0), 4))
-    f = jax.jit(lambda p: diffusion.loss_fn(APPLY, M, p, x, c, jax.random.PRNGKey(5), train=False)[0])
+    stack = jax.jit(jax.vmap(lambda k: vdm.init_params(NET, M, SPEC, k)))(jax.random.split(jax.random.PRNGKey(0), 4))
+    f = jax.jit(lambda p: vdm.loss_fn(APPLY, M, p, x, c, jax.random.PRNGKey(5), train=False)[0])
     losses = jax.jit(jax.vmap(f))(stack)
     for i in range(4):
         np.testing.assert_allclose(losses[i], f(jax.tree.map(lambda a: a[i], stack)), rtol=1e-5)
@@ -234,26 +234,26 @@ def test_vmap_over_parameter_sets_equals_separate_calls():
 
 
 def test_step_flops_scale_with_the_batch():
-    f32, f64 = (diffusion.step_flops(NET, M, SPEC, b) for b in (32, 64))
+    f32, f64 = (vdm.step_flops(NET, M, SPEC, b) for b in (32, 64))
     assert f32 > 0 and 1.7 < f64 / f32 < 2.3
 
 
 def test_guidance_mix_traced_weight_gives_the_numbers_of_a_fixed_one():
     cond, null = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
     for w in (0.0, 1.0, 2.5):
-        traced = jax.jit(diffusion.guidance_mix)(cond, null, jnp.float32(w))
-        np.testing.assert_array_equal(traced, diffusion.guidance_mix(cond, null, w))
-    np.testing.assert_allclose(diffusion.guidance_mix(cond, null, 2.5), null + 2.5 * (cond - null))
+        traced = jax.jit(vdm.guidance_mix)(cond, null, jnp.float32(w))
+        np.testing.assert_array_equal(traced, vdm.guidance_mix(cond, null, w))
+    np.testing.assert_allclose(vdm.guidance_mix(cond, null, 2.5), null + 2.5 * (cond - null))
 
 
 def test_sampler_args_are_the_eval_configs_and_fit_the_sampler():
     import inspect
 
-    from jaxconcept.step import sampler_args
+    from jaxconcept.vdm import sampler_args
 
     ec = C.EvalConfig(sampler_steps=7, w_cfg=2.0, sampler_output="mean")
     kw = sampler_args(ec, SPEC, loop_safe=False)
-    assert set(kw) <= set(inspect.signature(diffusion.sample).parameters)
+    assert set(kw) <= set(inspect.signature(vdm.sample).parameters)
     assert (kw["x_shape"], kw["n_steps"], kw["w_cfg"], kw["output"], kw["loop_safe"]) == (SPEC.x_shape, 7, 2.0, "mean",
                                                                                            False)
     assert sampler_args(ec, SPEC, loop_safe=True, w_cfg=0.5)["w_cfg"] == 0.5

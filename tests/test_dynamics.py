@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxconcept import dynamics as Dy
+from jaxconcept.analysis import dynamics as Dy
 
 CORNERS = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # training classes of a 2x2 (class 3 held out)
 

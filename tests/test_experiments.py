@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxconcept import config as C, rundir
-from jaxconcept import loop
+from jaxconcept.train import loop
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.json"))
 

@@ -1,4 +1,4 @@
-"""Interventions and overprompting (SPEC A4), and the vector end-to-end path train -> analyze -> elicit."""
+"""Interventions and overprompting (docs/study.md A4), and the vector end-to-end path train -> analyze -> elicit."""
 import json
 
 import jax
@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, data as D, diffusion, interventions as I, nets, prompts as PR
+from jaxconcept import config as C, data as D, vdm, nets
+from jaxconcept.elicit import edits as I, prompts as PR
 from jaxconcept.cli import main
 
 CFG = C.preset("tiny")
 SPEC = D.spec(CFG.data)
 NET = nets.build(CFG.model, SPEC)
 # zero-initialised output convs make a fresh U-Net ignore its conditioning: perturb every weight
-_P = jax.jit(lambda k: diffusion.init_params(NET, CFG.model, SPEC, k))(jax.random.PRNGKey(0))
+_P = jax.jit(lambda k: vdm.init_params(NET, CFG.model, SPEC, k))(jax.random.PRNGKey(0))
 _LEAVES, _TREE = jax.tree.flatten(_P)
 PARAMS = jax.tree.unflatten(_TREE, [a + 0.05 * jax.random.normal(jax.random.PRNGKey(i), a.shape)
                                     for i, a in enumerate(_LEAVES)])
@@ -28,7 +29,7 @@ def _out(edits):  # jitted: one program, not one per op
 
 
 def test_replace_by_itself_and_zero_strength_change_nothing():
-    base = jax.jit(diffusion.make_apply(NET), static_argnums=4)(PARAMS["net"], X, T, COND, False, jax.random.PRNGKey(0))
+    base = jax.jit(vdm.make_apply(NET), static_argnums=4)(PARAMS["net"], X, T, COND, False, jax.random.PRNGKey(0))
     points = I.cond_points(NET, SPEC) + [n for n in nets.tap_names(NET, SPEC) if n.endswith("/out")][:2]
     acts = jax.jit(lambda p: I.capture(NET, p, X, T, COND, points))(PARAMS["net"])
     # separately compiled programs fuse differently: equal to float32 rounding, not bit for bit
@@ -46,14 +47,14 @@ def test_vmap_over_strengths_equals_separate_calls_and_works_in_the_sampler():
 
     def run(alpha):
         edits = I.steering_edits(NET, SPEC, PARAMS["net"], d[1], d[3], alpha)
-        return diffusion.sample(I.intervene(NET, edits), CFG.model, PARAMS, cond, jax.random.PRNGKey(2),
+        return vdm.sample(I.intervene(NET, edits), CFG.model, PARAMS, cond, jax.random.PRNGKey(2),
                                 x_shape=SPEC.x_shape, n_steps=3)
 
     alphas = jnp.array([0.0, 1.0, 3.0])
     batched = jax.jit(jax.vmap(run))(alphas)
     for i, a in enumerate(alphas):
         np.testing.assert_allclose(batched[i], jax.jit(run)(a), rtol=1e-5, atol=1e-5)
-    plain = diffusion.sample(diffusion.make_apply(NET), CFG.model, PARAMS, cond, jax.random.PRNGKey(2),
+    plain = vdm.sample(vdm.make_apply(NET), CFG.model, PARAMS, cond, jax.random.PRNGKey(2),
                              x_shape=SPEC.x_shape, n_steps=3)
     np.testing.assert_allclose(batched[0], plain, rtol=1e-5, atol=1e-5)
 
@@ -109,13 +110,13 @@ def test_vector_end_to_end_train_analyze_elicit(tmp_path, capsys):
 
 
 def test_target_concept_is_the_weakest_signal():
-    from jaxconcept import elicit
+    from jaxconcept.elicit import measure
     vec = C.override(C.preset("vec2x2"), ["data.normalize=false", "data.m=[1.0,0.3]"])
-    assert elicit.target_concept(vec, 3) == 1  # dim1: m/s = 6 < 20
+    assert measure.target_concept(vec, 3) == 1  # dim1: m/s = 6 < 20
     vec = C.override(C.preset("vec2x2"), ["data.normalize=false", "data.m=[0.3,1.0]"])
-    assert elicit.target_concept(vec, 3) == 0
-    assert elicit.target_concept(vec, 1) == 1  # class 0-1 differs from 0-0 in dim1 only
-    assert elicit.target_concept(C.preset("2x2"), 3) == 0  # colour (sep_col 0.2) is weaker than size
-    assert elicit.target_concept(vec, 3, "dim1") == 1
+    assert measure.target_concept(vec, 3) == 0
+    assert measure.target_concept(vec, 1) == 1  # class 0-1 differs from 0-0 in dim1 only
+    assert measure.target_concept(C.preset("2x2"), 3) == 0  # colour (sep_col 0.2) is weaker than size
+    assert measure.target_concept(vec, 3, "dim1") == 1
     with pytest.raises(ValueError, match="allowed dim0, dim1"):
-        elicit.target_concept(vec, 3, "colour")
+        measure.target_concept(vec, 3, "colour")

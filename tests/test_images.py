@@ -1,4 +1,4 @@
-"""The image generator G against SPEC A1."""
+"""The image generator G against docs/study.md A1."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +97,7 @@ def test_signal_grows_with_separation_both_ways_and_the_soft_g_is_differentiable
 
 
 def _reference_g(z, size=32, sigma=1.0):
-    """G as the reference specifies it (SPEC A1), in numpy + scipy, noise-free: a hard mask on the
+    """G as the reference specifies it (docs/study.md A1), in numpy + scipy, noise-free: a hard mask on the
     ij grid linspace(-1, 1), blurred by scipy.ndimage.gaussian_filter (reflect, truncate 4)."""
     from scipy import ndimage
 

@@ -4,7 +4,8 @@ import struct
 
 import pytest
 
-from jaxconcept import config as C, loop, rundir
+from jaxconcept import config as C, rundir
+from jaxconcept.train import loop
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
        "data.n_per_class=16"]  # as tests/test_sweep.py: the same compiled programs

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats as sps
 
-from jaxconcept import claims, config as C, data as D, dynamics as Dy, interventions as I, prompts as PR, stats
+from jaxconcept.analysis import claims, dynamics as Dy, stats
+from jaxconcept import config as C, data as D
+from jaxconcept.elicit import edits as I, prompts as PR
 from jaxconcept.nets.layers import Tap
 
 STEPS = np.arange(1, 15) * 100  # 14 checkpoints
@@ -191,17 +193,17 @@ def test_mask_prob_masks_that_fraction_of_training_examples(p):
 
 
 def test_image_elicitation_has_every_arm_and_vectors_have_no_fixed_colours():
-    from jaxconcept import elicit
+    from jaxconcept.elicit import measure
 
     cfg = C.preset("tiny")
     member = C.members(cfg)[0]
     spec, p = D.spec(member.data), D.params(member.data)
-    st = elicit.setting(cfg, member, None, samplers=(None, None, None))
-    assert st.concept == "colour" and (st.n_over, st.n_ref) == (len(elicit.OVER_STRENGTHS), 5)
+    st = measure.setting(cfg, member, None, samplers=(None, None, None))
+    assert st.concept == "colour" and (st.n_over, st.n_ref) == (len(measure.OVER_STRENGTHS), 5)
     np.testing.assert_array_equal(np.asarray(st.conds[-5:]), np.asarray(PR.reference_overprompts(spec, p, 3)))
     pr = D.prompts(spec, p)
     for got, c in zip(st.comp, (1, 2, 0)):  # red-small, blue-large, red-large: never the held-out prompt
         np.testing.assert_array_equal(np.asarray(got), np.asarray(pr[c]))
     vec = C.members(C.preset("vec2x2"))[0]
-    sv = elicit.setting(C.preset("vec2x2"), vec, None, samplers=(None, None, None))
-    assert sv.n_ref == 0 and sv.comp is not None and len(sv.conds) == 1 + len(elicit.OVER_STRENGTHS)
+    sv = measure.setting(C.preset("vec2x2"), vec, None, samplers=(None, None, None))
+    assert sv.n_ref == 0 and sv.comp is not None and len(sv.conds) == 1 + len(measure.OVER_STRENGTHS)

@@ -12,10 +12,10 @@ import pytest
 
 from jax.flatten_util import ravel_pytree
 
-from jaxconcept import cli, config as C, data as D, diffusion, nets
+from jaxconcept import cli, config as C, data as D, vdm, nets
 from jaxconcept.nets.layers import Tap
 
-REFERENCE_2X2 = 10_913_861  # SPEC A2: the reference U-Net plus the two schedule parameters
+REFERENCE_2X2 = 10_913_861  # docs/study.md A2: the reference U-Net plus the two schedule parameters
 
 
 def _setup(name, *sets):
@@ -25,7 +25,7 @@ def _setup(name, *sets):
 
 
 def _shapes(net, cfg, spec):
-    return jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
+    return jax.eval_shape(lambda k: vdm.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0))
 
 
 def _init(name, *sets):
@@ -38,7 +38,7 @@ def _init(name, *sets):
 @functools.lru_cache(maxsize=None)
 def _init_model(model_cfg, spec):
     net = nets.build(model_cfg, spec)
-    return jax.jit(lambda k: diffusion.init_params(net, model_cfg, spec, k))(jax.random.PRNGKey(0))
+    return jax.jit(lambda k: vdm.init_params(net, model_cfg, spec, k))(jax.random.PRNGKey(0))
 
 
 def _perturb(tree, key, scale=0.05, keep=lambda path: False):
@@ -75,7 +75,7 @@ def test_mlp_parameter_count_follows_the_reference_layout():
 @pytest.mark.parametrize("name", ["tiny", "vec_tiny"])
 def test_shapes_float32_and_vmap_over_parameter_sets(name):
     cfg, spec, net = _setup(name)
-    apply_fn = diffusion.make_apply(net)
+    apply_fn = vdm.make_apply(net)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     stack = jax.jit(jax.vmap(_perturb, in_axes=(None, 0)))(_init(name), keys)  # 4 distinct parameter sets
     x = jax.random.normal(jax.random.PRNGKey(1), (3, *spec.x_shape))

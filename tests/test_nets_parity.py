@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 
 REFERENCE = 10_913_861
 # The reference builds a downsampling conv for its last level (256*256*2*2 + 256) and a transposed
@@ -14,7 +14,7 @@ UNUSED_IN_REFERENCE = (256 * 256 * 4 + 256) + (64 * 64 * 4 + 64)
 def _count(cfg):
     spec = D.spec(cfg.data)
     net = nets.build(cfg.model, spec)
-    return nets.param_count(jax.eval_shape(lambda k: diffusion.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0)))
+    return nets.param_count(jax.eval_shape(lambda k: vdm.init_params(net, cfg.model, spec, k), jax.random.PRNGKey(0)))
 
 
 def test_parameter_count_matches_reference_less_its_unused_layers():
@@ -26,9 +26,9 @@ def test_shapes_taps_and_vmap_over_parameter_sets():
         cfg = C.preset(name)
         spec = D.spec(cfg.data)
         net = nets.build(cfg.model, spec)
-        apply_fn = diffusion.make_apply(net)
+        apply_fn = vdm.make_apply(net)
         keys = jax.random.split(jax.random.PRNGKey(0), 4)
-        stack = jax.jit(jax.vmap(lambda k: diffusion.init_params(net, cfg.model, spec, k)))(keys)  # noqa: B023
+        stack = jax.jit(jax.vmap(lambda k: vdm.init_params(net, cfg.model, spec, k)))(keys)  # noqa: B023
         x = jax.random.normal(jax.random.PRNGKey(1), (3, *spec.x_shape))
         t, c = jnp.full((3,), 0.5), jnp.ones((3, spec.cond_dim))
         one = jax.jit(lambda p: apply_fn(p["net"], x, t, c, False, keys[0]))  # noqa: B023 - jitted: one program each
@@ -50,10 +50,10 @@ def test_bfloat16_compute_close_to_float32():
     for dtype in ("float32", "bfloat16"):
         m = C.override(cfg, [f"model.dtype=\"{dtype}\""]).model
         net = nets.build(m, spec)
-        p = jax.jit(lambda k: diffusion.init_params(net, m, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
+        p = jax.jit(lambda k: vdm.init_params(net, m, spec, k))(jax.random.PRNGKey(0))  # noqa: B023
         p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape), p)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))  # fp32 parameters
-        apply_fn = jax.jit(diffusion.make_apply(net), static_argnums=4)  # one program, not one per op
+        apply_fn = jax.jit(vdm.make_apply(net), static_argnums=4)  # one program, not one per op
         outs.append(np.asarray(apply_fn(p["net"], x, t, c, False, jax.random.PRNGKey(0))))
     assert outs[1].dtype == np.float32 and np.isfinite(outs[1]).all()
     assert np.abs(outs[1] - outs[0]).max() < 0.1 * (np.abs(outs[0]).max() + 1)

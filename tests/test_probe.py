@@ -8,7 +8,7 @@ import pytest
 
 from jaxconcept import config as C
 from jaxconcept import data as D
-from jaxconcept import probe as P
+from jaxconcept.analysis import probe as P
 
 H = 8  # fake images: 8x8, colour x size, so the conv probe trains in a few seconds
 _G = jnp.linspace(-1, 1, H)

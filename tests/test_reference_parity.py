@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_parity.npz"
 TOL = 1e-4  # relative error allowed (float32 throughout on both sides)
@@ -139,7 +139,7 @@ def load():
     params, used = port({k[len("param/"):]: v for k, v in ref.items() if k.startswith("param/")}, cfg.model)
     # One compiled network for every call (the loss's other operations run eagerly): compiling is
     # most of this file's time.
-    apply_fn = jax.jit(diffusion.make_apply(net), static_argnums=4)
+    apply_fn = jax.jit(vdm.make_apply(net), static_argnums=4)
     return dict(ref=ref, c=c, cfg=cfg, spec=spec, net=net, params=params, used=used, apply_fn=apply_fn)
 
 
@@ -172,7 +172,7 @@ def _eps(s, params):
 def test_ported_tree_is_ours_and_counts_match_the_reference_less_its_unused_layers(setup):
     s = setup
     ref, c = s["ref"], s["c"]
-    template = jax.eval_shape(lambda k: diffusion.init_params(s["net"], s["cfg"].model, s["spec"], k),
+    template = jax.eval_shape(lambda k: vdm.init_params(s["net"], s["cfg"].model, s["spec"], k),
                               jax.random.PRNGKey(0))
     assert jax.tree.structure(s["params"]) == jax.tree.structure(template)
     for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(template)):
@@ -207,7 +207,7 @@ def test_loss_terms_match_the_reference(setup):
     r = s["ref"]
     x, cond = _nhwc(r["x"]), jnp.asarray(r["cond"])
     draws = {"t": jnp.asarray(r["t"]), "eps": _nhwc(r["eps"]), "eps_0": _nhwc(r["eps_0"])}
-    terms = diffusion.loss_terms(s["apply_fn"], s["cfg"].model, s["params"], x, cond, jax.random.PRNGKey(0),
+    terms = vdm.loss_terms(s["apply_fn"], s["cfg"].model, s["params"], x, cond, jax.random.PRNGKey(0),
                                  train=False, draws=draws)
     errs = {}
     for name in ("diffusion", "latent", "recon"):

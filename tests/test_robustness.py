@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxconcept import cli, loop, rundir
+from jaxconcept import cli, rundir
+from jaxconcept.train import loop
 from jaxconcept import config as C
 
 SETS = ["train.steps=24", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[8,16,24]",
@@ -49,7 +50,8 @@ KILLER = textwrap.dedent('''
     """Run `jaxconcept train`, SIGKILLing itself at the N-th write of one kind (KILL_AT=kind:N)."""
     import contextlib, os, signal, sys
     from pathlib import Path
-    from jaxconcept import checkpoint, cli, rundir
+    from jaxconcept.train import checkpoint
+    from jaxconcept import cli, rundir
 
     kind, n = os.environ["KILL_AT"].split(":")
     calls = {"n": 0}
@@ -127,7 +129,8 @@ PAUSER = textwrap.dedent('''
     sent its signal: the signal lands at a known point inside an interval between stops."""
     import os, sys, time
     from pathlib import Path
-    from jaxconcept import cli, stack
+    from jaxconcept import cli
+    from jaxconcept.train import stack
 
     advance, calls, marker = stack.advance, {"n": 0}, Path(os.environ["PAUSE_FILE"])
 
@@ -191,7 +194,7 @@ def test_ctrl_c_while_starting_or_compiling_is_one_line(tmp_path):
 
 def test_importing_checkpoint_leaves_logging_alone():
     code = ("import logging; import absl.logging; before = logging.getLogger('absl').level; "
-            "import jaxconcept.checkpoint; print(before, logging.getLogger('absl').level)")
+            "import jaxconcept.train.checkpoint; print(before, logging.getLogger('absl').level)")
     out = subprocess.run([sys.executable, "-c", code], env=ENV1, capture_output=True, text=True, check=True)
     before, after = out.stdout.split()
     assert before == after  # orbax is quieted only while it runs
@@ -372,7 +375,7 @@ def test_analyze_and_elicit_name_damaged_files(tmp_path, capsys):
 
 
 def test_analyze_counts_nan_samples_as_wrong_and_marks_frozen_members(tmp_path):
-    from jaxconcept import analyze
+    from jaxconcept.analysis import analyze
 
     run = tmp_path / "run"
     cfg = _cfg("eval.steps=[4,8]")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from jaxconcept.cli import main
-from jaxconcept.interventions import Edit
+from jaxconcept.elicit.edits import Edit
 from jaxconcept.sd import SDError, command, overprompt, pipeline as P, weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sd_tiny"

@@ -10,10 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxconcept import checkpoint, analyze, config as C, groups, loop, nets, plan, rundir, stack
+from jaxconcept.train import checkpoint, loop, plan, stack
+from jaxconcept.analysis import analyze
+from jaxconcept import config as C, runs, nets, rundir
 from jaxconcept.cli import main
 from jaxconcept.data import spec as data_spec
-from jaxconcept.step import Layout, TrainState, adamw, hyper_values
+from jaxconcept.train.step import Layout, TrainState, adamw, hyper_values
 
 SHORT = ["train.steps=4", "train.steps_per_call=4", "train.checkpoint_every=4", "eval.steps=[4]", "data.n_per_class=16"]
 
@@ -174,14 +176,14 @@ def test_two_groups_train_resume_and_read_as_one_run(tmp_path, capsys):
     assert [(m["group"], m["values"]) for m in members] == [
         (0, {"model.hidden": [32], "seed": 0}), (0, {"model.hidden": [32], "seed": 1}),
         (1, {"model.hidden": [64], "seed": 0}), (1, {"model.hidden": [64], "seed": 1})]
-    parts = groups.of_run(run)
+    parts = runs.of_run(run)
     assert [(p.dir, p.members) for p in parts] == [(run / "groups" / "0", (0, 1)), (run / "groups" / "1", (2, 3))]
-    assert not (run / "samples").exists() and groups.steps_with(run, "params") == [2, 4]
+    assert not (run / "samples").exists() and runs.steps_with(run, "params") == [2, 4]
     # group 1 is the run its members make alone
     cfg = C.override(C.preset("vec_tiny"), sets[1:] + ["model.hidden=[64]"])
     loop.train(cfg, tmp_path / "alone", progress=False)
     _same_bits(_numbers(run / "groups" / "1", [0, 1]), _numbers(tmp_path / "alone", [0, 1]))
-    merged = groups.load_metrics(run)
+    merged = runs.load_metrics(run)
     assert [r["step"] for r in merged] == [2, 4] and len(merged[-1]["val_loss"]) == 4
     assert merged[-1]["val_loss"][2:] == rundir.load_metrics(tmp_path / "alone")[-1]["val_loss"]
     # the same command again: the finished group 0 is not built again

@@ -11,15 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from jaxconcept import config as C, diffusion, nets, plan, stack
+from jaxconcept import config as C, vdm, nets
+from jaxconcept.train import plan, stack
 from jaxconcept.data import spec as data_spec
-from jaxconcept.step import Layout, TrainState, adamw, hyper_values
+from jaxconcept.train.step import Layout, TrainState, adamw, hyper_values
 
 
 def _tiny_params():
     cfg = C.preset("vec_tiny")
     sp = data_spec(cfg.data)
-    return cfg, diffusion.init_params(nets.build(cfg.model, sp), cfg.model, sp, jax.random.PRNGKey(0))
+    return cfg, vdm.init_params(nets.build(cfg.model, sp), cfg.model, sp, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("clip", [1e-2, 1e3])  # the gradient clipped, and not
@@ -105,5 +106,5 @@ def test_auto_takes_the_measured_stacking_for_the_device_kind():
     assert strategy == "vmap" and "not measured" in why  # nothing for this kind: the rule of thumb
     sw, why = plan.plan(four, table)  # what is tried first is what trains, when it fits
     assert (sw.strategy, sw.chunk) == ("map", 2) and "run y" in why
-    shipped = plan.measured_choice("cpu", "unet", 4)  # the shipped table (jaxconcept/strategies.json)
+    shipped = plan.measured_choice("cpu", "unet", 4)  # the shipped table (jaxconcept/train/strategies.json)
     assert shipped["strategy"] == "unroll" and shipped["source"]

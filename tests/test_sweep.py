@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import config as C, rundir
-from jaxconcept import loop, plan, programs, stack
-from jaxconcept.step import draw_batch, eval_loss
+from jaxconcept import config as C, rundir, runs
+from jaxconcept.train import loop, plan, programs, stack
+from jaxconcept.train.step import draw_batch, eval_loss
 
 VEC = ["train.steps=12", "train.steps_per_call=4", "train.checkpoint_every=8", "eval.steps=[4,12]",
        "data.n_per_class=16"]
@@ -24,7 +24,7 @@ def _run_steps(cfg, n, devices=None):
     state, data = stack.init(sw)
     done = 0
     while done < n:
-        k = min(stack.steps_per_call(sw), n - done)
+        k = min(sw.steps_per_call, n - done)
         state, _ = stack.advance(sw, state, data, k)
         done += k
     return sw, state, data
@@ -89,7 +89,7 @@ def test_ema_is_the_moving_average_and_is_what_gets_evaluated(tmp_path):
     _leaves_close(state.ema, ema, rtol=1e-6, atol=1e-7)
     assert not np.allclose(state.ema, state.params)
     sw, final = loop.train(cfg, tmp_path, progress=False)
-    saved = rundir.Run(tmp_path).params(8)
+    saved = runs.Run(tmp_path).params(8)
     _leaves_close(saved, sw.layout.unravel(np.asarray(final.ema)), rtol=0, atol=0)
     with pytest.raises(C.ConfigError, match=r"train\.ema"):
         C.override(cfg, ["train.ema=1.0"])
@@ -120,7 +120,7 @@ def test_image_sweep_runs_and_evaluates(tmp_path):
     members = json.loads((tmp_path / "run" / "members.json").read_text())
     assert [m["sep_col"] for m in members] == [0.2, 0.6]
     assert members[1]["signal"]["colour"] > members[0]["signal"]["colour"]
-    params = rundir.Run(tmp_path / "run").params(6)
+    params = runs.Run(tmp_path / "run").params(6)
     _leaves_close(params, sw.layout.unravel(np.asarray(state.params)), rtol=0, atol=0)
 
 
@@ -206,7 +206,7 @@ def test_epoch_batches_read_every_example_once_and_the_last_batch_is_short():
 
 
 def test_validation_loss_is_the_mean_of_batch_means_over_the_whole_set():
-    from jaxconcept import data as D, diffusion
+    from jaxconcept import data as D, vdm
 
     cfg = C.override(C.preset("vec_tiny"), VEC + ["train.batch_size=4"])
     sw = plan.build(cfg, jax.devices()[:1])
@@ -217,10 +217,10 @@ def test_validation_loss_is_the_mean_of_batch_means_over_the_whole_set():
     key = jax.random.PRNGKey(4)
     got = eval_loss(cfg, sw.spec, sw.apply_fn, params, x, c, key)
     kw = dict(train=False, null_cond=D.null_cond(sw.spec))
-    first = diffusion.loss_fn(sw.apply_fn, cfg.model, params, x[:4], c[:4], jax.random.fold_in(key, 0), **kw)[0]
+    first = vdm.loss_fn(sw.apply_fn, cfg.model, params, x[:4], c[:4], jax.random.fold_in(key, 0), **kw)[0]
     # the short last batch: 2 real rows, padded to 4 with rows that must not count (garbage here)
     xs, cs = jnp.concatenate([x[4:], 1e3 * jnp.ones_like(x[:2])]), jnp.concatenate([c[4:], c[:2]])
-    last = diffusion.loss_fn(sw.apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, 1), n_valid=2, **kw)[0]
+    last = vdm.loss_fn(sw.apply_fn, cfg.model, params, xs, cs, jax.random.fold_in(key, 1), n_valid=2, **kw)[0]
     np.testing.assert_allclose(got, (first + last) / 2, rtol=1e-5)
     with_4 = eval_loss(C.override(cfg, ["eval.val_batches=4"]), sw.spec, sw.apply_fn, params, x, c, key)
     assert np.isfinite(with_4) and not np.isclose(with_4, got)  # random batches are another estimate
@@ -268,8 +268,8 @@ def test_auto_strategy_chunks_to_fit_a_memory_budget_and_matches_vmap():
 
 def test_the_cpu_choice_is_made_once_where_the_sweep_is_built():
     tiny = C.override(C.preset("tiny"), ['train.strategy="unroll"'])
-    assert stack.build(tiny).loop_safe and stack.steps_per_call(stack.build(tiny)) == 5  # explicit convs on CPU
+    assert stack.build(tiny).loop_safe and stack.build(tiny).steps_per_call == 5  # explicit convs on CPU
     xla = stack.build(C.override(tiny, ['model.conv="xla"']))
-    assert not xla.loop_safe and stack.steps_per_call(xla) == 1  # XLA's conv gradients are slow in loops on CPU
+    assert not xla.loop_safe and xla.steps_per_call == 1  # XLA's conv gradients are slow in loops on CPU
     with pytest.raises(ValueError, match="plan.build"):
         stack.build(C.preset("tiny"))  # "auto" is the plan's to resolve

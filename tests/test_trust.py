@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import cli, data as D, elicit, loop, plan, probe as P, rundir, stack
-from jaxconcept.step import member_keys
+from jaxconcept import cli, data as D, rundir, runs
+from jaxconcept.elicit import measure
+from jaxconcept.train import loop, plan, stack
+from jaxconcept.analysis import probe as P
+from jaxconcept.train.step import member_keys
 from jaxconcept import config as C
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -56,9 +59,9 @@ def test_a_model_equally_good_at_every_strength_is_reported_at_that_accuracy(n_s
     member = C.members(VEC)[0]
     spec = D.spec(member.data)
     probe = P.probe_for(member.data)
-    st = elicit.setting(VEC, member, probe, samplers=_blind_samplers(spec, 0.5), over=tuple(range(n_strengths)))
+    st = measure.setting(VEC, member, probe, samplers=_blind_samplers(spec, 0.5), over=tuple(range(n_strengths)))
     latent = tuple(range(n_strengths))
-    recs = [elicit.elicit_step(st, None, jax.random.fold_in(jax.random.PRNGKey(1), s), latent, latent)
+    recs = [measure.elicit_step(st, None, jax.random.fold_in(jax.random.PRNGKey(1), s), latent, latent)
             for s in range(150)]
     for kind in ("naive", "over", "latent", "latent_comp"):
         mean = np.mean([r[kind] for r in recs])
@@ -75,15 +78,15 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
     cfg = C.override(C.preset("vec_tiny"), TINY + ["train.steps=3", "train.steps_per_call=1", "eval.steps=[0,1,2,3]"])
     loop.train(cfg, run, progress=False)
     events, keys = [], []
-    load, step_fn = rundir.Run.params, elicit.elicit_step
-    monkeypatch.setattr(rundir.Run, "params", lambda run, s, g=None: (events.append(("load", s)), load(run, s, g))[1])
+    load, step_fn = runs.Run.params, measure.elicit_step
+    monkeypatch.setattr(runs.Run, "params", lambda run, s, g=None: (events.append(("load", s)), load(run, s, g))[1])
 
     def spy(st, params, key, *a):
         events.append(("elicit", len(events)))
         keys.append(np.asarray(key))
         return step_fn(st, params, key, *a)
-    monkeypatch.setattr(elicit, "elicit_step", spy)
-    out = elicit.elicit_run(run, progress=False)
+    monkeypatch.setattr(measure, "elicit_step", spy)
+    out = measure.elicit_run(run, progress=False)
     assert out["steps"] == [0, 1, 2, 3]
     assert [e[0] for e in events] == ["load", "elicit"] * 4  # every checkpoint read, used, then the next
     streams = {tuple(np.asarray(k).ravel()) for k in member_keys(0).values()}
@@ -94,9 +97,9 @@ def test_elicitation_draws_from_its_own_stream_one_checkpoint_at_a_time(tmp_path
         assert tuple(k.ravel()) not in streams
     assert len({tuple(k.ravel()) for k in keys}) == 4
     m = out["members"][0]
-    assert len(m["chosen_strength"]["over"]) == 4 and len(m["per_strength"]["over"]) == len(elicit.OVER_STRENGTHS)
-    monkeypatch.setattr(elicit, "elicit_step", step_fn)
-    thin = elicit.elicit_run(run, progress=False, write=False, every=2)  # every other checkpoint, and the last
+    assert len(m["chosen_strength"]["over"]) == 4 and len(m["per_strength"]["over"]) == len(measure.OVER_STRENGTHS)
+    monkeypatch.setattr(measure, "elicit_step", step_fn)
+    thin = measure.elicit_run(run, progress=False, write=False, every=2)  # every other checkpoint, and the last
     assert thin["steps"] == [0, 2, 3]
     assert thin["members"][0]["accuracy"]["naive"] == [m["accuracy"]["naive"][i] for i in (0, 2, 3)]
 

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 
 CFG = C.preset("vec_tiny")
 SPEC = D.spec(CFG.data)
 NET = nets.build(CFG.model, SPEC)
-APPLY = diffusion.make_apply(NET)
+APPLY = vdm.make_apply(NET)
 
 
 def _batch(n=256, seed=0):
@@ -21,9 +21,9 @@ def _batch(n=256, seed=0):
 
 def test_loss_of_a_zero_network_matches_closed_form():
     x, c = _batch(4096)
-    params = diffusion.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
+    params = vdm.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
     zero = lambda p, z, t, cc, train, k: jnp.zeros_like(z)  # noqa: E731
-    loss, terms = diffusion.loss_fn(zero, CFG.model, params, x, c, jax.random.PRNGKey(1))
+    loss, terms = vdm.loss_fn(zero, CFG.model, params, x, c, jax.random.PRNGKey(1))
     d, ln2 = x.shape[1], math.log(2)
     g0, g1 = CFG.model.gamma_min, CFG.model.gamma_max
     w = g1 - g0
@@ -41,12 +41,12 @@ def test_loss_of_a_zero_network_matches_closed_form():
 
 def test_loss_decreases_and_schedule_gets_gradients():
     x, c = _batch(64)
-    params = diffusion.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
+    params = vdm.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
     tx = optax.adam(3e-3)
     opt = tx.init(params)
 
     def f(p, k):
-        return diffusion.loss_fn(APPLY, CFG.model, p, x, c, k)[0]
+        return vdm.loss_fn(APPLY, CFG.model, p, x, c, k)[0]
 
     g = jax.grad(f)(params, jax.random.PRNGKey(0))
     assert abs(float(g["gamma"]["b"])) > 0 and abs(float(g["gamma"]["w"])) > 0
@@ -65,21 +65,21 @@ def test_loss_decreases_and_schedule_gets_gradients():
 
 
 def test_sampler_deterministic_given_key_and_cfg():
-    params = diffusion.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
+    params = vdm.init_params(NET, CFG.model, SPEC, jax.random.PRNGKey(0))
     cond = jnp.ones((5, SPEC.cond_dim))
     kw = dict(x_shape=SPEC.x_shape, n_steps=8)
-    a = diffusion.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(3), **kw)
-    b = jax.jit(lambda p, k: diffusion.sample(APPLY, CFG.model, p, cond, k, **kw))(params, jax.random.PRNGKey(3))
-    c = diffusion.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(4), **kw)
+    a = vdm.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(3), **kw)
+    b = jax.jit(lambda p, k: vdm.sample(APPLY, CFG.model, p, cond, k, **kw))(params, jax.random.PRNGKey(3))
+    c = vdm.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(4), **kw)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert a.shape == (5, *SPEC.x_shape) and not np.allclose(a, c)
     null = D.null_cond(SPEC)
-    g = diffusion.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(3), w_cfg=3.0, null_cond=null, **kw)
+    g = vdm.sample(APPLY, CFG.model, params, cond, jax.random.PRNGKey(3), w_cfg=3.0, null_cond=null, **kw)
     assert np.isfinite(np.asarray(g)).all()
 
 
 def test_cfg_dropout_rate():
     cond = jnp.ones((20000, SPEC.cond_dim))
-    out = diffusion.drop_cond(cond, jax.random.PRNGKey(0), 0.2, D.null_cond(SPEC))
+    out = vdm.drop_cond(cond, jax.random.PRNGKey(0), 0.2, D.null_cond(SPEC))
     frac = float(jnp.mean(jnp.all(out == -1, axis=1)))
     assert abs(frac - 0.2) < 0.015

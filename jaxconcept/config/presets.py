@@ -8,7 +8,7 @@ from jaxconcept.config.sections import CelebaData, Config, EvalConfig, ImageData
 
 
 def _p_2x2():
-    """SPEC A1/A2: colour x size, sep_col 0.2, sep_size 0.4, class 3 (blue-small) held out."""
+    """docs/study.md A1/A2: colour x size, sep_col 0.2, sep_size 0.4, class 3 (blue-small) held out."""
     return Config(name="2x2")
 
 
@@ -27,7 +27,7 @@ def _p_2x2_small():
 
 
 def _p_vec2x2():
-    """SPEC A6: 2 concept dimensions, 2 values each, one nuisance dimension, MLP score network."""
+    """docs/study.md A6: 2 concept dimensions, 2 values each, one nuisance dimension, MLP score network."""
     return Config(
         name="vec2x2",
         data=VectorData(dim=2, perdim=2, m=(1.0, 1.0), s=(0.05, 0.05), held_out=(), n_per_class=1024),
@@ -67,7 +67,7 @@ def _p_vec_tiny():
 
 
 def _p_celeba():
-    """SPEC A5, the reference's CelebA runs: Male x Smiling with smiling women (0, 1) held out, 64x64
+    """docs/study.md A5, the reference's CelebA runs: Male x Smiling with smiling women (0, 1) held out, 64x64
     faces, U-Net 64/128/256 (2 ResNet blocks, mid attention, GroupNorm of 4 groups), AdamW lr 1e-3
     and weight decay 1e-5, batch 64, 2 M steps, 60 evaluation points spaced in sqrt(step), 30,000
     images per training combination (5 % of them kept back for the validation loss)."""

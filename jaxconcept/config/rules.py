@@ -3,6 +3,7 @@ declared on it, in ``sections``). ``validate`` runs on every single run a config
 member 0, and each other value of every sweep axis."""
 from __future__ import annotations
 
+import itertools
 import math
 
 from jaxconcept.config.checks import invalid
@@ -38,11 +39,16 @@ def _vector(d):
         raise invalid("data.train_classes", d.train_classes, f"class indices in [0, {n_classes - 1}]")
     if set(d.train_classes) & set(d.held_out):
         raise invalid("data.held_out", d.held_out, "classes not also listed in data.train_classes")
-    from jaxconcept.data.vector import default_train_classes
-
     if not set(d.train_classes or default_train_classes(d.dim, d.perdim)) - set(d.held_out):
         raise invalid("data.held_out", d.held_out, "a choice that leaves at least one training class")
     return n_classes, tuple(f"dim{i}" for i in range(d.dim)), d.dim + d.dim_nuisance
+
+
+def default_train_classes(dim: int, perdim: int) -> tuple:
+    """The vector data's training classes when ``data.train_classes`` is empty: the grid points
+    (row-major class indices over ``dim`` concepts of ``perdim`` values) with at most one non-zero
+    value index, i.e. the origin and each concept's values alone."""
+    return tuple(c for c, g in enumerate(itertools.product(range(perdim), repeat=dim)) if sum(v != 0 for v in g) <= 1)
 
 
 def _data(d):

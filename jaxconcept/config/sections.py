@@ -21,7 +21,7 @@ from jaxconcept.config import sweeps
 from jaxconcept.config.rules import MAX_CLASSES, validate
 from jaxconcept.config.sweeps import SWEEP_FIELDS
 
-IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, SPEC A1 order
+IMAGE_CONCEPTS = ("shape", "colour", "size", "background")  # compositional ones, docs/study.md A1 order
 SEED_BOUND = 2 ** 31
 SWEEP_AXES = SWEEP_FIELDS + ("seeds",)  # the axes every earlier version allowed: data-generating parameters, seeds
 
@@ -57,7 +57,7 @@ class DataConfig:
 
 @section("data")
 class ImageData(DataConfig):
-    """Generated images of coloured shapes (SPEC A1)."""
+    """Generated images of coloured shapes (docs/study.md A1)."""
 
     kind: Literal["images"] = "images"
     concepts: Concepts = ("colour", "size")  # compositional concepts, a subset of IMAGE_CONCEPTS
@@ -71,7 +71,7 @@ class ImageData(DataConfig):
 
 @section("data")
 class VectorData(DataConfig):
-    """Gaussian clusters on a grid of concept values, plus nuisance dimensions (SPEC A6)."""
+    """Gaussian clusters on a grid of concept values, plus nuisance dimensions (docs/study.md A6)."""
 
     kind: Literal["vector"] = "vector"
     dim: Annotated[int, Field(ge=2)] = 2  # concept dimensions
@@ -90,7 +90,7 @@ class VectorData(DataConfig):
 
 @section("data")
 class CelebaData(DataConfig):
-    """Attribute-labelled photographs (SPEC A5; jaxconcept/data/celeba.py)."""
+    """Attribute-labelled photographs (docs/study.md A5; jaxconcept/data/celeba.py)."""
 
     kind: Literal["celeba"] = "celeba"
     # binary attributes, each a two-valued concept (0 absent, 1 present); at most MAX_CLASSES combinations
@@ -132,7 +132,7 @@ def not_for_kind(key: str, kind: str) -> ConfigError:
 # --------------------------------------------------------------------------------------------
 @section("model")
 class ModelConfig:
-    """Score network and diffusion process (SPEC A2, A6)."""
+    """Score network and diffusion process (docs/study.md A2, A6)."""
 
     arch: Literal["unet", "mlp"] = "unet"
     ch: PosInt = 64
@@ -147,7 +147,7 @@ class ModelConfig:
     embed_dim: PosInt = 256
     conditioning: Literal["sep_mlp", "common_linear", "common_zerolinear"] = "sep_mlp"
     gamma_min: Real = -5.0
-    gamma_max: Real = 10.0  # w initialised to gamma_max - gamma_min = 15 (SPEC A2)
+    gamma_max: Real = 10.0  # w initialised to gamma_max - gamma_min = 15 (docs/study.md A2)
     data_noise: Positive = 0.001  # std of the reconstruction likelihood
     init_scale: Positive = 1.0  # multiplies every initial weight (ablation)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype

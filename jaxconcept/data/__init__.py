@@ -1,5 +1,5 @@
-"""Data: generated images (SPEC A1) and vectors (SPEC A6), and attribute-labelled photographs
-streamed from the host (CelebA, SPEC A5: ``celeba``), behind one interface.
+"""Data: generated images (docs/study.md A1) and vectors (docs/study.md A6), and attribute-labelled photographs
+streamed from the host (CelebA, docs/study.md A5: ``celeba``), behind one interface.
 
 Everything a sweep varies (separations, spreads) lives in ``params(cfg)``, a pytree of arrays
 with the same shapes for every member, so datasets for a stack of configs render in one

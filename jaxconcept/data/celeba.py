@@ -1,4 +1,4 @@
-"""Attribute-labelled photographs (CelebA, SPEC A5), streamed from the host into the jitted step.
+"""Attribute-labelled photographs (CelebA, docs/study.md A5), streamed from the host into the jitted step.
 
 Binary attributes (e.g. Male, Smiling) are the concepts: each takes the values 0 (absent) and 1
 (present), and a class is a combination of them, indexed row-major as every kind here (for two

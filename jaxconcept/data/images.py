@@ -1,4 +1,4 @@
-"""The image data-generating process G (SPEC A1) in pure JAX: jittable, vmappable, differentiable.
+"""The image data-generating process G (docs/study.md A1) in pure JAX: jittable, vmappable, differentiable.
 
 A concept vector z has 11 entries, [shape one-hot (2), x, y, colour RGB (3), size, bg RGB (3)];
 it is also the conditioning vector once non-compositional (and masked) entries are zeroed.
@@ -21,7 +21,7 @@ NAMES = {"shape": ("circle", "triangle"), "colour": ("red", "blue"), "size": ("l
 
 
 def _value_box(concept: str, k: int, n: int, sep_col: float, sep_size: float):
-    """(low, high) of the entries of ``concept`` for its value k of n (SPEC A1); None = position."""
+    """(low, high) of the entries of ``concept`` for its value k of n (docs/study.md A1); None = position."""
     f = k / (n - 1)
     if concept == "shape":
         v = np.eye(2)[k]

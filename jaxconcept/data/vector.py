@@ -1,4 +1,4 @@
-"""Vector concept spaces (SPEC A6): Gaussian classes on a grid, plus nuisance dimensions.
+"""Vector concept spaces (docs/study.md A6): Gaussian classes on a grid, plus nuisance dimensions.
 
 A vector is ``[concept coordinates (dim) | nuisance coordinates (dim_nuisance)]``. Concept
 dimension i takes ``perdim`` values; class c sits at the grid point of its row-major index tuple
@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxconcept.config.rules import default_train_classes
 from jaxconcept.data import DataSpec
 
-NUISANCE_STD = 0.1  # spread of each bimodal nuisance mode (SPEC A6)
+NUISANCE_STD = 0.1  # spread of each bimodal nuisance mode (docs/study.md A6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,14 +45,9 @@ def _grid(dim: int, perdim: int) -> np.ndarray:
     return np.array(list(itertools.product(range(perdim), repeat=dim)), np.int32).reshape(-1, dim)
 
 
-def default_train_classes(dim: int, perdim: int) -> tuple:
-    """Grid points with at most one non-zero index: the origin and each concept's values alone."""
-    return tuple(int(c) for c, g in enumerate(_grid(dim, perdim)) if np.count_nonzero(g) <= 1)
-
-
 def split_sizes(n_per_class: int, val_frac: float) -> tuple:
     """(n_train, n_val) per training class: ``n_per_class`` training examples (the reference's
-    1024 per class, SPEC A6) plus ``val_frac * n_per_class`` validation examples drawn alongside
+    1024 per class, docs/study.md A6) plus ``val_frac * n_per_class`` validation examples drawn alongside
     (at least one: the validation loss needs one), as the reference drew a separate test set."""
     return n_per_class, max(1, int(round(n_per_class * val_frac)))
 

@@ -24,7 +24,7 @@ def build(model_cfg, spec, backend: str | None = None) -> nn.Module:
 
     Args:
       model_cfg: ``arch`` "unet" (images) or "mlp" (vectors) and its sizes; ``init_scale`` is
-        applied by ``diffusion.init_params``, not here. ``conv`` "auto" is resolved here, for
+        applied by ``vdm.init_params``, not here. ``conv`` "auto" is resolved here, for
         ``backend`` (default: JAX's default backend; ``convs.resolve``: "explicit" on CPU, "xla"
         elsewhere).
       spec: the ``data.DataSpec``; its ``kind`` must match the architecture.
@@ -55,7 +55,8 @@ def loop_safe(model_cfg, backend: str | None = None) -> bool:
     ``backend`` (default: JAX's default backend): not a U-Net with XLA's own convolutions on CPU
     (``convs.loop_safe``; its convolution gradients run 10-170x slower inside a loop,
     jax-ml/jax#12868). Decided once, where a sampler or a sweep is built, and passed down to
-    ``diffusion.sample``, ``step.held_back_losses`` and ``stack.steps_per_call`` as a static flag."""
+    ``vdm.sample`` and ``step.held_back_losses`` as a static flag and held by the ``Stack``
+    (``Stack.loop_safe``, which ``Stack.steps_per_call`` reads)."""
     return model_cfg.arch != "unet" or convs.loop_safe(model_cfg.conv, backend)
 
 

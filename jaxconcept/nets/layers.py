@@ -182,7 +182,7 @@ def dropout(x, rate, deterministic: bool, impl: str = "xla"):
 class Tap(nn.Module):
     """A parameter-free identity: a named point whose output interventions may transform.
 
-    The point's name is ``"/".join(module.path)``; see ``jaxconcept.interventions``.
+    The point's name is ``"/".join(module.path)``; see ``jaxconcept.elicit.edits``.
     """
 
     @nn.compact

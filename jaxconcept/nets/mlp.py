@@ -1,4 +1,4 @@
-"""MLP score network for vector concept spaces (SPEC A6), laid out as the reference's ``CMLP``."""
+"""MLP score network for vector concept spaces (docs/study.md A6), laid out as the reference's ``CMLP``."""
 from __future__ import annotations
 
 import flax.linen as nn

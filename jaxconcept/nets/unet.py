@@ -1,4 +1,4 @@
-"""U-Net score network for images (SPEC A2), laid out as the reference's, with per-block
+"""U-Net score network for images (docs/study.md A2), laid out as the reference's, with per-block
 conditioning and named tap points."""
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept.interventions import Edit
-from jaxconcept.prompts import extrapolate
+from jaxconcept.elicit.edits import Edit
+from jaxconcept.elicit.prompts import extrapolate
 from jaxconcept.sd import SDError
-from jaxconcept.sd import pipeline as P
+from jaxconcept.sd.pipeline import StableDiffusion, capture, encode, tap_names
 from jaxconcept.sd.tokenizer import Tokenizer, quote, word_pattern
 
 METHODS = ("extrapolate", "weight", "token", "repeat", "steer")
@@ -92,14 +92,14 @@ def plan(tok: Tokenizer, prompt: str, concept: str, method: str, strengths, ref:
     return Plan(**out)
 
 
-def default_point(model: P.StableDiffusion) -> str:
+def default_point(model: StableDiffusion) -> str:
     """The steering point by default: the output of the text encoder's middle layer."""
     return f"text_encoder/encoder/layers_{max(model.cfg.clip.num_hidden_layers // 2 - 1, 0)}/out"
 
 
-def steer_points(model: P.StableDiffusion) -> list[str]:
+def steer_points(model: StableDiffusion) -> list[str]:
     """Text-encoder tap points a ``steer`` may use (those with a [T, D] activation per prompt)."""
-    return [p for p in P.tap_names(model) if p.startswith("text_encoder/")]
+    return [p for p in tap_names(model) if p.startswith("text_encoder/")]
 
 
 def conditioning(model, params, p: Plan, point: str | None = None):
@@ -110,23 +110,23 @@ def conditioning(model, params, p: Plan, point: str | None = None):
     s = jnp.asarray(p.strengths)
     k = len(p.strengths)
     if p.method == "repeat":
-        return P.encode(model, params, jnp.asarray(p.repeat_ids))
+        return encode(model, params, jnp.asarray(p.repeat_ids))
     ids = jnp.asarray(p.ids)[None]  # [1, T]
     if p.method == "token":
-        return P.encode(model, params, jnp.broadcast_to(ids, (k, ids.shape[1])), token_scale(jnp.asarray(p.mask), s))
+        return encode(model, params, jnp.broadcast_to(ids, (k, ids.shape[1])), token_scale(jnp.asarray(p.mask), s))
     if p.method == "steer":
         point = point or default_point(model)
         if point not in steer_points(model):
             raise SDError(f"--point {point!r} is not a text-encoder tap point: allowed {', '.join(steer_points(model))}")
-        acts = P.capture(model, params, np.stack([p.ids, p.ref_ids]), [point])[point]  # [2, T, D]
+        acts = capture(model, params, np.stack([p.ids, p.ref_ids]), [point])[point]  # [2, T, D]
         edits = steering_edits(point, acts[0] - acts[1], s)
-        return P.encode(model, params, jnp.broadcast_to(ids, (k, ids.shape[1])), None, edits)
-    c = P.encode(model, params, ids)[0]  # [T, D]
+        return encode(model, params, jnp.broadcast_to(ids, (k, ids.shape[1])), None, edits)
+    c = encode(model, params, ids)[0]  # [T, D]
     if p.method == "weight":
         return weight(c, jnp.asarray(p.mask), s)
-    return extrapolate(c, P.encode(model, params, jnp.asarray(p.ref_ids)[None])[0], s)
+    return extrapolate(c, encode(model, params, jnp.asarray(p.ref_ids)[None])[0], s)
 
 
 def null_conditioning(model, params, tok: Tokenizer):
     """The empty prompt's conditioning [T, D] (classifier-free guidance's unconditional input)."""
-    return P.encode(model, params, jnp.asarray(tok.encode(""))[None])[0]
+    return encode(model, params, jnp.asarray(tok.encode(""))[None])[0]

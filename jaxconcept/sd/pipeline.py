@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import interventions
-from jaxconcept.diffusion import guidance_mix
+from jaxconcept.elicit.edits import applying
+from jaxconcept.vdm import guidance_mix
 from jaxconcept.nets.layers import tap_calls
 from jaxconcept.sd.clip import CLIPTextEncoder
 from jaxconcept.sd.configs import SDConfig
@@ -120,7 +120,7 @@ def _ddim_chunk(model, params, z, cond, null, guidance, ts, a_t, a_prev, edits):
         t, at, ap = xs
         return ddim_step(z, guided_eps(model, params, z, t, cond, null, guidance), at, ap), None
 
-    with interventions.applying(edits):
+    with applying(edits):
         return jax.lax.scan(step, z, (ts, a_t, a_prev))[0]
 
 
@@ -141,7 +141,7 @@ def sample(model, params, cond, null, noise, *, n_steps: int, guidance: float, e
       cond: [B, T, D] text conditioning per image; null: [T, D] (the empty prompt's).
       noise: [B, h, w, C] initial latents z_T (standard normal; DDIM's initial sigma is 1).
       n_steps, guidance: DDIM steps and the guidance weight w (1: no guidance).
-      edits: ``interventions.Edit``s at UNet tap points, applied in every step (both CFG halves).
+      edits: ``jaxconcept.elicit.edits.Edit``s at UNet tap points, applied in every step (both CFG halves).
       chunk: steps per jitted call, each one ``lax.scan`` (rounded down to a divisor of n_steps;
         default all in one call); ``progress`` (e.g. ``tqdm.update``) gets each chunk's count.
     Returns:
@@ -179,7 +179,7 @@ def generate(model, params, cond, null, noise, *, n_steps: int, guidance: float,
 def encode(model, params, ids, token_scale=None, edits=()):
     """Text conditioning [B, T, D] of token ids [B, T] (``token_scale`` [B, T]: see
     ``CLIPTextEncoder``), ``edits`` applied at text-encoder tap points."""
-    with interventions.applying(edits):
+    with applying(edits):
         return model.apply({"params": params}, ids, token_scale, method=StableDiffusion.encode)
 
 
@@ -187,7 +187,7 @@ def encode(model, params, ids, token_scale=None, edits=()):
 def eps(model, params, x, t, context, edits=()):
     """The UNet's eps prediction [B, h, w, C] for latents x [B, h, w, C], timesteps t [B] and
     conditioning context [B, T, D], ``edits`` applied."""
-    with interventions.applying(edits):
+    with applying(edits):
         return model.apply({"params": params}, x, t, context, method=StableDiffusion.eps)
 
 
@@ -202,7 +202,7 @@ def decode(model, params, z):
 @partial(jax.jit, static_argnums=(0, 3))
 def _capture(model, params, ids, points, token_scale=None):
     got = {}
-    with interventions.applying((), got, points):
+    with applying((), got, points):
         model.apply({"params": params}, ids, token_scale, method=StableDiffusion.encode)
     return got
 

@@ -10,7 +10,7 @@ operations instead of one small kernel per parameter leaf:
     data  = dict(x_train [N, ...], c_train [N, cond_dim], x_val, c_val, x_test, c_test, ...)
     batch = dict(x [B, ...], c [B, cond_dim], n [])  # a host-fed training batch (data.HOST_FED kinds)
 
-The train step is ``train_step``, the loss it differentiates ``diffusion.loss_fn``, the update
+The train step is ``train_step``, the loss it differentiates ``vdm.loss_fn``, the update
 ``adamw``. ``hyper`` holds every per-member setting a step or an evaluation reads
 (``config.HYPER_FIELDS``: the optimiser's, the warmup, conditioning and network dropout, the
 initial scale, the log-SNR range, the guidance weight), so that the members of one compiled
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion, nets
+from jaxconcept import config as C, data as D, vdm, nets
 from jaxconcept.data.batches import batch_indices, epoch_permutation
 
 # fields held per member in the state (``TrainState.hyper``, keyed by the field's name), so that
@@ -117,28 +117,20 @@ class Active:
                    guidance=any(m.eval.w_cfg != 1 for m in members))
 
 
-def model_settings(model_cfg: C.ModelConfig, hyper: dict) -> diffusion.ModelSettings:
+def model_settings(model_cfg: C.ModelConfig, hyper: dict) -> vdm.ModelSettings:
     """The model settings of one member: its traced log-SNR range and initial scale (``hyper``),
     and the program's data noise."""
-    return diffusion.ModelSettings(gamma_min=hyper["gamma_min"], gamma_max=hyper["gamma_max"],
+    return vdm.ModelSettings(gamma_min=hyper["gamma_min"], gamma_max=hyper["gamma_max"],
                                    data_noise=model_cfg.data_noise, init_scale=hyper["init_scale"])
-
-
-def sampler_args(eval_cfg: C.EvalConfig, spec: D.DataSpec, *, loop_safe: bool, w_cfg=None) -> dict:
-    """The keyword arguments of ``diffusion.sample`` an evaluation config sets: x_shape, n_steps
-    (``eval.sampler_steps``), w_cfg (``eval.w_cfg``, or a member's traced value), null_cond (the
-    data's unconditional prompt), output (``eval.sampler_output``) and loop_safe."""
-    return dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg if w_cfg is None else w_cfg,
-                null_cond=D.null_cond(spec), output=eval_cfg.sampler_output, loop_safe=loop_safe)
 
 
 def init_member(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, seed, hyper: dict, *, ema: bool) -> TrainState:
     """Train state of one member (``seed`` and ``hyper`` may be traced): parameters from its
-    "init" stream (``diffusion.init_params`` at its initial scale and log-SNR range), zero moments,
+    "init" stream (``vdm.init_params`` at its initial scale and log-SNR range), zero moments,
     step 0, its "train" key, alive; with ``ema`` the moving average, starting at the parameters."""
     keys = member_keys(seed)
     hyper = {k: jnp.float32(hyper[k]) for k in HYPER}
-    params = layout.ravel(diffusion.init_params(net, model_settings(cfg.model, hyper), spec, keys["init"]))
+    params = layout.ravel(vdm.init_params(net, model_settings(cfg.model, hyper), spec, keys["init"]))
     zeros = jnp.zeros_like(params)
     return TrainState(params=params, mu=zeros, nu=zeros, ema=params if ema else None, step=jnp.zeros((), jnp.int32),
                       key=keys["train"], alive=jnp.ones((), bool), hyper=hyper)
@@ -222,7 +214,7 @@ def train_step(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, state: Trai
     Returns (new_state, loss f32[]).
     """
     tc, h = cfg.train, state.hyper
-    apply_fn = diffusion.make_apply(nets.with_dropout(net, h["dropout"]) if active.dropout else net)
+    apply_fn = vdm.make_apply(nets.with_dropout(net, h["dropout"]) if active.dropout else net)
     k_loss, k_view = jax.random.split(jax.random.fold_in(state.key, state.step))
     if batch is None:
         x, cond, n_valid = draw_batch(tc, data, state.key, state.step)
@@ -231,7 +223,7 @@ def train_step(cfg: C.Config, spec: D.DataSpec, net, layout: Layout, state: Trai
     x = D.train_view(spec, x, k_view)  # [B, *x_shape] float32
 
     def loss(flat):
-        return diffusion.loss_fn(apply_fn, model_settings(cfg.model, h), layout.unravel(flat), x, cond, k_loss,
+        return vdm.loss_fn(apply_fn, model_settings(cfg.model, h), layout.unravel(flat), x, cond, k_loss,
                                  train=True, p_cfg=h["p_cfg"] if active.p_cfg else 0.0, null_cond=D.null_cond(spec),
                                  n_valid=n_valid)
 
@@ -291,7 +283,7 @@ def held_back_losses(cfg: C.Config, spec: D.DataSpec, apply_fn, params, sets, ke
     batches = (jnp.concatenate(xs), jnp.concatenate(cs), jnp.concatenate(ks), jnp.concatenate(nv))
 
     def one(xb, cb, kb, nb):  # the loss of one batch; a full batch passes n_valid = B, the same loss as None
-        return diffusion.loss_fn(apply_fn, model, params, xb, cb, kb, n_valid=nb, **kw)[0]
+        return vdm.loss_fn(apply_fn, model, params, xb, cb, kb, n_valid=nb, **kw)[0]
     if loop_safe:
         per_batch = jax.lax.map(lambda a: one(*a), batches)
     else:

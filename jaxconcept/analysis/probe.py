@@ -3,7 +3,7 @@
 Three kinds, one interface (``probe_for(data_cfg) -> Probe``, ``predict``, ``coordinates``,
 ``correct``):
 
-* images (SPEC A3): a small convolutional classifier (``ProbeNet``: three conv stages of width 32
+* images (docs/study.md A3): a small convolutional classifier (``ProbeNet``: three conv stages of width 32
   with average pooling, a globally pooled feature and one softmax head per concept), trained with
   optax on fresh images of G drawn every step from *all* classes, held-out ones included — it
   measures the generator, it is not the model under study. Half of every batch is drawn at the
@@ -13,12 +13,12 @@ Three kinds, one interface (``probe_for(data_cfg) -> Probe``, ``predict``, ``coo
   of two fresh test sets, typical draws and corner draws, or gives up after ``max_steps`` and
   raises ``ProbeError``: an analysis with an unreliable instrument must not run. Trained probes
   are cached per data config.
-* celeba (SPEC A5): the same ProbeNet (wider, two convs per stage), one softmax head per
+* celeba (docs/study.md A5): the same ProbeNet (wider, two convs per stage), one softmax head per
   attribute, trained on the evaluation split of the photographs (every combination, the held-out
   one included; images the diffusion model never sees) with the training data's flips and colour
   jitter; it must reach ``CELEBA_BAR`` (0.85; ``bar``, ``--probe-bar`` on the command line) accuracy on
   each attribute, averaged over the combinations, on the split's test part (``_celeba_probe``).
-* vector (SPEC A6): exact, nothing to train. Along each concept axis a sample takes the value
+* vector (docs/study.md A6): exact, nothing to train. Along each concept axis a sample takes the value
   whose grid coordinate is nearest — a classification, as the image probe's most probable value
   is. A sample is correct for a prompt when each concept's nearest value is the prompted one.
   With ``band`` = k > 0 (``eval.vector_band``) a value also requires the coordinate to lie within
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import data as D, rundir
-from jaxconcept.probe_net import ProbeNet, fit, fit_all, init, net_probs, per_class_accuracy
+from jaxconcept.analysis.probe_net import ProbeNet, fit, fit_all, init, net_probs, per_class_accuracy
 
 __all__ = ["CELEBA_BAR", "PROBE_VERSION", "Probe", "ProbeError", "ProbeNet", "cache_key", "class_value_table",
            "coordinates", "correct", "fit", "fit_all", "init", "per_class_accuracy", "predict", "probe_for"]
@@ -321,7 +321,7 @@ def _celeba_widths(spec: D.DataSpec) -> tuple:
 
 def _celeba_probe(data_cfg, spec: D.DataSpec, bar: float, key, ck: str, *, max_steps: int, use_cache: bool,
                   cache: Path, widths: tuple, batch_size: int, lr: float, depth: int = 2) -> Probe:
-    """The attribute probe of a CelebA-kind data config (SPEC A3; the reference's attribute
+    """The attribute probe of a CelebA-kind data config (docs/study.md A3; the reference's attribute
     classifier): a ProbeNet with one softmax head per attribute, trained with the same flips and
     colour jitter as the diffusion data on the evaluation split (``celeba.probe_data``: images of
     every combination, the held-out one included, that the diffusion model never sees), until

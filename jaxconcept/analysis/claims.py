@@ -26,14 +26,14 @@ import json
 
 import numpy as np
 
-from jaxconcept import stats
+from jaxconcept.analysis import stats
 
 SETTING_FIELDS = ("sep_col", "sep_size", "m", "s", "attributes", "mask_prob")
 ARMS = {"over_ref": "overprompting (reference's fixed colours)", "over": "overprompting (scaled)",
         "latent": "latent (held-out prompt direction)", "latent_comp": "latent (compositional, training classes only)"}
 
 
-def _swept(member: dict) -> dict:
+def swept_values(member: dict) -> dict:
     """The member's swept field values ("values", e.g. {"train.lr": 0.001}) other than the seed."""
     return {k: v for k, v in member.get("values", {}).items() if k != "seed"}
 
@@ -41,14 +41,14 @@ def _swept(member: dict) -> dict:
 def setting_key(member: dict) -> str:
     """The member's sweep setting apart from its seed, as a JSON string (members with the same
     key differ only in their seed)."""
-    return json.dumps([[member.get(k) for k in SETTING_FIELDS], _swept(member)], sort_keys=True)
+    return json.dumps([[member.get(k) for k in SETTING_FIELDS], swept_values(member)], sort_keys=True)
 
 
 def replicate(member: dict) -> str:
     """The member's seed and its swept values outside the data section (e.g. "0" or "0, train.lr=0.001"):
     the members that share it form one replicate of a claim-1 series, in which only the
     data-generating setting, and so the concept signal, varies."""
-    rest = [f"{k}={v}" for k, v in _swept(member).items() if not k.startswith("data.")]
+    rest = [f"{k}={v}" for k, v in swept_values(member).items() if not k.startswith("data.")]
     return ", ".join([str(member["seed"]), *rest])
 
 
@@ -56,7 +56,7 @@ def setting_label(member: dict) -> str:
     """A short name of the member's setting, e.g. "sep_col=0.35" or "m=[1.0, 0.2]"."""
     parts = [f"{k}={member[k]}" for k in SETTING_FIELDS if member.get(k) is not None
              and k not in ("sep_size", "s", "attributes") and not (k == "mask_prob" and member[k] == 1.0)]
-    parts += [f"{k}={v}" for k, v in _swept(member).items() if k.removeprefix("data.") not in SETTING_FIELDS]
+    parts += [f"{k}={v}" for k, v in swept_values(member).items() if k.removeprefix("data.") not in SETTING_FIELDS]
     return ", ".join(parts) or "all"
 
 

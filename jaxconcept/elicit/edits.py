@@ -3,12 +3,12 @@ latent steering and composition edits built from them (prompt arithmetic is ``pr
 
 An ``Edit`` names a tap point and an operation; its ``value`` and ``strength`` are arrays (pytree
 leaves), so ``jit``/``vmap`` sweep over them without recompiling. ``intervene(net, edits)``
-returns an apply_fn with the signature of ``diffusion.make_apply(net)``; it enters
+returns an apply_fn with the signature of ``vdm.make_apply(net)``; it enters
 ``nn.intercept_methods`` *inside* the traced function, so it works under jit, vmap and inside the
 jitted sampler (an interceptor entered outside a jitted function would be silently ignored).
 
     edit = Edit("down_0_block_0/cond_c", "add", value=direction, strength=alpha)
-    x = diffusion.sample(intervene(net, [edit]), model_cfg, params, cond, key, ...)
+    x = vdm.sample(intervene(net, [edit]), model_cfg, params, cond, key, ...)
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Hidden capabilities: accuracy on the held-out class under naive prompting, overprompting and
-latent interventions, at every evaluation checkpoint of a run (SPEC A4).
+latent interventions, at every evaluation checkpoint of a run (docs/study.md A4).
 
 For every member and checkpoint (parameters saved by training, ``eval.save_params``), the arms:
   naive       - samples of the held-out prompt;
@@ -13,7 +13,7 @@ For every member and checkpoint (parameters saved by training, ``eval.save_param
                 that concept)) at every concept projection (``steering_edits``), at each of
                 ``LATENT_STRENGTHS``: overprompting in activation space, built from the held-out prompt;
   latent_comp - every concept projection set to h(a) + strength x (h(b) - h(c)) from training
-                classes only (``interventions.compositional_edits``; blue-small: red-small +
+                classes only (``edits.compositional_edits``; blue-small: red-small +
                 [blue-large - red-large]), prompted with a's prompt: the held-out prompt never
                 enters; at each of ``COMP_STRENGTHS``. Absent where a, b or c is not trained.
 All strengths of an arm are sampled in one vmapped, jitted call.
@@ -41,9 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import config as C, data as D, diffusion, dynamics, interventions as I, nets, probe as P, rundir
-from jaxconcept import prompts as PR
-from jaxconcept.step import sampler_args
+from jaxconcept import config as C, data as D, nets, rundir, runs, vdm
+from jaxconcept.analysis import claims, dynamics
+from jaxconcept.analysis.probe import coordinates, correct, probe_for
+from jaxconcept.elicit.edits import compositional_edits, intervene, steering_edits
+from jaxconcept.elicit import plots
+from jaxconcept.elicit.prompts import REFERENCE_COLOURS, composition_classes, overprompts, reference_class, reference_overprompts
+from jaxconcept.train.step import member_keys  # the training's random streams, which elicitation avoids
 
 OVER_STRENGTHS = (0.0, 0.5, 1.5, 2.5, 3.5)
 LATENT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
@@ -73,16 +77,16 @@ def _samplers(model_cfg: C.ModelConfig, eval_cfg: C.EvalConfig, spec: D.DataSpec
     key) and composed(params, cond_a, cond_b, cond_c, alphas [S], key) -> [S, n, *x_shape]."""
     net = nets.build(model_cfg, spec)
     n = eval_cfg.n_samples
-    kw = sampler_args(eval_cfg, spec, loop_safe=nets.loop_safe(model_cfg))
-    plain = jax.jit(lambda p, c, kk: diffusion.sample(diffusion.make_apply(net), model_cfg, p, c, kk, **kw))
+    kw = vdm.sampler_args(eval_cfg, spec, loop_safe=nets.loop_safe(model_cfg))
+    plain = jax.jit(lambda p, c, kk: vdm.sample(vdm.make_apply(net), model_cfg, p, c, kk, **kw))
 
     def steered(p, cond_from, cond_to, alpha, kk):
-        edits = I.steering_edits(net, spec, p["net"], cond_from, cond_to, alpha)
-        return diffusion.sample(I.intervene(net, edits), model_cfg, p, jnp.repeat(cond_to[None], n, 0), kk, **kw)
+        edits = steering_edits(net, spec, p["net"], cond_from, cond_to, alpha)
+        return vdm.sample(intervene(net, edits), model_cfg, p, jnp.repeat(cond_to[None], n, 0), kk, **kw)
 
     def composed(p, cond_a, cond_b, cond_c, alpha, kk):
-        edits = I.compositional_edits(net, spec, p["net"], cond_a, cond_b, cond_c, alpha)
-        return diffusion.sample(I.intervene(net, edits), model_cfg, p, jnp.repeat(cond_a[None], n, 0), kk, **kw)
+        edits = compositional_edits(net, spec, p["net"], cond_a, cond_b, cond_c, alpha)
+        return vdm.sample(intervene(net, edits), model_cfg, p, jnp.repeat(cond_a[None], n, 0), kk, **kw)
 
     return (plain, jax.jit(jax.vmap(steered, in_axes=(None, None, None, 0, None))),
             jax.jit(jax.vmap(composed, in_axes=(None, None, None, None, 0, None))))
@@ -123,14 +127,14 @@ def setting(cfg: C.Config, member: C.Config, probe, concept: str | None = None, 
     h = spec.held_out[0]
     k = target_concept(member, h, concept)
     prompts = D.prompts(spec, dp)
-    parts = [prompts[h][None], PR.overprompts(spec, dp, h, k, over)]
-    ladder = PR.reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
+    parts = [prompts[h][None], overprompts(spec, dp, h, k, over)]
+    ladder = reference_overprompts(spec, dp, h) if spec.concepts[k] == "colour" else None
     if ladder is not None:
         parts.append(ladder)
-    abc = PR.composition_classes(spec, h, k)
+    abc = composition_classes(spec, h, k)
     target = np.tile(np.asarray(spec.class_values(h))[None], (member.eval.n_samples, 1))
     sampling = dataclasses.replace(member.model, dropout=0.0, init_scale=1.0)  # training-only: one sampler for all
-    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[PR.reference_class(spec, h, k)],
+    return Setting(spec, spec.concepts[k], jnp.concatenate(parts), prompts[reference_class(spec, h, k)],
                    prompts[h], target, probe, samplers or _samplers(sampling, member.eval, spec), n_over=len(over),
                    n_ref=0 if ladder is None else len(ladder), comp=None if abc is None else tuple(prompts[c] for c in abc))
 
@@ -140,7 +144,7 @@ def _correct(st: Setting, x) -> np.ndarray:
     non-finite sample is wrong."""
     x = np.asarray(x)
     finite = np.isfinite(x.reshape(len(x), -1)).all(-1)
-    ok = P.correct(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0), st.target).all(-1)
+    ok = correct(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0), st.target).all(-1)
     return ok & finite
 
 
@@ -157,7 +161,7 @@ def _reference_score(st: Setting, x) -> float:
     if st.spec.kind == "vector" or any(v != 2 for v in st.spec.values):
         return _joint(st, x)
     finite = np.isfinite(x.reshape(len(x), -1)).all(-1)
-    c = P.coordinates(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0))  # P(second value)
+    c = coordinates(st.probe, np.where(finite.reshape(-1, *([1] * (x.ndim - 1))), x, 0))  # P(second value)
     p_target = np.where(st.target == 1, c, 1 - c) * finite[:, None]
     return float(np.prod(p_target.mean(axis=0)))
 
@@ -226,7 +230,7 @@ def _curves(recs: list[dict]) -> dict:
 
 def strengths(arm: str) -> tuple:
     """The strengths (or, for "over_ref", the reference's colours) of an arm."""
-    return {"over": OVER_STRENGTHS, "over_ref": PR.REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
+    return {"over": OVER_STRENGTHS, "over_ref": REFERENCE_COLOURS, "latent": LATENT_STRENGTHS,
             "latent_comp": COMP_STRENGTHS}[arm]
 
 
@@ -249,10 +253,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         raise ValueError(f"measure={measure!r} is unknown: allowed {', '.join(dynamics.MEASURES)}")
     from tqdm.auto import tqdm
 
-    from jaxconcept import claims
-    from jaxconcept.step import member_keys
-
-    run = rundir.Run(run_dir)
+    run = runs.Run(run_dir)
     run_dir, cfg, members = run.dir, run.config, run.member_configs
     if not D.spec(members[0].data).held_out:
         raise rundir.RunDirError(f"{run_dir}: its config holds no class out (every class is trained), and "
@@ -263,7 +264,7 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         raise rundir.RunDirError(f"{run_dir} has no saved parameters (train with eval.save_params=true)")
     steps = sorted(set(steps[::every]) | {steps[-1]})
     info = run.members()
-    settings = [setting(cfg, m, P.probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
+    settings = [setting(cfg, m, probe_for(m.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})}),
                         concept) for m in members]
     keys = [member_keys(int(m.seeds[0]))["elicit"] for m in members]
     recs = [[] for _ in members]
@@ -309,10 +310,8 @@ def elicit_run(run_dir, threshold: float = 0.8, *, probe_kw: dict | None = None,
         if a is not None and "members" in a and all("path" in m for m in a["members"]):  # its claims gain claim 3
             a["claims"] = claims.table(a, out)
             rundir.write_json(run_dir / "analysis.json", a)
-        from jaxconcept import elicit_plots
-
-        elicit_plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
-        elicit_plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
+        plots.elicit_figure(out, run_dir / "figures" / "elicit.png")
+        plots.elicit_turn_figure(out, run_dir / "figures" / "elicit_turn.png")
     return out
 
 
@@ -320,7 +319,7 @@ def _minus(emerge: dict, turn) -> dict:
     return {k: (None if v is None or turn is None else v - turn) for k, v in emerge.items()}
 
 
-def _turn_steps(run: rundir.Run) -> dict:
+def _turn_steps(run: runs.Run) -> dict:
     """{member index: (saturation step, our detector's turn step)} from analysis.json; when it is
     missing, one log line says so and every turn is null."""
     analysis = run.output("analysis.json")

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxconcept import checkpoint, config as C, data as D, plan, rundir, runconfig, stack
-from jaxconcept.rundir import EXIT_STOPPED, RunError, Stopped  # noqa: F401 - part of train's API
-from jaxconcept.step import eval_params
+from jaxconcept.train import checkpoint, plan, runconfig, stack
+from jaxconcept import config as C, data as D, rundir
+from jaxconcept.train import EXIT_STOPPED, RunError, Stopped  # noqa: F401 - part of train's API
+from jaxconcept.train.step import eval_params
 
 log = logging.getLogger("jaxconcept")
 
@@ -186,7 +187,7 @@ def _train(cfg, run_dir, *, progress, devices, stop_after, stops, members=None, 
     if sched.eval_first:
         _evaluate_and_save(sw, state, data, 0, run_dir)
 
-    k = stack.steps_per_call(sw)
+    k = sw.steps_per_call
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=label)
     step, t0, frozen_reported = start, time.time(), set()

@@ -1,19 +1,19 @@
 """The stacked sweep: M members trained at once as one train state, and the programs that do it.
-The engine's model axis is made here; checkpoint, loop and ``rundir.Run.params`` only slice the
+The engine's model axis is made here; checkpoint, loop and ``runs.Run.params`` only slice the
 real members off it.
 
 A sweep is one pytree whose leaves lead with the model axis [M, ...]. One compiled call moves
 every member n <= K steps: ``fori_loop(vmap(train_step))`` (``_advance_local``: a loop over steps
 of the one-member ``step.train_step`` mapped over the members; n is an argument, so one program
 serves every call length). The map is ``vmap``, or ``lax.map`` in chunks of vmapped members, or
-one traced copy per member (``Sweep.strategy``; ``plan`` chooses it when ``train.strategy`` is
+one traced copy per member (``Stack.strategy``; ``plan`` chooses it when ``train.strategy`` is
 "auto"). The model axis is split over the devices (and hosts) with ``shard_map`` on a 1-D mesh
 named "models"; a member count that does not divide the device count is padded with inert copies
 of the last member (trained, never written). The three programs (init, advance, evaluate) are
-compiled ahead of time, side by side (``Sweep.programs``, ``programs``).
+compiled ahead of time, side by side (``Stack.programs``, ``programs``).
 
 Whether the network is fast inside XLA loops is decided once, here, where the sweep is built
-(``Sweep.loop_safe``, ``nets.loop_safe`` on the mesh's platform): a U-Net with XLA's own
+(``Stack.loop_safe``, ``nets.loop_safe`` on the mesh's platform): a U-Net with XLA's own
 convolutions on CPU (model.conv="xla") takes one step per call and samples in a Python loop.
 
     state = step.TrainState(params [M, P], mu, nu, ema, step [M], key [M, 2], alive [M], hyper {name: [M]})
@@ -29,18 +29,19 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxconcept import config as C, data as D, diffusion, nets
-from jaxconcept.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
-                             member_keys, model_settings, sampler_args, train_step)
+from jaxconcept import config as C, data as D, vdm, nets
+from jaxconcept.train.programs import compile_programs
+from jaxconcept.train.step import (Active, Layout, call_rows, eval_params, held_back_losses, hyper_values, init_member,
+                             member_keys, model_settings, train_step)
 
 AXIS = "models"
 STRATEGIES = ("vmap", "map", "unroll")
 
 
 class Programs(NamedTuple):
-    """The compiled programs of a sweep (``Sweep.programs``), each called with arrays placed as
+    """The compiled programs of a sweep (``Stack.programs``), each called with arrays placed as
     ``abstract_inputs`` says."""
 
     init: Callable  # (seeds [M], data params [M, ...], hyper {name: [M]}) -> (state, data)
@@ -49,7 +50,7 @@ class Programs(NamedTuple):
 
 
 @dataclass(frozen=True, eq=False)
-class Sweep:
+class Stack:
     """Everything static about a sweep (one group of members: one set of programs); the arrays
     (state, data) are passed around separately.
 
@@ -83,15 +84,13 @@ class Sweep:
         side; the others are None unless compiled before."""
         missing = [n for n in names if n not in self._compiled]
         if missing:
-            from jaxconcept import programs
-
-            self._compiled.update(programs.compile_programs(self, missing))
+            self._compiled.update(compile_programs(self, missing))
         return Programs(*(self._compiled.get(n) for n in Programs._fields))
 
     @functools.cached_property
     def layout(self):
         """Where each parameter leaf sits in a member's flat parameter vector (``step.Layout``)."""
-        return Layout.of(jax.eval_shape(lambda k: diffusion.init_params(self.net, self.cfg.model, self.spec, k),
+        return Layout.of(jax.eval_shape(lambda k: vdm.init_params(self.net, self.cfg.model, self.spec, k),
                                         jax.random.PRNGKey(0)))
 
     @functools.cached_property
@@ -103,6 +102,12 @@ class Sweep:
     def active(self) -> Active:
         """The optional parts the programs hold, decided from every member (``step.Active``)."""
         return Active.of(self.members)
+
+    @property
+    def steps_per_call(self) -> int:
+        """K: train.steps_per_call, or 1 for a network that must not step inside a loop (not
+        ``loop_safe``; its steps are long enough that one call per step costs nothing)."""
+        return self.cfg.train.steps_per_call if self.loop_safe else 1
 
     @property
     def uses_ema(self) -> bool:
@@ -125,7 +130,7 @@ class Sweep:
 
     @property
     def apply_fn(self):
-        return diffusion.make_apply(self.net)
+        return vdm.make_apply(self.net)
 
     @property
     def host_fed(self) -> bool:
@@ -136,10 +141,10 @@ class Sweep:
         return x[: self.size]
 
     def sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(AXIS))
+        return NamedSharding(self.mesh, PartitionSpec(AXIS))
 
     def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def over_members(self, fn):
         """``fn`` of one member -> the same function of the (local) stacked members, by strategy:
@@ -164,10 +169,10 @@ class Sweep:
         """
         if self.mesh.size == 1 and jax.process_count() == 1:
             return fn  # one device: plain jit (XLA:CPU runs convolutions nested in shard_map ~15x slower)
-        spec = P(AXIS)
+        spec = PartitionSpec(AXIS)
 
         def wrapped(*args):
-            in_specs = tuple([spec] * n_in + [P()] * (len(args) - n_in))
+            in_specs = tuple([spec] * n_in + [PartitionSpec()] * (len(args) - n_in))
             return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
         wrapped.__name__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "program"))
         return wrapped
@@ -185,7 +190,7 @@ def make_mesh(n_members: int, devices=None) -> Mesh:
 
 
 def build(cfg: C.Config, devices=None, *, strategy: str | None = None, chunk: int | None = None,
-          members=None) -> Sweep:
+          members=None) -> Stack:
     """The static sweep of ``cfg``: member configs (padded to the mesh), data spec, network (its
     convolutions resolved for the mesh's platform), mesh, and whether the network is loop-safe.
 
@@ -210,12 +215,12 @@ def build(cfg: C.Config, devices=None, *, strategy: str | None = None, chunk: in
     backend = mesh.devices.flat[0].platform
     n_pad = -len(ms) % mesh.size
     spec = D.spec(ms[0].data)
-    return Sweep(cfg=cfg, members=ms, padded=ms + (ms[-1],) * n_pad, spec=spec,
+    return Stack(cfg=cfg, members=ms, padded=ms + (ms[-1],) * n_pad, spec=spec,
                  net=nets.build(cfg.model, spec, backend), mesh=mesh, strategy=strategy,
                  chunk=chunk or cfg.train.map_batch_size, loop_safe=nets.loop_safe(cfg.model, backend))
 
 
-def stacked_data_params(sw: Sweep, members=None):
+def stacked_data_params(sw: Stack, members=None):
     """Per-member data-generating parameters, stacked on a leading model axis (numpy)."""
     if members is None:
         return sw.data_params
@@ -223,7 +228,7 @@ def stacked_data_params(sw: Sweep, members=None):
     return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *ps)
 
 
-def seeds_array(sw: Sweep, members=None) -> np.ndarray:
+def seeds_array(sw: Stack, members=None) -> np.ndarray:
     """The members' seeds: [M] int32."""
     return np.asarray([m.seeds[0] for m in (members or sw.padded)], np.int32)
 
@@ -234,16 +239,10 @@ def train_keys(members) -> np.ndarray:
                                                                                       np.int32)))
 
 
-def steps_per_call(sw: Sweep) -> int:
-    """K: train.steps_per_call, or 1 for a network that must not step inside a loop (not
-    ``sw.loop_safe``; its steps are long enough that one call per step costs nothing)."""
-    return sw.cfg.train.steps_per_call if sw.loop_safe else 1
-
-
 # --------------------------------------------------------------------------------------------
 # The per-device programs
 # --------------------------------------------------------------------------------------------
-def init_local(sw: Sweep, seeds, dparams, hyper):
+def init_local(sw: Stack, seeds, dparams, hyper):
     def one(seed, dp, hp):
         data = {} if sw.host_fed else D.dataset(sw.spec, dp, member_keys(seed)["data"])
         return init_member(sw.cfg, sw.spec, sw.net, sw.layout, seed, hp, ema=sw.active.ema), data
@@ -252,7 +251,7 @@ def init_local(sw: Sweep, seeds, dparams, hyper):
     return sw.over_members(one)(seeds, dparams, hyper)
 
 
-def _advance_local(sw: Sweep, state, data, batches, n):
+def _advance_local(sw: Stack, state, data, batches, n):
     """n (traced, 1 <= n <= K) steps of every local member, as one ``fori_loop``: one program for
     every call length (a call that ends at an evaluation point between multiples of K needs no
     program of its own) and no conditional in the loop (on XLA:GPU a lax.cond copies its
@@ -264,7 +263,7 @@ def _advance_local(sw: Sweep, state, data, batches, n):
     def batch(i):  # the host-fed batches of step i of this call
         return None if batches is None else jax.tree.map(lambda a: a[:, i], batches)
 
-    k = steps_per_call(sw)
+    k = sw.steps_per_call
     if k == 1:
         return stacked_step(state, data, batch(0))
     if batches is None and sw.cfg.train.batches == "epochs":  # on-device data: this call's rows, the
@@ -282,7 +281,7 @@ def _advance_local(sw: Sweep, state, data, batches, n):
     return state, total / n
 
 
-def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
+def _evaluate_local(sw: Stack, state, data, prompts, seeds, step):
     """Samples and held-back losses of every local member: prompts [m, n_classes, n_samples,
     cond_dim] -> (samples [m, n_classes, n_samples, *x_shape], val [m], test [m])."""
     cfg, spec, apply_fn, ec, active = sw.cfg, sw.spec, sw.apply_fn, sw.cfg.eval, sw.active
@@ -292,8 +291,8 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
         params = sw.layout.unravel(eval_params(st))
         model = model_settings(cfg.model, st.hyper)
         w_cfg = st.hyper["w_cfg"] if active.guidance else 1.0
-        x = diffusion.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key,
-                             **sampler_args(ec, spec, loop_safe=sw.loop_safe, w_cfg=w_cfg))
+        x = vdm.sample(apply_fn, model, params, pr.reshape(-1, pr.shape[-1]), key,
+                             **vdm.sampler_args(ec, spec, loop_safe=sw.loop_safe, w_cfg=w_cfg))
         val, test = held_back_losses(cfg, spec, apply_fn, params, [(dat["x_val"], dat["c_val"]),
                                                                   (dat["x_test"], dat["c_test"])],
                                      [jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)], loop_safe=sw.loop_safe,
@@ -302,8 +301,8 @@ def _evaluate_local(sw: Sweep, state, data, prompts, seeds, step):
     return sw.over_members(one)(state, data, prompts, seeds)
 
 
-def _jit(sw: Sweep) -> Programs:
-    """The jitted, sharded programs of a sweep (``Sweep.jitted``)."""
+def _jit(sw: Stack) -> Programs:
+    """The jitted, sharded programs of a sweep (``Stack.jitted``)."""
     init = jax.jit(sw.sharded(functools.partial(init_local, sw), 3), out_shardings=sw.sharding())
     advance = jax.jit(sw.sharded(functools.partial(_advance_local, sw), 3), donate_argnums=0)
     evaluate = jax.jit(sw.sharded(functools.partial(_evaluate_local, sw), 4))
@@ -313,7 +312,7 @@ def _jit(sw: Sweep) -> Programs:
 # --------------------------------------------------------------------------------------------
 # Public API of the stacked state
 # --------------------------------------------------------------------------------------------
-def init(sw: Sweep, members=None):
+def init(sw: Stack, members=None):
     """Stacked train state and per-member datasets, rendered on device, sharded over the mesh.
 
     ``members`` (default: the sweep's own, padded) may name other member configs of the same
@@ -330,24 +329,24 @@ def init(sw: Sweep, members=None):
     return state, data
 
 
-def advance(sw: Sweep, state, data, n: int, batches=None):
-    """Advance every member ``n`` <= ``steps_per_call(sw)`` steps with the one compiled training
+def advance(sw: Stack, state, data, n: int, batches=None):
+    """Advance every member ``n`` <= ``sw.steps_per_call`` steps with the one compiled training
     program (n is an argument of it). Returns (state, mean loss [M]). ``state`` is donated.
     ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}."""
-    k = steps_per_call(sw)
+    k = sw.steps_per_call
     assert 0 < n <= k
     if batches is not None:
         batches = jax.tree.map(lambda a: put(sw, np.asarray(a)[:, :k]), batches)
     return sw.programs(("advance",)).advance(state, data, batches, scalar(sw, n))
 
 
-def scalar(sw: Sweep, v: int):
+def scalar(sw: Stack, v: int):
     """An int32 scalar replicated over the sweep's mesh (the step count, the step)."""
     return jax.device_put(np.int32(v), sw.replicated())
 
 
 @functools.lru_cache(maxsize=8)
-def _prompts_host(sw: Sweep) -> np.ndarray:
+def _prompts_host(sw: Stack) -> np.ndarray:
     """Evaluation prompts of every (padded) member, drawn once per member: [M, n_classes, n, cond_dim]."""
     ec = sw.cfg.eval
 
@@ -356,7 +355,7 @@ def _prompts_host(sw: Sweep) -> np.ndarray:
     return np.asarray(jax.jit(jax.vmap(one))(stacked_data_params(sw), seeds_array(sw)))
 
 
-def evaluate(sw: Sweep, state, data, step: int):
+def evaluate(sw: Stack, state, data, step: int):
     """Samples of every class and the validation and held-out losses, for every (padded) member.
 
     Returns (samples [M, n_classes, n_samples, *x_shape], prompts [M, n_classes, n_samples,
@@ -368,7 +367,7 @@ def evaluate(sw: Sweep, state, data, step: int):
     return samples, prompts, val, test
 
 
-def put(sw: Sweep, a):
+def put(sw: Stack, a):
     """A host array with a leading (padded) model axis as a global array sharded over the mesh;
     every process passes the same full array and places its own devices' rows."""
     a = np.asarray(a)

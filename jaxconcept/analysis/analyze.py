@@ -1,16 +1,16 @@
 """The concept-space analysis of a run: the measures of ``dynamics`` applied to every member and
-checkpoint of a run directory (read through ``rundir.Run``), written to RUN_DIR/analysis.json
+checkpoint of a run directory (read through ``runs.Run``), written to RUN_DIR/analysis.json
 (``analyze_run``), and the samples its figures show (``shown_samples``)."""
 from __future__ import annotations
 
 import numpy as np
 
-from jaxconcept import claims
+from jaxconcept.analysis import claims
 from jaxconcept import config as C
 from jaxconcept import data as D
-from jaxconcept import probe as P
-from jaxconcept import rundir
-from jaxconcept.dynamics import (MEASURES, SATURATED, SIGMA_TURN, THRESHOLDS, class_accuracy, class_coordinates,
+from jaxconcept.analysis.probe import cache_key, class_value_table, coordinates, probe_for
+from jaxconcept import rundir, runs
+from jaxconcept.analysis.dynamics import (MEASURES, SATURATED, SIGMA_TURN, THRESHOLDS, class_accuracy, class_coordinates,
                                  colour_axis, corner_path, corners, definition, learning_time, memorised_class,
                                  saturation, sudden_turn, summarize_times, finite_samples)
 
@@ -44,7 +44,7 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
       rundir.RunDirError: not a run directory, or no samples yet. probe.ProbeError: unreliable probe.
       ValueError: an unknown measure.
     """
-    run = rundir.Run(run_dir)
+    run = runs.Run(run_dir)
     run_dir, cfg, parts, member_cfgs = run.dir, run.config, run.groups, run.member_configs
     steps = run.steps("samples")
     if not steps:
@@ -53,16 +53,16 @@ def analyze_run(run_dir, threshold: float | None = None, *, measure: str = "refe
     members = run.members()
     frozen_at = _frozen_at(run.metrics(), len(members))
     spec = D.spec(member_cfgs[0].data)
-    table = P.class_value_table(spec)
+    table = class_value_table(spec)
     names = spec.class_names
     train_corners = corners(spec.values, table)[list(spec.train_classes)]
 
     probes: dict = {}
     member_probe = []
     for mc in member_cfgs:
-        key = P.cache_key(mc.data)
+        key = cache_key(mc.data)
         if key not in probes:
-            probes[key] = P.probe_for(mc.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})})
+            probes[key] = probe_for(mc.data, **{"band": cfg.eval.vector_band, **(probe_kw or {})})
         member_probe.append(key)
 
     n_m, n_t = len(members), len(steps)
@@ -143,18 +143,18 @@ def shown_samples(run_dir, analysis: dict, member: int = 0, max_frames: int = 40
     included), "samples": per frame [n_classes, n, ...]}: images, the first 6 per class; vectors,
     the first 256 per class as concept coordinates [n_classes, 256, n_concepts] (the member's exact
     probe, ``probe_kw`` as for ``analyze_run``)."""
-    run = rundir.Run(run_dir)
+    run = runs.Run(run_dir)
     n_t = len(analysis["steps"])
     frames = sorted(set(np.linspace(0, n_t - 1, min(max_frames, n_t)).round().astype(int).tolist()))
     shown = [run.member_samples(analysis["steps"][t], member)[:, :6 if analysis["kind"] != "vector" else 256]
              for t in frames]
     if analysis["kind"] == "vector":
-        probe = P.probe_for(run.member_configs[member].data, **{"band": run.config.eval.vector_band, **(probe_kw or {})})
-        shown = [P.coordinates(probe, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1) for x in shown]
+        probe = probe_for(run.member_configs[member].data, **{"band": run.config.eval.vector_band, **(probe_kw or {})})
+        shown = [coordinates(probe, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1) for x in shown]
     return {"member": member, "frames": frames, "samples": shown}
 
 
-def elicitation(run: rundir.Run) -> dict | None:
+def elicitation(run: runs.Run) -> dict | None:
     """RUN_DIR/elicit.json when it exists and holds the arms and run length of today's format, else None."""
     out = run.output("elicit.json")
     return out if out is not None and "run_length" in out else None

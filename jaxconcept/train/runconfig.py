@@ -2,8 +2,12 @@
 directory can hold the run (``prepare``) and writing config.json and members.json."""
 from __future__ import annotations
 
+import dataclasses
+
 from jaxconcept import config as C, store
-from jaxconcept.rundir import RunDirError, RunError, load_members, load_metrics, read_json, steps_with, write_json
+from jaxconcept.config.files import untuple
+from jaxconcept.train import RunError
+from jaxconcept.rundir import RunDirError, load_members, load_metrics, read_json, steps_with, write_json
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -26,8 +30,11 @@ def config_diffs(old: dict, cfg: C.Config) -> list[str]:
 
 
 def differences_from_defaults(cfg: C.Config) -> str:
-    """The fields of ``cfg`` that differ from ``C.Config()``, as one line of key=value."""
+    """The fields of ``cfg`` that differ from ``C.Config()`` (the data section: from the defaults of
+    its own kind, e.g. ``VectorData()``), as one line of key=value."""
     mine, default = flat_dict(C.to_dict(cfg)), flat_dict(C.to_dict(C.Config()))
+    default = {k: v for k, v in default.items() if not k.startswith("data.")}
+    default.update({f"data.{k}": untuple(v) for k, v in dataclasses.asdict(type(cfg.data)()).items()})
     return ", ".join(f"{k}={mine[k]}" for k in sorted(mine) if mine[k] != default.get(k)) or "all defaults"
 
 

@@ -1,4 +1,4 @@
-"""Learning dynamics in concept space (SPEC A3): trajectories, accuracies, learning times, turns.
+"""Learning dynamics in concept space (docs/study.md A3): trajectories, accuracies, learning times, turns.
 
 Pure functions over arrays; ``analyze.analyze_run`` applies them to every member and checkpoint
 of a run directory and writes RUN_DIR/analysis.json.
@@ -53,9 +53,9 @@ import warnings
 
 import numpy as np
 
-from jaxconcept import claims
-from jaxconcept import probe as P
-from jaxconcept import stats
+from jaxconcept.analysis import claims
+from jaxconcept.analysis.probe import Probe, coordinates, correct
+from jaxconcept.analysis import stats
 
 SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts with a signal knob
 
@@ -63,7 +63,7 @@ SEPARATION_FIELD = {"colour": "sep_col", "size": "sep_size"}  # image concepts w
 # --------------------------------------------------------------------------------------------
 # Per checkpoint
 # --------------------------------------------------------------------------------------------
-def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
+def class_coordinates(probe: Probe, samples) -> tuple[np.ndarray, np.ndarray]:
     """Concept-space coordinates of every sample and each class's mean.
 
     Args:
@@ -74,7 +74,7 @@ def class_coordinates(probe: P.Probe, samples) -> tuple[np.ndarray, np.ndarray]:
     samples = np.asarray(samples, np.float32)
     n_cls, n_s = samples.shape[:2]
     finite = finite_samples(samples)  # [n_cls, n_s]
-    z = P.coordinates(probe, np.where(finite[..., None], samples.reshape(n_cls, n_s, -1), 0).reshape(
+    z = coordinates(probe, np.where(finite[..., None], samples.reshape(n_cls, n_s, -1), 0).reshape(
         n_cls * n_s, *samples.shape[2:])).reshape(n_cls, n_s, -1)
     z = np.where(finite[..., None], z, np.nan)  # non-finite samples have no coordinates
     with warnings.catch_warnings():
@@ -87,7 +87,7 @@ def finite_samples(samples) -> np.ndarray:
     return np.isfinite(samples.reshape(*samples.shape[:2], -1)).all(-1)
 
 
-def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, np.ndarray]:
+def class_accuracy(probe: Probe, samples, class_values) -> tuple[np.ndarray, np.ndarray]:
     """Per-concept and joint accuracy of each class's samples against its own prompt.
 
     Args:
@@ -100,7 +100,7 @@ def class_accuracy(probe: P.Probe, samples, class_values) -> tuple[np.ndarray, n
     target = np.repeat(np.asarray(class_values), n_s, axis=0)  # [n_cls * n_s, n_concepts]
     finite = finite_samples(samples)
     clean = np.where(finite.reshape(n_cls, n_s, *([1] * (samples.ndim - 2))), samples, 0)
-    ok = P.correct(probe, clean.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
+    ok = correct(probe, clean.reshape(n_cls * n_s, *samples.shape[2:]), target).reshape(n_cls, n_s, -1)
     ok &= finite[..., None]  # a non-finite sample is wrong whatever the probe makes of it
     return ok.mean(axis=1), ok.all(axis=-1).mean(axis=1)
 
@@ -351,7 +351,7 @@ def summarize_times(members: list[dict], cls: str, concept: str, run_length: flo
             "separation": separation(ms[0], concept) if sig_name else None,
             "sep_col": ms[0].get("sep_col"), "sep_size": ms[0].get("sep_size"), "m": ms[0].get("m"),
             "s": ms[0].get("s"), "mask_prob": ms[0].get("mask_prob"),
-            "values": {k: v for k, v in ms[0].get("values", {}).items() if k != "seed"},
+            "values": claims.swept_values(ms[0]),
             "mean": float(t.mean()), "std": float(t.std()),
             "n": len(times), "n_learned": int((~cens).sum()), "times": times,
         })

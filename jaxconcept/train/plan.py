@@ -13,8 +13,9 @@ from pathlib import Path
 
 import jax
 
-from jaxconcept import config as C, stack
-from jaxconcept.rundir import RunError
+from jaxconcept import config as C
+from jaxconcept.train import stack
+from jaxconcept.train import RunError
 
 HEADROOM = 0.85  # "auto" plans for this share of the memory budget
 TABLE = Path(__file__).with_name("strategies.json")  # the stackings measured fastest, per device kind
@@ -70,7 +71,7 @@ def memory_budget(cfg: C.Config, device=None) -> tuple[float, str]:
     return avail / max(1, n), f"host memory available: {source}" + (f", shared by {n} devices" if n > 1 else "")
 
 
-def memory(sw: stack.Sweep) -> tuple[float, float]:
+def memory(sw: stack.Stack) -> tuple[float, float]:
     """(peak bytes, bytes that do not shrink with chunking: arguments + outputs - donated) one
     device needs for the ``advance`` program of ``sw``, from XLA's memory analysis of it
     (compiled from shapes alone, once: training calls the same compiled program). NaN when the
@@ -82,7 +83,7 @@ def memory(sw: stack.Sweep) -> tuple[float, float]:
     return float(fixed + m.temp_size_in_bytes), float(fixed)
 
 
-def step_memory(sw: stack.Sweep) -> float:
+def step_memory(sw: stack.Stack) -> float:
     """Peak bytes one device needs for ``advance`` (XLA's compiled memory analysis: arguments,
     outputs and temporaries, less donated buffers), from shapes alone."""
     return memory(sw)[0]
@@ -91,7 +92,7 @@ def step_memory(sw: stack.Sweep) -> float:
 def measured_choice(device_kind: str, arch: str, members: int, table: list | None = None) -> dict | None:
     """The stacking measured fastest for ``members`` members per device of ``arch`` ("unet",
     "mlp") on a device of ``device_kind`` (``jax.Device.device_kind``, e.g. "cpu", "NVIDIA H200"),
-    from ``table`` (default: jaxconcept/strategies.json, written from benchmarks/device_check.py's
+    from ``table`` (default: jaxconcept/train/strategies.json, written from benchmarks/device_check.py's
     measurements): the first entry that matches, or None where nothing was measured.
 
     An entry: {"device_kind", "arch", "min_members", "max_members", "strategy" ("vmap", "map",
@@ -106,7 +107,7 @@ def measured_choice(device_kind: str, arch: str, members: int, table: list | Non
     return None
 
 
-def first_choice(sw: stack.Sweep, table: list | None = None) -> tuple[str, int, str | None, str]:
+def first_choice(sw: stack.Stack, table: list | None = None) -> tuple[str, int, str | None, str]:
     """(strategy, chunk, conv or None, why) to try first for ``sw``: the measured fastest
     (``measured_choice``), else the rule of thumb: "unroll" for a U-Net on a CPU (XLA:CPU runs
     vmapped, grouped convolutions slowly), "vmap" elsewhere."""
@@ -120,7 +121,7 @@ def first_choice(sw: stack.Sweep, table: list | None = None) -> tuple[str, int, 
                            f"{sw.cfg.model.arch} on {sw.backend}")
 
 
-def plan(sw: stack.Sweep, table: list | None = None) -> tuple[stack.Sweep, str]:
+def plan(sw: stack.Stack, table: list | None = None) -> tuple[stack.Stack, str]:
     """The fastest stacking of ``sw``'s members whose step fits in memory.
 
     Preference: ``first_choice`` (the measured fastest for this device kind, else "vmap", or on
@@ -168,7 +169,7 @@ def plan(sw: stack.Sweep, table: list | None = None) -> tuple[stack.Sweep, str]:
                    "(seeds, sweep lists), a smaller model or train.batch_size, or use more devices")
 
 
-def build(cfg: C.Config, devices=None, members=None) -> stack.Sweep:
+def build(cfg: C.Config, devices=None, members=None) -> stack.Stack:
     """The sweep of ``cfg`` (or of ``members``, one group of it: ``stack.build``) to train on
     ``devices`` (default: all), its stacking chosen: the configured ``train.strategy``, or for
     "auto" the one ``plan`` chooses for this group (reported in one line by process 0). Raises

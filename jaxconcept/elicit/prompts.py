@@ -15,7 +15,7 @@ from jaxconcept.data.images import SLOTS
 
 
 def extrapolate(c, c_ref, s):
-    """c + s (c - c_ref) for each strength (overprompting, SPEC A4): c, c_ref [*shape], s [S] ->
+    """c + s (c - c_ref) for each strength (overprompting, docs/study.md A4): c, c_ref [*shape], s [S] ->
     [S, *shape]."""
     s = jnp.asarray(s)
     return c[None] + s.reshape(-1, *([1] * jnp.ndim(c))) * (c - c_ref)[None]
@@ -66,7 +66,7 @@ def overprompts(spec, params, cls: int, concept: int, strengths):
     """Prompts for class ``cls`` pushed beyond the training range along concept ``concept``.
 
     Images, colour: each channel c -> 0.5 + (c - 0.5)(1 + s) (for sep_col 0.2 and s in
-    0, 0.5, 1.5, 2.5, 3.5 this gives SPEC A4's (0.4,0.4,0.6) ... (0.05,0.05,0.95)); other concepts
+    0, 0.5, 1.5, 2.5, 3.5 this gives docs/study.md A4's (0.4,0.4,0.6) ... (0.05,0.05,0.95)); other concepts
     and vectors: ``extrapolate`` from p_ref, the prompt of ``reference_class``. Image prompts are clipped to [0, 1]. Returns [S, cond_dim].
     """
     pr = D.prompts(spec, params)

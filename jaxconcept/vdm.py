@@ -3,7 +3,7 @@
 The model's functions do not know what the network is (only ``train_step_flops`` builds the
 configured one, to count a training step's FLOPs): ``apply_fn(net_params, x, t, cond, train,
 key)`` returns eps_hat, where t is the network time (gamma(t) - gamma_min) / (gamma_max - gamma_min), computed
-with the *configured* gamma range (SPEC A2).
+with the *configured* gamma range (docs/study.md A2).
 
     params = {"net": ..., "gamma": {"b": f32[], "w": f32[]}}   # learned linear log-SNR schedule
 
@@ -23,6 +23,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jaxconcept import config as C, data as D, nets
 
 
 def _number(x) -> bool:
@@ -268,7 +270,13 @@ def step_flops(net, model_cfg, spec, batch_size: int, *, p_cfg: float = 0.0) -> 
 
 def train_step_flops(cfg) -> float:
     """``step_flops`` of the first member of ``cfg`` (a ``config.Config``) at train.batch_size."""
-    from jaxconcept import config as C, data as D, nets
-
     spec = D.spec(C.members(cfg)[0].data)
     return step_flops(nets.build(cfg.model, spec), cfg.model, spec, cfg.train.batch_size, p_cfg=cfg.train.p_cfg)
+
+
+def sampler_args(eval_cfg: C.EvalConfig, spec: D.DataSpec, *, loop_safe: bool, w_cfg=None) -> dict:
+    """The keyword arguments of ``sample`` an evaluation config sets: x_shape, n_steps
+    (``eval.sampler_steps``), w_cfg (``eval.w_cfg``, or a member's traced value), null_cond (the
+    data's unconditional prompt), output (``eval.sampler_output``) and loop_safe."""
+    return dict(x_shape=spec.x_shape, n_steps=eval_cfg.sampler_steps, w_cfg=eval_cfg.w_cfg if w_cfg is None else w_cfg,
+                null_cond=D.null_cond(spec), output=eval_cfg.sampler_output, loop_safe=loop_safe)

@@ -17,10 +17,12 @@ what ``analyze.shown_samples`` read of one member's) and writes one file; none r
                           by another, a panel per setting of the rest (``sweep_figure``)
 
 Besides: ``data_grid`` / ``data_scatter`` (``jaxconcept data --show``: image examples per class, or
-vector examples in concept space). The figures of elicitation are ``elicit_plots``.
+vector examples in concept space). The figures of elicitation are in ``jaxconcept.elicit.plots``.
 """
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,7 +33,7 @@ from matplotlib import animation as mpl_animation
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from jaxconcept import rundir
+from jaxconcept import store
 
 # Figures are built as matplotlib.figure.Figure objects and saved, never through pyplot: no
 # backend is chosen and no global figure state is touched, whatever the importing program uses.
@@ -244,9 +246,9 @@ def animate(analysis: dict, shown: dict, path, fps: int = 4) -> Path:
     anim = mpl_animation.FuncAnimation(fig, draw, frames=len(frames))
     with tempfile.TemporaryDirectory() as tmp:  # Pillow writes a file by name; then copied whole into place
         anim.save(Path(tmp) / "a.gif", writer=mpl_animation.PillowWriter(fps=fps), dpi=70)
-        with rundir.atomic(path, "wb") as f:
+        with store.atomic(path, "wb") as f:
             f.write((Path(tmp) / "a.gif").read_bytes())
-    return rundir.path(path)
+    return store.path(path)
 
 
 def _numbers(vals) -> bool:
@@ -260,6 +262,7 @@ def sweep_axes(analysis: dict, by: str | None = None, colour: str | None = None)
     combination of the swept fields left (the seed apart). Raises ValueError: a field not swept,
     or no swept field with numbers."""
     swept = [f for f in analysis.get("swept", []) if f != "seed"] + ["seed"]
+    by, colour = ("seed" if f == "seeds" else f for f in (by, colour))  # the config's axis is "seeds"
     vals = {f: [m["values"].get(f) for m in analysis["members"]] for f in swept}
     numeric = [f for f in swept if f != "seed" and _numbers(vals[f])]
     for name, f in (("by", by), ("colour", colour)):
@@ -279,8 +282,9 @@ def sweep_axes(analysis: dict, by: str | None = None, colour: str | None = None)
 def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None = None) -> Path:
     """Learning time of the first held-out class (joint accuracy) against a swept field, a point
     per member (``sweep_axes``: x ``by``, coloured by ``colour``, a panel per setting of the other
-    swept fields); members that never learned are open triangles at the run's last step; the x
-    axis is logarithmic where ``by`` spans a factor of 10 or more. Returns ``path``."""
+    swept fields; each colour shifted sideways by ~1 % of the axis, so equal times stay visible);
+    members that never learned are open triangles at the run's last step; the x axis is
+    logarithmic where ``by`` spans a factor of 10 or more. Returns ``path``."""
     by, colour, panels = sweep_axes(analysis, by, colour)
     held = analysis["class_names"][analysis["held_out"][0]]
     top = analysis["steps"][-1]
@@ -298,15 +302,21 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     else:
         order = sorted({str(v) for v in cvals})
         pick = lambda v: CLASS_COLOURS(order.index(str(v)) % 10)  # noqa: E731
+    ranks = sorted({json.dumps(v, sort_keys=True) for v in cvals})  # colour groups, dodged sideways
     for ax, key in zip(axes[0], keys):
         mine = [m for m in ms if tuple(str(m["values"].get(f)) for f in panels) == key]
+        xs = [m["values"].get(by) for m in mine]
+        log = min(xs) > 0 and max(xs) >= 10 * min(xs)
+        step = (math.log10(max(xs) / min(xs)) if log else (max(xs) - min(xs)) or 1.0) * 0.012
         for m in mine:
             t = m["learning_time"][held]["joint"]
-            x, c = m["values"].get(by), pick(m["values"].get(colour) if colour else 0)
+            v = m["values"].get(colour) if colour else 0
+            shift = step * (ranks.index(json.dumps(v, sort_keys=True)) - (len(ranks) - 1) / 2)
+            x, c = m["values"].get(by), pick(v)
+            x = x * 10 ** shift if log else x + shift
             ax.plot(x, top if t is None else t, "^" if t is None else "o", ms=6, mfc="none" if t is None else c,
                     color=c, alpha=0.85)
-        xs = [m["values"].get(by) for m in mine]
-        if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        if log:
             ax.set_xscale("log")
         ax.axhline(top, color="0.8", lw=0.8, ls=":")
         ax.set_xlabel(by)
@@ -325,7 +335,7 @@ def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, col
     """Every figure of an analysis (``analyze.analyze_run``) and one member's samples (``shown``:
     ``analyze.shown_samples``) into ``out_dir`` (a run's is RUN_DIR/figures); for a sweep with a
     swept field of numbers, also sweep.png (``sweep_figure``: ``by``, ``colour``). Returns their paths."""
-    out = rundir.path(out_dir)
+    out = store.path(out_dir)
     figs = [trajectories(analysis, shown, out / "trajectories.png"), accuracy(analysis, out / "accuracy.png"),
             learning_times(analysis, out / "learning_times.png"), animate(analysis, shown, out / "trajectories.gif")]
     swept = [f for f in analysis.get("swept", []) if f != "seed"]
@@ -335,11 +345,11 @@ def all_figures(analysis: dict, shown: dict, out_dir, by: str | None = None, col
 
 
 def save(fig, path) -> Path:
-    """Write ``fig`` whole (``rundir.atomic``: a local file or a bucket object), in the format of
+    """Write ``fig`` whole (``store.atomic``: a local file or a bucket object), in the format of
     the path's suffix."""
-    with rundir.atomic(path, "wb") as f:
-        fig.savefig(f, format=rundir.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    return rundir.path(path)
+    with store.atomic(path, "wb") as f:
+        fig.savefig(f, format=store.path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    return store.path(path)
 
 
 def data_grid(spec, x, labels, path, per_class: int = 8) -> Path:

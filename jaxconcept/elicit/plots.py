@@ -1,4 +1,4 @@
-"""Figures of elicitation, from the dict ``elicit.elicit_run`` writes (elicit.json):
+"""Figures of elicitation, from the dict ``measure.elicit_run`` writes (elicit.json):
 
     elicit.png            held-out accuracy of every elicitation arm vs step, saturation dotted
     elicit_turn.png       each arm's emergence step minus the saturation step, per member
@@ -11,8 +11,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxconcept import claims
-from jaxconcept.plots import save
+from jaxconcept.analysis import claims
+from jaxconcept.analysis.plots import save
 
 
 ARM_STYLES = {"naive": ("k", "naive prompt"), "over_ref": ("tab:green", "overprompting (reference's colours)"),

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import time
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from jaxconcept import data as D
-from jaxconcept.stack import Sweep, init_local, steps_per_call
-from jaxconcept.step import hyper_values
+from jaxconcept.train.step import hyper_values
+
+if TYPE_CHECKING:  # the stack calls this module; it is not imported here
+    from jaxconcept.train.stack import Stack
 
 
-def abstract_inputs(sw: Sweep) -> dict:
+def abstract_inputs(sw: Stack) -> dict:
     """ShapeDtypeStructs (with their shardings) of each program's arguments, as ``init``,
     ``advance`` and ``evaluate`` pass them: {program name: tuple of arguments}."""
     m, sh, rep = len(sw.padded), sw.sharding(), sw.replicated()
@@ -24,12 +27,12 @@ def abstract_inputs(sw: Sweep) -> dict:
     seeds = jax.ShapeDtypeStruct((m,), jnp.int32)
     dparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sw.data_params)
     hyper = {k: jax.ShapeDtypeStruct((m,), jnp.float32) for k in hyper_values(sw.padded)}
-    state, data = jax.eval_shape(functools.partial(init_local, sw), seeds, dparams, hyper)
+    state, data = jax.eval_shape(sw.jitted.init, seeds, dparams, hyper)
     if sw.host_fed:
         data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sw.host_eval.items()}
     batches = None
     if sw.host_fed:
-        k, b = steps_per_call(sw), sw.cfg.train.batch_size
+        k, b = sw.steps_per_call, sw.cfg.train.batch_size
         batches = {"x": jax.ShapeDtypeStruct((m, k, b, *sw.spec.x_shape), D.host_dtype(sw.spec)),
                    "c": jax.ShapeDtypeStruct((m, k, b, sw.spec.cond_dim), jnp.float32),
                    "n": jax.ShapeDtypeStruct((m, k), jnp.int32)}
@@ -55,7 +58,7 @@ def _kernel_rng():
     return state(True) if state is not None else contextlib.nullcontext()
 
 
-def lower(sw: Sweep, name: str, platforms=None):
+def lower(sw: Stack, name: str, platforms=None):
     """The lowered program ``name`` of ``sw`` (``jax.stages.Lowered``), for the sweep's own
     platform or for ``platforms`` (e.g. ("cuda",) to inspect a GPU program on a CPU)."""
     with _kernel_rng():
@@ -63,7 +66,7 @@ def lower(sw: Sweep, name: str, platforms=None):
         return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
 
-def compile_programs(sw: Sweep, names) -> dict:
+def compile_programs(sw: Stack, names) -> dict:
     """Compile ``names`` (of ``Programs._fields``) ahead of time: traced and lowered one after
     another, then compiled side by side (XLA compiles without the GIL), so the first step waits
     for the longest compile, not the sum. Says so in one line on the jaxconcept logger.
