@@ -1,5 +1,6 @@
 """The package's layout (docs/layout.md): each unit imports only units below it, modules stay
-under 400 lines and each says what it owns. Reads the source (ast); imports nothing."""
+under 400 lines and each says what it owns (read from the source with ast), and the modules'
+old names still import."""
 import ast
 import pathlib
 
@@ -77,3 +78,19 @@ def test_the_rule_sees_a_wrong_import(tmp_path):
     tree = ast.parse("def f():\n    from jaxconcept.train import loop\n")
     units = set(imported_units(tree))
     assert units == {"train"} and LAYER["train"] > LAYER["data"]
+
+
+def test_old_module_names_still_import_with_a_warning_naming_the_new_place():
+    import importlib
+    import importlib.util
+
+    import pytest
+
+    jc = importlib.import_module("jaxconcept")
+    with pytest.warns(DeprecationWarning, match=r"jaxconcept\.diffusion is now jaxconcept\.vdm"):
+        from jaxconcept import diffusion
+    assert diffusion is importlib.import_module("jaxconcept.vdm")
+    for old, new in jc.MOVED.items():  # every entry names a module that exists
+        assert importlib.util.find_spec(new) is not None, (old, new)
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        jc.nonsense
