@@ -63,14 +63,19 @@ def cmd_data(args):
 
 
 def cmd_config(args):
-    """The resolved config as JSON on stdout; what it sweeps and its members on the log."""
+    """The resolved config as JSON on stdout; what it sweeps, its classes and its members on the log."""
     import json
+
+    from jaxconcept import data as D
 
     cfg = _config(args)
     ms = C.members(cfg)
     print(json.dumps(C.to_dict(cfg), indent=1, sort_keys=True))
     log = logging.getLogger("jaxconcept")
     log.info("%d member(s), sweeping %s", len(ms), ", ".join(C.swept_fields(cfg)) or "nothing")
+    spec = D.spec(ms[0].data)  # the classes as the data resolve them (e.g. vectors' held_out=[]: the default)
+    log.info("training classes %s; held out %s", ", ".join(spec.class_names[c] for c in spec.train_classes),
+             ", ".join(spec.class_names[c] for c in spec.held_out) or "none")
     if args.members:
         group_of = {i: g for g, idx in enumerate(C.groups(cfg, ms)) for i in idx}
         for i, m in enumerate(ms):

@@ -83,7 +83,8 @@ def test_config_prints_the_resolved_config_and_its_members(capsys):
     cfg = C.from_dict(json.loads(out.out), C.preset("vec_tiny"))
     assert cfg == C.override(C.preset("vec_tiny"), ["seeds=[3,4]", "train.lr=0.002"]) and cfg.train.lr == 0.002
     lines = out.err.strip().splitlines()
-    assert lines[0] == "jaxconcept: 2 member(s), sweeping seed" and len(lines) == 3 and '"seed": 4' in lines[2]
+    assert lines[0] == "jaxconcept: 2 member(s), sweeping seed" and len(lines) == 4 and '"seed": 4' in lines[3]
+    assert lines[1] == "jaxconcept: training classes 0-0, 0-1, 1-0; held out 1-1"  # vectors' default, resolved
     assert main(["config", "--preset", "vec_tiny", "--set", "train.lr=-1"]) == 2  # a bad value: one line
     assert "train.lr" in capsys.readouterr().err
 

@@ -60,6 +60,8 @@ def test_any_split_of_the_steps_is_one_program_and_the_same_bits():
             assert sw.jitted.advance._cache_size() == 0  # nothing compiled beside the ahead-of-time programs
             text = programs.lower(sw, "advance").as_text()
             assert "stablehlo.while" in text and "stablehlo.case" not in text and "stablehlo.if" not in text
+            with pytest.raises(ValueError, match=r"n=6 is invalid: allowed an integer in 1\.\.5"):
+                stack.advance(sw, state, data, 6)  # more than one call's steps: refused, state untouched
     for k in (5, 13):
         _leaves_close(states[k][0], states[1][0], rtol=0, atol=0)
         np.testing.assert_allclose(states[k][1], states[1][1], rtol=1e-6)

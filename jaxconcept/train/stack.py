@@ -332,9 +332,12 @@ def init(sw: Stack, members=None):
 def advance(sw: Stack, state, data, n: int, batches=None):
     """Advance every member ``n`` <= ``sw.steps_per_call`` steps with the one compiled training
     program (n is an argument of it). Returns (state, mean loss [M]). ``state`` is donated.
-    ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}."""
+    ``batches``: for host-fed data, numpy {x [M, K, B, ...], c [M, K, B, cond_dim], n [M, K]}.
+    Raises ValueError: n outside 1..steps_per_call."""
     k = sw.steps_per_call
-    assert 0 < n <= k
+    if not (isinstance(n, (int, np.integer)) and 0 < n <= k):
+        raise ValueError(f"n={n!r} is invalid: allowed an integer in 1..{k} (Stack.steps_per_call: one call of the "
+                         "training program; call advance again for more steps)")
     if batches is not None:
         batches = jax.tree.map(lambda a: put(sw, np.asarray(a)[:, :k]), batches)
     return sw.programs(("advance",)).advance(state, data, batches, scalar(sw, n))
