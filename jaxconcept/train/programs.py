@@ -1,5 +1,5 @@
-"""The stacked sweep's programs ahead of time: the abstract inputs of init, advance and evaluate,
-their lowering (for the sweep's platform or another) and compiling them side by side."""
+"""A stack's programs ahead of time: the abstract inputs of init, advance and evaluate, their
+lowering (for the stack's platform or another) and compiling them side by side."""
 from __future__ import annotations
 
 import concurrent.futures

@@ -1,8 +1,8 @@
-"""The stacked sweep: M members trained at once as one train state, and the programs that do it.
+"""The stack: M members of a sweep (one group) trained at once as one train state, and its programs.
 The engine's model axis is made here; checkpoint, loop and ``runs.Run.params`` only slice the
 real members off it.
 
-A sweep is one pytree whose leaves lead with the model axis [M, ...]. One compiled call moves
+A stack is one pytree whose leaves lead with the model axis [M, ...]. One compiled call moves
 every member n <= K steps: ``fori_loop(vmap(train_step))`` (``_advance_local``: a loop over steps
 of the one-member ``step.train_step`` mapped over the members; n is an argument, so one program
 serves every call length). The map is ``vmap``, or ``lax.map`` in chunks of vmapped members, or
