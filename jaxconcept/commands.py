@@ -232,7 +232,7 @@ def cmd_elicit(args):
     if args.every < 1:
         raise CLIError(f"--every={args.every} is invalid: allowed an integer >= 1")
     out = measure.elicit_run(args.run_dir, args.threshold, concept=args.concept, every=args.every,
-                            measure=_measure(args), probe_kw=_probe_kw(args))
+                             measure=_measure(args), probe_kw=_probe_kw(args))
     print(f"jaxconcept elicit: emergence: {out['definition']}; turn = saturation of the training classes")
     for m in out["members"]:
         e, rel = m["emergence_step"], m["emergence_minus_turn"]

@@ -104,7 +104,7 @@ class Run:
             return rundir.member_records(self.config, self.member_configs)
         if len(out) != len(self.member_configs):
             raise rundir.RunDirError(f"{self.dir}: members.json lists {len(out)} members, the config "
-                              f"{len(self.member_configs)}; delete members.json to have it rebuilt")
+                                     f"{len(self.member_configs)}; delete members.json to have it rebuilt")
         return out
 
     def steps(self, sub: str = "samples") -> list[int]:
@@ -129,7 +129,7 @@ class Run:
         Raises rundir.RunDirError: missing, damaged or of another model, or no group named in a run of several."""
         if group is None and len(self.groups) > 1:
             raise rundir.RunDirError(f"{self.dir} is a sweep of {len(self.groups)} groups, each with its own parameters: "
-                              "read them one group at a time (Run.groups)")
+                                     "read them one group at a time (Run.groups)")
         group = group or self.groups[0]
         first = self.member_configs[group.members[0]]
         spec = D.spec(first.data)

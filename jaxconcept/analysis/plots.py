@@ -21,7 +21,6 @@ vector examples in concept space). The figures of elicitation are in ``jaxconcep
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import warnings
@@ -293,6 +292,7 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
     fig = Figure(figsize=(4.4 * len(keys), 3.6))
     axes = fig.subplots(1, len(keys), squeeze=False, sharey=True)
     cvals = [m["values"].get(colour) for m in ms] if colour else [0] * len(ms)
+    order = sorted({str(v) for v in cvals})  # the colour groups (each shifted sideways a little)
     if colour and _numbers(cvals):
         lo, hi = min(cvals), max(cvals)
         norm = matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1)
@@ -300,9 +300,7 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
         pick = lambda v: cmap(norm(v))  # noqa: E731
         fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=colour, shrink=0.8)
     else:
-        order = sorted({str(v) for v in cvals})
         pick = lambda v: CLASS_COLOURS(order.index(str(v)) % 10)  # noqa: E731
-    ranks = sorted({json.dumps(v, sort_keys=True) for v in cvals})  # colour groups, dodged sideways
     for ax, key in zip(axes[0], keys):
         mine = [m for m in ms if tuple(str(m["values"].get(f)) for f in panels) == key]
         xs = [m["values"].get(by) for m in mine]
@@ -311,7 +309,7 @@ def sweep_figure(analysis: dict, path, by: str | None = None, colour: str | None
         for m in mine:
             t = m["learning_time"][held]["joint"]
             v = m["values"].get(colour) if colour else 0
-            shift = step * (ranks.index(json.dumps(v, sort_keys=True)) - (len(ranks) - 1) / 2)
+            shift = step * (order.index(str(v)) - (len(order) - 1) / 2)
             x, c = m["values"].get(by), pick(v)
             x = x * 10 ** shift if log else x + shift
             ax.plot(x, top if t is None else t, "^" if t is None else "o", ms=6, mfc="none" if t is None else c,
